@@ -1,0 +1,3 @@
+from fastnl.cli import main
+
+raise SystemExit(main())

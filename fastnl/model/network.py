@@ -1,0 +1,148 @@
+"""The paper's network: SE-ResNet50 with NLAMs after chosen blocks, NLTP or TP_avg, FC head."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastnl.errors import UserError
+from fastnl.model.nlam import NLAM, backends_for
+from fastnl.model.temporal import build_temporal
+
+# "Blocks 1..5" of the paper: the stem and the four residual stages of SE-ResNet50.
+BLOCK_CHANNELS = {1: 64, 2: 256, 3: 512, 4: 1024, 5: 2048}
+DESCRIPTOR_DIM = 2048
+
+
+def seresnet50() -> nn.Module:
+    """timm's SE-ResNet50 without its classifier, randomly initialised (nothing downloaded)."""
+    import timm
+
+    return timm.create_model("seresnet50", pretrained=False, num_classes=0)
+
+
+class VideoReIDNet(nn.Module):
+    """SE-ResNet50 + NLAM (after ``nlam_blocks``) + temporal aggregation + FC classifier.
+
+    forward(clips [B, N, 3, H, W]): in training mode returns (logits [B, num_classes],
+    descriptors [B, 2048]); in eval mode returns descriptors.
+    """
+
+    def __init__(self, num_classes: int, *, frames: int = 8, nlam_blocks: Iterable[int] = (4, 5),
+                 temporal: str = "nltp", impl: str = "fused", nlam_scale: float = 1.0,
+                 nlam_reduction: int = 16):
+        super().__init__()
+        backends_for(impl)
+        blocks = tuple(sorted(set(int(b) for b in nlam_blocks)))
+        bad = [b for b in blocks if b not in BLOCK_CHANNELS]
+        if bad:
+            raise ValueError(f"nlam_blocks must be a subset of 1..5, got {tuple(nlam_blocks)}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes, self.frames, self.impl = num_classes, frames, impl
+        self.nlam_blocks, self.temporal_kind = blocks, temporal
+        self.grad_checkpointing = False
+        self.backbone = seresnet50()
+        self.nlam = nn.ModuleDict({
+            str(b): NLAM(BLOCK_CHANNELS[b], reduction=nlam_reduction, scale=nlam_scale, impl=impl)
+            for b in blocks
+        })
+        self.temporal = build_temporal(temporal, DESCRIPTOR_DIM)
+        self.classifier = nn.Linear(DESCRIPTOR_DIM, num_classes)
+
+    def stages(self) -> list[nn.Module]:
+        bb = self.backbone
+        stem = nn.Sequential(bb.conv1, bb.bn1, bb.act1, bb.maxpool)
+        return [stem, bb.layer1, bb.layer2, bb.layer3, bb.layer4]
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each backbone stage in backward instead of keeping its activations."""
+        self.grad_checkpointing = enabled
+
+    def frame_features(self, clips: torch.Tensor) -> torch.Tensor:
+        """clips [B, N, 3, H, W] -> frame maps after block 5 (and the NLAMs) [B*N, 2048, h, w]."""
+        b, n = clips.shape[:2]
+        x = clips.reshape(b * n, *clips.shape[2:])
+        for index, stage in enumerate(self.stages(), start=1):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+            key = str(index)
+            if key in self.nlam:
+                x = self.nlam[key](x, n)
+        return x
+
+    def forward(self, clips: torch.Tensor):
+        if clips.dim() != 5 or clips.shape[2] != 3:
+            raise ValueError(f"clips must have shape [B, N, 3, H, W], got {tuple(clips.shape)}")
+        n = clips.shape[1]
+        descriptors = self.temporal(self.frame_features(clips), n)
+        if not self.training:
+            return descriptors
+        return self.classifier(descriptors), descriptors
+
+
+def _read_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"pretrained weights not found: {path} (give a local timm or torchvision state_dict file)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read pretrained weights {path}: {err}") from err
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} does not hold a state_dict of tensors")
+    return obj
+
+
+def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load ImageNet weights from a local timm/torchvision-style file into ``backbone``.
+
+    Prefixes ``module.``/``backbone.`` are stripped and the ImageNet classifier (``fc.*``,
+    ``classifier.*``, ``last_linear.*``) is dropped. Returns (missing, unexpected) keys.
+    Raises UserError when no key matches or a matching key has the wrong shape.
+    """
+    path = Path(path)
+    state = {}
+    for key, value in _read_state_dict(path).items():
+        for prefix in ("module.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.split(".")[0] in ("fc", "classifier", "last_linear"):
+            continue
+        state[key] = value
+    own = backbone.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"pretrained weights {path} do not fit SE-ResNet50: " + "; ".join(wrong[:5]))
+    if not set(state) & set(own):
+        raise UserError(f"pretrained weights {path} share no key with SE-ResNet50 (is it a seresnet50 state_dict?)")
+    result = backbone.load_state_dict(state, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def build_model(num_classes: int, *, frames: int = 8, nlam_blocks: Iterable[int] = (4, 5),
+                temporal: str = "nltp", impl: str = "fused", pretrained: str | Path | None = None,
+                nlam_scale: float = 1.0, nlam_reduction: int = 16, verbose: bool = True) -> VideoReIDNet:
+    """Build the paper's network (defaults: NLAM after blocks 4 and 5, NLTP, N = 8).
+
+    ``impl="fused"`` runs the NLAM on :mod:`fastnl.ops` kernels, ``impl="reference"`` on plain
+    PyTorch; both have the same parameters and state_dict keys. ``pretrained``: a local file of
+    ImageNet SE-ResNet50 weights (nothing is downloaded); missing/unexpected keys are reported.
+    """
+    model = VideoReIDNet(num_classes, frames=frames, nlam_blocks=nlam_blocks, temporal=temporal,
+                         impl=impl, nlam_scale=nlam_scale, nlam_reduction=nlam_reduction)
+    if pretrained is not None:
+        missing, unexpected = load_pretrained_backbone(model.backbone, pretrained)
+        if verbose:
+            print(f"loaded backbone weights from {pretrained}: {len(missing)} missing keys"
+                  f"{' ' + str(missing[:5]) if missing else ''}, {len(unexpected)} unexpected keys"
+                  f"{' ' + str(unexpected[:5]) if unexpected else ''}")
+    return model

@@ -1,0 +1,77 @@
+"""Non-Local Attention Module (NLAM), paper section 3.1, eq. (1)-(3)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastnl import ops
+
+IMPLS = ("fused", "reference")
+
+
+def backends_for(impl: str) -> tuple[str, str]:
+    """(attention backend, channel-attention backend) used by a model built with ``impl``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return ("auto", "auto") if impl == "fused" else ("reference", "reference")
+
+
+class NLAM(nn.Module):
+    """NLAM on the frame maps of a clip: spatial attention over all N*H*W positions, then
+    channel attention shared by the N frames.
+
+    Spatial (eq. 1-2): ``A, B, D = a(X), b(X), d(X)`` (1x1 convs C -> C'),
+    ``Y = softmax(scale * A^T B) D``, ``A_S = BN(W0(Y)) + X`` with the BatchNorm after W0
+    initialised to zero, so the module starts as the identity.
+    Channel (eq. 3): ``A_C = sigmoid(max_n MLP(GMP(A_S)) + mean_n MLP(GAP(A_S))) * A_S`` with
+    the shared MLP ``W2 tanh(W1 .)`` (C -> C/r -> C).
+
+    forward(x [B*N, C, H, W], frames=N) -> [B*N, C, H, W].
+    """
+
+    def __init__(self, channels: int, *, inter_channels: int | None = None, reduction: int = 16,
+                 scale: float = 1.0, impl: str = "fused"):
+        super().__init__()
+        inter = inter_channels or channels // 2
+        if inter < 1 or reduction < 1:
+            raise ValueError(f"inter_channels and reduction must be >= 1, got {inter}, {reduction}")
+        self.channels, self.inter_channels, self.scale = channels, inter, float(scale)
+        self.attention_backend, self.channel_backend = backends_for(impl)
+        self.impl = impl
+        self.a = nn.Conv2d(channels, inter, 1)
+        self.b = nn.Conv2d(channels, inter, 1)
+        self.d = nn.Conv2d(channels, inter, 1)
+        self.w0 = nn.Conv2d(inter, channels, 1, bias=False)
+        self.w0_bn = nn.BatchNorm2d(channels)
+        nn.init.zeros_(self.w0_bn.weight)
+        nn.init.zeros_(self.w0_bn.bias)
+        hidden = max(1, channels // reduction)
+        self.mlp_w1 = nn.Linear(channels, hidden, bias=False)
+        self.mlp_w2 = nn.Linear(hidden, channels, bias=False)
+
+    def spatial(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """Eq. (1)-(2): x [B*N, C, H, W] -> A_S as [B, C, N*H*W]."""
+        bn, c, h, w = x.shape
+        b = bn // frames
+        length = frames * h * w
+        x_cl = x.reshape(b, frames, c, h * w).transpose(1, 2).reshape(b, c, length)
+        cp = self.inter_channels
+        weight = torch.cat([self.a.weight, self.b.weight, self.d.weight]).view(3 * cp, c, 1)
+        bias = torch.cat([self.a.bias, self.b.bias, self.d.bias])
+        abd = F.conv1d(x_cl, weight, bias)  # [B, 3C', L]; q, k, v are strided views of it
+        q, k, v = (abd[:, i * cp:(i + 1) * cp].transpose(1, 2) for i in range(3))
+        y = ops.nl_attention(q, k, v, scale=self.scale, backend=self.attention_backend)  # [B, L, C']
+        z = F.conv1d(y.transpose(1, 2), self.w0.weight.view(c, cp, 1))  # [B, C, L]
+        z = self.w0_bn(z.unsqueeze(-1)).squeeze(-1)
+        return z + x_cl
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        bn, c, h, w = x.shape
+        if bn % frames:
+            raise ValueError(f"NLAM input has {bn} frame maps, not a multiple of frames={frames}")
+        b = bn // frames
+        a_s = self.spatial(x, frames).view(b, c, frames, h, w).transpose(1, 2).contiguous()
+        out = ops.channel_attention(a_s, self.mlp_w1.weight, None, self.mlp_w2.weight, None,
+                                    backend=self.channel_backend)
+        return out.view(bn, c, h, w)

@@ -1,0 +1,61 @@
+"""Temporal aggregation of frame maps into a clip descriptor: NLTP (paper eq. 4-6) and TP_avg."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TEMPORAL = ("nltp", "avg")
+
+
+class NLTP(nn.Module):
+    """Non-Local Temporal Pooling, eq. (4)-(6).
+
+    theta, phi, g: 1x1 convs C -> C' on each frame map, flattened to vectors of C'*H*W;
+    ``h = theta^T phi`` (N x N, no softmax), ``Y = (1/N) h g``,
+    ``F' = mean_n(BN(W(Y)) + F)`` (W a 1x1 conv C' -> C; its BatchNorm starts at zero as in
+    the original non-local block, so training starts from plain temporal averaging),
+    then spatial average pooling.
+
+    forward(f [B*N, C, H, W], frames=N) -> [B, C].
+    """
+
+    def __init__(self, channels: int, *, inter_channels: int | None = None):
+        super().__init__()
+        inter = inter_channels or channels // 2
+        self.theta = nn.Conv2d(channels, inter, 1)
+        self.phi = nn.Conv2d(channels, inter, 1)
+        self.g = nn.Conv2d(channels, inter, 1)
+        self.w = nn.Conv2d(inter, channels, 1, bias=False)
+        self.w_bn = nn.BatchNorm2d(channels)
+        nn.init.zeros_(self.w_bn.weight)
+        nn.init.zeros_(self.w_bn.bias)
+
+    def forward(self, f: torch.Tensor, frames: int) -> torch.Tensor:
+        bn, c, h, w = f.shape
+        b = bn // frames
+        theta = self.theta(f).reshape(b, frames, -1)
+        phi = self.phi(f).reshape(b, frames, -1)
+        g = self.g(f).reshape(b, frames, -1)
+        # The frame affinities sum over C'*H*W products: kept in float32 under autocast.
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            affinity = torch.bmm(theta.float(), phi.float().transpose(1, 2)) / frames  # [B, N, N]
+            y = torch.bmm(affinity, g.float())
+        y = y.to(g.dtype).reshape(bn, -1, h, w)
+        z = self.w_bn(self.w(y)) + f
+        return z.reshape(b, frames, c, h, w).mean(dim=(1, 3, 4))
+
+
+class TemporalAvgPool(nn.Module):
+    """TP_avg: mean over frames and positions. forward(f [B*N, C, H, W], frames=N) -> [B, C]."""
+
+    def forward(self, f: torch.Tensor, frames: int) -> torch.Tensor:
+        bn, c, h, w = f.shape
+        return f.reshape(bn // frames, frames, c, h, w).mean(dim=(1, 3, 4))
+
+
+def build_temporal(kind: str, channels: int) -> nn.Module:
+    if kind == "nltp":
+        return NLTP(channels)
+    if kind == "avg":
+        return TemporalAvgPool()
+    raise ValueError(f"temporal must be one of {TEMPORAL}, got {kind!r}")

@@ -1,0 +1,144 @@
+"""Public entry points of the NLAM kernels, each with a ``backend`` switch.
+
+``nl_attention``: the NLAM spatial attention, paper eq. (1).
+``channel_attention``: the NLAM channel attention, paper eq. (3).
+
+Inputs are validated here once, so every backend sees well-formed tensors.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastnl import reference
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ATTENTION_BACKENDS = ("auto", "triton", "torch", "reference")
+CHANNEL_BACKENDS = ("auto", "extension", "reference")
+
+
+def _check_tensor(name: str, t, ndim: int, expected: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {expected} ({ndim} dims), got {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}, expected {expected} with every size >= 1")
+
+
+def _check_same(names, tensors) -> None:
+    first = tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {names[0]} has {first.dtype}: all must match")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {names[0]} is on {first.device}: all must be on one device")
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def nl_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0,
+                 backend: str = "auto") -> torch.Tensor:
+    """``softmax(scale * q @ k^T, dim=-1) @ v`` over all L positions of a clip (paper eq. 1).
+
+    q, k, v: [B, L, D] with any strides (e.g. the transposed [B, D, L] output of a 1x1 conv),
+    float32/float16/bfloat16 (float64 for the torch and reference backends), on one device.
+    Returns [B, L, D] in q's dtype, differentiable in q, k and v.
+
+    backend: "auto" (Triton on CUDA, the chunked torch path elsewhere), "triton", "torch"
+    (chunked, O(L*D) extra memory) or "reference" (materialises the L x L matrix).
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    names = ("q", "k", "v")
+    for name, t in zip(names, (q, k, v)):
+        _check_tensor(name, t, 3, "[B, L, D]")
+    _check_same(names, (q, k, v))
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must all have shape [B, L, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    scale = float(scale)
+    if not torch.isfinite(torch.tensor(scale)):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+    if backend == "reference":
+        return reference.nl_attention(q, k, v, scale)
+    if backend == "torch":
+        from fastnl.attention_chunked import nl_attention_chunked
+
+        return nl_attention_chunked(q, k, v, scale)
+    # backend == "triton"
+    if not q.is_cuda and not _triton_interpreted():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {q.device}); on CPU set TRITON_INTERPRET=1 "
+            "before importing fastnl, or use backend='torch'"
+        )
+    kernels = _load_triton_kernels()
+    return kernels.nl_attention_triton(q, k, v, scale=scale)
+
+
+def _triton_available() -> bool:
+    try:
+        _load_triton_kernels()
+    except ImportError:
+        return False
+    return True
+
+
+def _load_triton_kernels():
+    from fastnl._paths import import_kernels
+
+    return import_kernels()
+
+
+def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                      b2: torch.Tensor | None, *, backend: str = "auto") -> torch.Tensor:
+    """NLAM channel attention (paper eq. 3) on A_S = ``x`` of shape [B, N, C, H, W].
+
+    ``m_n = W2 tanh(W1 GMP(x_n) + b1) + b2``, ``a_n = W2 tanh(W1 GAP(x_n) + b1) + b2``;
+    returns ``x * sigmoid(max_n m_n + mean_n a_n)`` broadcast over frames and positions.
+    w1: [R, C], b1: [R] or None, w2: [C, R], b2: [C] or None. Differentiable in all.
+
+    backend: "auto" (the compiled extension: CUDA kernels on GPU, C++ on CPU), "extension",
+    or "reference" (plain PyTorch).
+    """
+    if backend not in CHANNEL_BACKENDS:
+        raise ValueError(f"backend must be one of {CHANNEL_BACKENDS}, got {backend!r}")
+    _check_tensor("x", x, 5, "[B, N, C, H, W]")
+    C = x.shape[2]
+    _check_tensor("w1", w1, 2, "[R, C]")
+    R = w1.shape[0]
+    if w1.shape[1] != C:
+        raise ValueError(f"w1 must have shape [R, C] = [R, {C}], got {tuple(w1.shape)}")
+    _check_tensor("w2", w2, 2, f"[C, R] = [{C}, {R}]")
+    if tuple(w2.shape) != (C, R):
+        raise ValueError(f"w2 must have shape [C, R] = [{C}, {R}], got {tuple(w2.shape)}")
+    names, tensors = ["x", "w1", "w2"], [x, w1, w2]
+    for name, t, size in (("b1", b1, R), ("b2", b2, C)):
+        if t is None:
+            continue
+        _check_tensor(name, t, 1, f"[{size}]")
+        if t.shape[0] != size:
+            raise ValueError(f"{name} must have shape [{size}], got {tuple(t.shape)}")
+        names.append(name)
+        tensors.append(t)
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must be on one device")
+
+    if backend == "reference":
+        return reference.channel_attention(x, w1, b1, w2, b2)
+    from fastnl import _extension
+
+    if backend == "auto" and not _extension.available():
+        _extension.warn_missing_once()
+        return reference.channel_attention(x, w1, b1, w2, b2)
+    return _extension.channel_attention(x, w1, b1, w2, b2)

@@ -1,0 +1,48 @@
+"""Plain PyTorch references of the NLAM kernels (they materialise every intermediate).
+
+These are the ground truth that the fused kernels in :mod:`fastnl.ops` are checked against,
+and the ``impl="reference"`` model uses them.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def nl_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Paper eq. (1): ``softmax(scale * q @ k^T, dim=-1) @ v``.
+
+    q, k, v: [B, L, D]. Materialises the B x L x L score matrix (computed in float32 for
+    half-precision inputs) and returns [B, L, D] in q's dtype.
+    """
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    s = torch.bmm(q.to(compute), k.to(compute).transpose(1, 2)) * scale
+    p = torch.softmax(s, dim=-1)
+    return torch.bmm(p, v.to(compute)).to(q.dtype)
+
+
+def channel_mlp(pooled: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                b2: torch.Tensor | None) -> torch.Tensor:
+    """The shared MLP of eq. (3), ``W2 tanh(W1 p + b1) + b2``, on [..., C] -> [..., C]."""
+    hidden = torch.tanh(torch.nn.functional.linear(pooled, w1, b1))
+    return torch.nn.functional.linear(hidden, w2, b2)
+
+
+def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                      b2: torch.Tensor | None) -> torch.Tensor:
+    """Paper eq. (3) applied to ``x`` = A_S of shape [B, N, C, H, W].
+
+    GMP and GAP over H, W per frame, the shared tanh MLP, max over the N frames of the GMP
+    branch plus mean over the N frames of the GAP branch, sigmoid, and ``x`` rescaled per
+    channel (the same weights for every frame of a clip).
+    """
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xf = x.to(compute)
+    gmp = xf.amax(dim=(3, 4))  # [B, N, C]
+    gap = xf.mean(dim=(3, 4))
+    w1, w2 = w1.to(compute), w2.to(compute)
+    b1 = None if b1 is None else b1.to(compute)
+    b2 = None if b2 is None else b2.to(compute)
+    m = channel_mlp(gmp, w1, b1, w2, b2).amax(dim=1)
+    a = channel_mlp(gap, w1, b1, w2, b2).mean(dim=1)
+    weights = torch.sigmoid(m + a)  # [B, C]
+    return (xf * weights[:, None, :, None, None]).to(x.dtype)
