@@ -1,0 +1,427 @@
+"""Flash-style Triton kernels for the NLAM spatial attention (paper eq. 1), head dim up to 1024.
+
+``O = softmax(scale * Q K^T) V`` for Q, K, V of shape [B, L, D] with any strides (the
+channel-first [B, C', L] output of a 1x1 conv is read in place). One head of a large
+dimension: the head dimension is tiled twice, in ``BLOCK_DK`` slices when the scores are
+reduced over D, and in ``BLOCK_DV``-wide output column chunks (one program per chunk), so the
+fp32 accumulator stays in registers without spilling. When ``BLOCK_DV`` covers D the scores
+are computed once per tile; narrower chunks recompute them once per chunk (see
+``recompute_factor``), and the autotuner picks between both among the spill-free configs.
+
+The forward saves only O and the row log-sum-exp (base 2, ``log2(e)`` folded into the scale);
+the backward recomputes the probabilities: ``_nl_attn_bwd_preprocess`` (delta = rowsum(dO * O)),
+``_nl_attn_bwd_dkdv`` (one program per key block and column chunk) and ``_nl_attn_bwd_dq``.
+The running row maximum keeps every exponent <= 0, so scales far from 1 neither overflow nor
+produce NaN.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 1024
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """Autotuning runs on a GPU unless FASTNL_AUTOTUNE=0; never under the interpreter."""
+    return not _interpreted() and os.environ.get("FASTNL_AUTOTUNE", "1") != "0"
+
+
+def dk_block(head_dim: int) -> int:
+    """Width of the D slices of the score reduction: the largest of 64, 32, 16 dividing D."""
+    for block in (64, 32, 16):
+        if head_dim % block == 0:
+            return block
+    raise ValueError(f"head dimension must be a multiple of 16, got {head_dim}")
+
+
+def _chunk_cap(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def recompute_factor(head_dim: int, block_dv: int) -> int:
+    """How many times a program grid of this chunk width computes each score tile."""
+    return triton.cdiv(head_dim, block_dv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` in fp32. UPCAST multiplies in fp32 (the exact products of bf16 inputs): the
+    Triton 3.8 interpreter's tl.dot multiplies the raw bits of bf16 operands."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _load_rows(base, offs_r, offs_c, stride_r, stride_c, n_rows, n_cols):
+    """[len(offs_r), len(offs_c)] tile, zero outside n_rows x n_cols."""
+    mask = (offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols)
+    return tl.load(base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot_rows(a_base, stride_ar, stride_ad, offs_a, b_base, stride_br, stride_bd, offs_b, L,
+              HEAD_DIM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``A[offs_a] @ B[offs_b]^T`` reduced over all HEAD_DIM columns in BLOCK_DK slices (fp32);
+    BLOCK_DK divides HEAD_DIM, rows at or beyond L read as zero."""
+    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    for d0 in tl.range(0, HEAD_DIM, BLOCK_DK):
+        offs_d = d0 + tl.arange(0, BLOCK_DK)
+        a = tl.load(a_base + offs_a[:, None] * stride_ar + offs_d[None, :] * stride_ad,
+                    mask=offs_a[:, None] < L, other=0.0)
+        bt = tl.load(b_base + offs_d[:, None] * stride_bd + offs_b[None, :] * stride_br,
+                     mask=offs_b[None, :] < L, other=0.0)
+        acc = _mma(a, bt, acc, PRECISION, UPCAST)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nl_attn_fwd_inner(acc, m_i, l_i, q_base, k_base, v_base, offs_m, offs_dv,
+                       stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, L, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over all key blocks for one query block and one output column chunk."""
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s = _dot_rows(q_base, stride_qm, stride_qd, offs_m, k_base, stride_kn, stride_kd, offs_n, L,
+                      HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
+        s = tl.where(offs_n[None, :] < L, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, offs_n, offs_dv, stride_vn, stride_vd, L, HEAD_DIM)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _nl_attn_fwd(Q, K, V, O, LSE,
+                 stride_qb, stride_qm, stride_qd, stride_kb, stride_kn, stride_kd,
+                 stride_vb, stride_vn, stride_vd, stride_ob, stride_om, stride_od,
+                 L, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Grid (cdiv(L, BLOCK_M), cdiv(D, BLOCK_DV), B): O[b, m-block, chunk] and LSE[b, m-block] (log2)."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = pid_c * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _nl_attn_fwd_inner(acc, m_i, l_i, Q + b * stride_qb, K + b * stride_kb, V + b * stride_vb,
+                                       offs_m, offs_dv, stride_qm, stride_qd, stride_kn, stride_kd,
+                                       stride_vn, stride_vd, L, qk_scale,
+                                       HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
+    acc = acc / l_i[:, None]
+    o_ptr = O + b * stride_ob + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM))
+    if pid_c == 0:
+        tl.store(LSE + b * L + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < L)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nl_attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_om, stride_od, stride_dob, stride_dom, stride_dod, L,
+                            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """Grid (cdiv(L, BLOCK_M), B): DELTA[b, m] = sum_d O[b, m, d] * dO[b, m, d] in fp32."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in tl.range(0, HEAD_DIM, BLOCK_DK):
+        offs_d = d0 + tl.arange(0, BLOCK_DK)
+        o = _load_rows(O + b * stride_ob, offs_m, offs_d, stride_om, stride_od, L, HEAD_DIM)
+        do = _load_rows(DO + b * stride_dob, offs_m, offs_d, stride_dom, stride_dod, L, HEAD_DIM)
+        delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * L + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _nl_attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                      stride_qb, stride_qm, stride_qd, stride_kb, stride_kn, stride_kd,
+                      stride_vb, stride_vn, stride_vd, stride_dob, stride_dom, stride_dod,
+                      stride_gb, stride_gn, stride_gd,
+                      L, qk_scale, sm_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Grid (cdiv(L, BLOCK_N), cdiv(D, BLOCK_DV), B): dK and dV of one key block, one column chunk.
+
+    dV = P^T dO, dK = scale * dS^T Q with dS = P * (dO V^T - delta); P^T is recomputed from the
+    saved LSE. DK and DV share the strides (stride_gb, stride_gn, stride_gd).
+    """
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q_base = Q + b * stride_qb
+    k_base = K + b * stride_kb
+    v_base = V + b * stride_vb
+    do_base = DO + b * stride_dob
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dv = pid_c * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for start_m in range(0, L, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        valid_m = offs_m < L
+        st = _dot_rows(k_base, stride_kn, stride_kd, offs_n, q_base, stride_qm, stride_qd, offs_m, L,
+                       HEAD_DIM, BLOCK_N, BLOCK_M, BLOCK_DK, PRECISION, UPCAST)
+        lse = tl.load(LSE + b * L + offs_m, mask=valid_m, other=0.0)
+        pt = tl.where(valid_m[None, :], tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
+        do = _load_rows(do_base, offs_m, offs_dv, stride_dom, stride_dod, L, HEAD_DIM)
+        dv = _mma(pt.to(do.dtype), do, dv, PRECISION, UPCAST)
+        dpt = _dot_rows(v_base, stride_vn, stride_vd, offs_n, do_base, stride_dom, stride_dod, offs_m, L,
+                        HEAD_DIM, BLOCK_N, BLOCK_M, BLOCK_DK, PRECISION, UPCAST)
+        delta = tl.load(DELTA + b * L + offs_m, mask=valid_m, other=0.0)
+        dst = pt * (dpt - delta[None, :])
+        q = _load_rows(q_base, offs_m, offs_dv, stride_qm, stride_qd, L, HEAD_DIM)
+        dk = _mma(dst.to(q.dtype), q, dk, PRECISION, UPCAST)
+    mask = (offs_n[:, None] < L) & (offs_dv[None, :] < HEAD_DIM)
+    offs = b * stride_gb + offs_n[:, None] * stride_gn + offs_dv[None, :] * stride_gd
+    tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _nl_attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                    stride_qb, stride_qm, stride_qd, stride_kb, stride_kn, stride_kd,
+                    stride_vb, stride_vn, stride_vd, stride_dob, stride_dom, stride_dod,
+                    stride_gb, stride_gm, stride_gd,
+                    L, qk_scale, sm_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Grid (cdiv(L, BLOCK_M), cdiv(D, BLOCK_DV), B): dQ = scale * dS K for one query block, one chunk."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q_base = Q + b * stride_qb
+    k_base = K + b * stride_kb
+    v_base = V + b * stride_vb
+    do_base = DO + b * stride_dob
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = pid_c * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    valid_m = offs_m < L
+    lse = tl.load(LSE + b * L + offs_m, mask=valid_m, other=0.0)
+    delta = tl.load(DELTA + b * L + offs_m, mask=valid_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s = _dot_rows(q_base, stride_qm, stride_qd, offs_m, k_base, stride_kn, stride_kd, offs_n, L,
+                      HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
+        p = tl.where(offs_n[None, :] < L, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dp = _dot_rows(do_base, stride_dom, stride_dod, offs_m, v_base, stride_vn, stride_vd, offs_n, L,
+                       HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        k = _load_rows(k_base, offs_n, offs_dv, stride_kn, stride_kd, L, HEAD_DIM)
+        dq = _mma(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
+    mask = valid_m[:, None] & (offs_dv[None, :] < HEAD_DIM)
+    offs = b * stride_gb + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd
+    tl.store(DQ + offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations: (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages); every one of them is
+# compiled ahead of time for sm_90 by tests/test_triton_aot.py (spill-free, <= 227 KB shared).
+# ---------------------------------------------------------------------------------------------
+
+PREPROCESS_BLOCK_M = 64
+
+_FWD_SPACE = [
+    (64, 64, 256, 8, 2),
+    (128, 64, 128, 8, 2),
+    (64, 64, 128, 4, 2),
+    (128, 64, 64, 4, 3),
+]
+_DKDV_SPACE = [
+    (64, 64, 128, 8, 2),
+    (64, 128, 64, 8, 2),
+    (64, 64, 64, 4, 2),
+]
+_DQ_SPACE = [
+    (64, 64, 128, 8, 2),
+    (128, 64, 64, 8, 2),
+    (64, 64, 64, 4, 2),
+]
+DEFAULTS = {
+    "fwd": (64, 64, 256, 8, 2),
+    "dkdv": (64, 64, 128, 8, 2),
+    "dq": (64, 64, 128, 8, 2),
+}
+
+
+def _make_config(spec) -> triton.Config:
+    bm, bn, bdv, warps, stages = spec
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_DV": bdv}, num_warps=warps, num_stages=stages)
+
+
+def keep(config: triton.Config, head_dim: int) -> bool:
+    """Drop configurations whose output chunk is wider than the (power-of-2 padded) head dim,
+    except the widest one that still fits it, so small D computes the scores once per tile."""
+    return config.kwargs["BLOCK_DV"] <= _chunk_cap(head_dim)
+
+
+def _fit(spec, head_dim: int):
+    """The spec with BLOCK_DV clipped to the padded head dim (covers D in one chunk when D is small)."""
+    bm, bn, bdv, warps, stages = spec
+    return bm, bn, min(bdv, _chunk_cap(head_dim)), warps, stages
+
+
+def candidate_configs(kernel: str, head_dim: int) -> list[triton.Config]:
+    """Every configuration the autotuner may pick for ``kernel`` in {"fwd", "dkdv", "dq"} at D=head_dim."""
+    space = {"fwd": _FWD_SPACE, "dkdv": _DKDV_SPACE, "dq": _DQ_SPACE}[kernel]
+    specs = []
+    for spec in space:
+        spec = _fit(spec, head_dim)
+        if spec not in specs:
+            specs.append(spec)
+    configs = [_make_config(s) for s in specs]
+    return [c for c in configs if keep(c, head_dim)]
+
+
+def default_config(kernel: str, head_dim: int) -> triton.Config:
+    """The configuration used when autotuning is off (and under the interpreter)."""
+    return _make_config(_fit(DEFAULTS[kernel], head_dim))
+
+
+def _prune(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        return candidate_configs(kernel, head_dim)
+
+    return prune
+
+
+def _autotuned(kernel: str, fn):
+    configs = [_make_config(s) for s in {"fwd": _FWD_SPACE, "dkdv": _DKDV_SPACE, "dq": _DQ_SPACE}[kernel]]
+    return triton.autotune(configs, key=["L", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
+
+
+_TUNED = {
+    "fwd": _autotuned("fwd", _nl_attn_fwd),
+    "dkdv": _autotuned("dkdv", _nl_attn_bwd_dkdv),
+    "dq": _autotuned("dq", _nl_attn_bwd_dq),
+}
+KERNELS = {"fwd": _nl_attn_fwd, "dkdv": _nl_attn_bwd_dkdv, "dq": _nl_attn_bwd_dq,
+           "preprocess": _nl_attn_bwd_preprocess}
+
+
+def _launch(kernel: str, grid_of, args, constants, head_dim: int) -> None:
+    """Launch ``kernel`` autotuned, or with its default configuration when autotuning is off."""
+    if autotune_enabled():
+        _TUNED[kernel][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_DV"])](*args, **constants)
+        return
+    config = default_config(kernel, head_dim)
+    meta = config.kwargs
+    KERNELS[kernel][grid_of(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_DV"])](
+        *args, **constants, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _constants(head_dim: int, dtype: torch.dtype) -> dict:
+    return {"HEAD_DIM": head_dim, "BLOCK_DK": dk_block(head_dim), "PRECISION": _precision(dtype),
+            "UPCAST": _interpreted() and dtype == torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers and the autograd.Function
+# ---------------------------------------------------------------------------------------------
+
+
+def nl_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Forward: q, k, v [B, L, D] (any strides) -> (O [B, L, D] in q's dtype, LSE [B, L] fp32, log2 units)."""
+    B, L, D = q.shape
+    out = torch.empty((B, L, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, L), device=q.device, dtype=torch.float32)
+    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), L, float(scale) * LOG2E)
+    _launch("fwd", lambda bm, bn, bdv: (triton.cdiv(L, bm), triton.cdiv(D, bdv), B), args,
+            _constants(D, q.dtype), D)
+    return out, lse
+
+
+def nl_attention_bwd(q, k, v, out, lse, grad_out, scale: float):
+    """Backward: returns (dQ, dK, dV), each [B, L, D] in q's dtype, from the saved O and LSE."""
+    B, L, D = q.shape
+    delta = torch.empty((B, L), device=q.device, dtype=torch.float32)
+    _nl_attn_bwd_preprocess[(triton.cdiv(L, PREPROCESS_BLOCK_M), B)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), L,
+        HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DK=dk_block(D))
+    dq = torch.empty((B, L, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    scales = (L, float(scale) * LOG2E, float(scale))
+    constants = _constants(D, q.dtype)
+    _launch("dkdv", lambda bm, bn, bdv: (triton.cdiv(L, bn), triton.cdiv(D, bdv), B),
+            (q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *scales), constants, D)
+    _launch("dq", lambda bm, bn, bdv: (triton.cdiv(L, bm), triton.cdiv(D, bdv), B),
+            (q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(), *scales), constants, D)
+    return dq, dk, dv
+
+
+class NLAttention(torch.autograd.Function):
+    """``softmax(scale * q k^T) v`` on [B, L, D] tensors; saves q, k, v, O and the row LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        out, lse = nl_attention_fwd(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = nl_attention_bwd(q, k, v, out, lse, grad_out, ctx.scale)
+        return dq, dk, dv, None
+
+
+def nl_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    """Paper eq. (1) with the Triton kernels: q, k, v [B, L, D], D a multiple of 16 up to 1024,
+    float32/float16/bfloat16 (fp32 accumulation). Returns [B, L, D] in q's dtype."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [B, L, D], got {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name} must be float32, float16 or bfloat16 for the Triton kernel, got {t.dtype}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape [B, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    D = q.shape[-1]
+    if D % 16 != 0 or D > MAX_HEAD_DIM:
+        raise ValueError(f"q, k, v: head dimension D (last dim) must be a multiple of 16 and at most "
+                         f"{MAX_HEAD_DIM} for the Triton kernel, got D={D}; use backend='torch'")
+    return NLAttention.apply(q, k, v, float(scale))
