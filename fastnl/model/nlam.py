@@ -40,7 +40,8 @@ class NLAM(nn.Module):
         self.attention_backend, self.channel_backend = backends_for(impl)
         self.impl = impl
         self.a = nn.Conv2d(channels, inter, 1)
-        self.b = nn.Conv2d(channels, inter, 1)
+        # A bias on b would add a_i^T beta to every logit of row i: softmax ignores it.
+        self.b = nn.Conv2d(channels, inter, 1, bias=False)
         self.d = nn.Conv2d(channels, inter, 1)
         self.w0 = nn.Conv2d(inter, channels, 1, bias=False)
         self.w0_bn = nn.BatchNorm2d(channels)
@@ -58,7 +59,7 @@ class NLAM(nn.Module):
         x_cl = x.reshape(b, frames, c, h * w).transpose(1, 2).reshape(b, c, length)
         cp = self.inter_channels
         weight = torch.cat([self.a.weight, self.b.weight, self.d.weight]).view(3 * cp, c, 1)
-        bias = torch.cat([self.a.bias, self.b.bias, self.d.bias])
+        bias = torch.cat([self.a.bias, self.a.bias.new_zeros(cp), self.d.bias])
         abd = F.conv1d(x_cl, weight, bias)  # [B, 3C', L]; q, k, v are strided views of it
         q, k, v = (abd[:, i * cp:(i + 1) * cp].transpose(1, 2) for i in range(3))
         y = ops.nl_attention(q, k, v, scale=self.scale, backend=self.attention_backend)  # [B, L, C']

@@ -36,10 +36,11 @@ class NLTP(nn.Module):
         theta = self.theta(f).reshape(b, frames, -1)
         phi = self.phi(f).reshape(b, frames, -1)
         g = self.g(f).reshape(b, frames, -1)
-        # The frame affinities sum over C'*H*W products: kept in float32 under autocast.
+        # The frame affinities sum over C'*H*W products: at least float32, even under autocast.
+        acc = torch.promote_types(theta.dtype, torch.float32)
         with torch.autocast(device_type=f.device.type, enabled=False):
-            affinity = torch.bmm(theta.float(), phi.float().transpose(1, 2)) / frames  # [B, N, N]
-            y = torch.bmm(affinity, g.float())
+            affinity = torch.bmm(theta.to(acc), phi.to(acc).transpose(1, 2)) / frames  # [B, N, N]
+            y = torch.bmm(affinity, g.to(acc))
         y = y.to(g.dtype).reshape(bn, -1, h, w)
         z = self.w_bn(self.w(y)) + f
         return z.reshape(b, frames, c, h, w).mean(dim=(1, 3, 4))

@@ -1,0 +1,92 @@
+"""fastnl.ops validates its inputs once, with errors that name the argument and the shape."""
+import pytest
+import torch
+
+from fastnl import ops
+
+
+def _qkv(b=2, length=5, d=16, dtype=torch.float32):
+    return [torch.randn(b, length, d, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_attention_backends_agree_with_reference_formula(backend):
+    q, k, v = _qkv(dtype=torch.float64)
+    expected = torch.softmax(0.3 * q @ k.transpose(1, 2), -1) @ v
+    torch.testing.assert_close(ops.nl_attention(q, k, v, scale=0.3, backend=backend), expected)
+
+
+def test_attention_auto_on_cpu_is_the_chunked_path():
+    q, k, v = _qkv(dtype=torch.float64)
+    out = ops.nl_attention(q, k, v)
+    assert out.grad_fn is None  # no grad requested
+    q.requires_grad_(True)
+    out = ops.nl_attention(q, k, v)
+    assert type(out.grad_fn).__name__ == "_ChunkedAttentionBackward"
+
+
+@pytest.mark.parametrize(
+    "args, error, pattern",
+    [
+        ((torch.randn(5, 16),) * 3, ValueError, r"q must have shape \[B, L, D\]"),
+        ((torch.randn(2, 5, 16), torch.randn(2, 6, 16), torch.randn(2, 6, 16)), ValueError, "k .*6, 16"),
+        ((torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 8)), ValueError, r"v \(2, 5, 8\)"),
+        ((torch.randn(2, 0, 16),) * 3, ValueError, "q is empty"),
+        ((torch.randn(2, 5, 16), torch.randn(2, 5, 16).half(), torch.randn(2, 5, 16)), TypeError, "k has dtype"),
+        ((torch.randint(0, 3, (2, 5, 16)),) * 3, TypeError, "q must be float"),
+        (([[1.0]], [[1.0]], [[1.0]]), TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_attention_bad_inputs(args, error, pattern):
+    with pytest.raises(error, match=pattern):
+        ops.nl_attention(*args)
+
+
+def test_attention_bad_backend_and_scale():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.nl_attention(q, k, v, backend="flash")
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.nl_attention(q, k, v, scale=float("inf"))
+
+
+def test_attention_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ops.nl_attention(q, k, v, backend="triton")
+
+
+def _channel_args(b=2, n=3, c=8, r=2):
+    return (torch.randn(b, n, c, 2, 2), torch.randn(r, c), torch.randn(r), torch.randn(c, r), torch.randn(c))
+
+
+def test_channel_reference_backend_and_none_biases():
+    x, w1, b1, w2, b2 = _channel_args()
+    out = ops.channel_attention(x, w1, None, w2, None, backend="reference")
+    gate = torch.sigmoid(
+        (torch.tanh(x.amax((3, 4)) @ w1.T) @ w2.T).amax(1) + (torch.tanh(x.mean((3, 4)) @ w1.T) @ w2.T).mean(1)
+    )
+    torch.testing.assert_close(out, x * gate[:, None, :, None, None])
+
+
+@pytest.mark.parametrize(
+    "index, value, error, pattern",
+    [
+        (0, torch.randn(2, 8, 2, 2), ValueError, r"x must have shape \[B, N, C, H, W\]"),
+        (1, torch.randn(2, 7), ValueError, r"w1 must have shape \[R, C\] = \[R, 8\]"),
+        (3, torch.randn(8, 3), ValueError, r"w2 must have shape \[C, R\] = \[8, 2\]"),
+        (2, torch.randn(3), ValueError, r"b1 must have shape \[2\]"),
+        (4, torch.randn(7), ValueError, r"b2 must have shape \[8\]"),
+        (0, torch.randn(2, 3, 8, 0, 2), ValueError, "x is empty"),
+        (1, torch.randn(2, 8).to(torch.int32), TypeError, "w1 must be float"),
+        (2, torch.randn(2, device="meta"), ValueError, "b1 is on meta"),
+    ],
+)
+def test_channel_bad_inputs(index, value, error, pattern):
+    args = list(_channel_args())
+    args[index] = value
+    with pytest.raises(error, match=pattern):
+        ops.channel_attention(*args)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.channel_attention(*_channel_args(), backend="cuda")
