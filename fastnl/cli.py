@@ -16,6 +16,7 @@ from fastnl.errors import UserError
 # Order is the order shown by `fastnl --help`.
 COMMANDS = (
     "fastnl.commands.demo",
+    "fastnl.commands.synth",
 )
 
 
