@@ -28,19 +28,22 @@ def _extensions():
         and cpp_extension.CUDA_HOME is not None
         and os.environ.get("FASTNL_CPU_ONLY", "0") != "1"
     )
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std here: torch adds the C++ standard its headers need (C++17 or C++20).
+    cxx_flags = ["-O3"]
+    depends = sorted(glob.glob(os.path.join("csrc", "*.h")))
     if use_cuda:
         arch = os.environ.get("FASTNL_CUDA_ARCH", "90")
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
         for a in arch.split(";"):
             nvcc_flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
         ext = cpp_extension.CUDAExtension(
             "fastnl._C",
             cpp + cu,
             extra_compile_args={"cxx": cxx_flags + ["-DFASTNL_WITH_CUDA"], "nvcc": nvcc_flags + ["-DFASTNL_WITH_CUDA"]},
+            depends=depends,
         )
     else:
-        ext = cpp_extension.CppExtension("fastnl._C", cpp, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension("fastnl._C", cpp, extra_compile_args={"cxx": cxx_flags}, depends=depends)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
