@@ -1,0 +1,59 @@
+"""Frame decoding and the clip transform of the torch loader: decode, resize, flip, normalise.
+
+The DALI loader (:mod:`fastnl.data.dali`) applies the same steps: bilinear resize with
+antialiasing to uint8, a horizontal flip shared by all frames of a clip, ImageNet mean/std.
+"""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from fastnl.data.datasets.base import DatasetError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def read_bytes(path: str) -> bytes:
+    """The encoded frame, with a :class:`DatasetError` naming a missing or unreadable file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise DatasetError(f"cannot read frame {path}: {err.strerror or err}") from None
+
+
+def decode_frame(path: str) -> torch.Tensor:
+    """uint8 [3, h, w] RGB; a truncated or corrupt JPEG raises :class:`DatasetError`."""
+    data = read_bytes(path)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DatasetError(f"cannot decode frame {path}: {err}") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def load_clip(paths: Sequence[str], height: int, width: int, flip: bool = False) -> torch.Tensor:
+    """Frames resized to (height, width) (bilinear, antialiased), flipped together: uint8
+    [N, 3, height, width]."""
+    frames = []
+    for path in paths:
+        img = decode_frame(path)
+        if img.shape[1:] != (height, width):
+            img = TF.resize(img, [height, width], antialias=True)
+        frames.append(img)
+    clip = torch.stack(frames)
+    return clip.flip(-1) if flip else clip
+
+
+def normalize(clips: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 ``(x / 255 - mean) / std`` with ImageNet statistics."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1) * 255
+    return (clips.float() - mean) / std
