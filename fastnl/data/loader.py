@@ -58,13 +58,14 @@ class _TorchDecode(Dataset):
         self.height, self.width = height, width
 
     def __getitem__(self, plan: BatchPlan):
+        frames = len(plan.clips[0])
+        clips = torch.empty((len(plan.clips), frames, 3, self.height, self.width))
         try:
-            clips = torch.stack([load_clip(paths, self.height, self.width, flip)
-                                 for paths, flip in zip(plan.clips, plan.flips)])
+            for j, (paths, flip) in enumerate(zip(plan.clips, plan.flips)):
+                normalize(load_clip(paths, self.height, self.width, flip), out=clips[j])
         except DatasetError as err:
             return _Failure(str(err))
-        return (normalize(clips),) + tuple(torch.tensor(col, dtype=torch.long)
-                                           for col in plan.labels)
+        return (clips,) + tuple(torch.tensor(col, dtype=torch.long) for col in plan.labels)
 
 
 class _PlanSampler(Sampler):

@@ -17,6 +17,8 @@ from fastnl.data.datasets.base import DatasetError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) * 255
+_INV_STD = 1 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1) * 255)
 
 
 def read_bytes(path: str) -> bytes:
@@ -33,10 +35,10 @@ def decode_frame(path: str) -> torch.Tensor:
     data = read_bytes(path)
     try:
         with Image.open(io.BytesIO(data)) as img:
-            rgb = np.asarray(img.convert("RGB"))
+            rgb = np.array(img if img.mode == "RGB" else img.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as err:
         raise DatasetError(f"cannot decode frame {path}: {err}") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def load_clip(paths: Sequence[str], height: int, width: int, flip: bool = False) -> torch.Tensor:
@@ -52,8 +54,9 @@ def load_clip(paths: Sequence[str], height: int, width: int, flip: bool = False)
     return clip.flip(-1) if flip else clip
 
 
-def normalize(clips: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32 ``(x / 255 - mean) / std`` with ImageNet statistics."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1) * 255
-    return (clips.float() - mean) / std
+def normalize(clips: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 ``(x / 255 - mean) / std`` with ImageNet statistics,
+    written into ``out`` when given."""
+    if out is None:
+        out = torch.empty(clips.shape, dtype=torch.float32)
+    return out.copy_(clips).sub_(_MEAN).mul_(_INV_STD)
