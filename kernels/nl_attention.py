@@ -255,27 +255,42 @@ def _nl_attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 
 PREPROCESS_BLOCK_M = 64
 
-_FWD_SPACE = [
-    (64, 64, 256, 8, 2),
-    (128, 64, 128, 8, 2),
-    (64, 64, 128, 4, 2),
-    (128, 64, 64, 4, 3),
-]
-_DKDV_SPACE = [
-    (64, 64, 128, 8, 2),
-    (64, 128, 64, 8, 2),
-    (64, 64, 64, 4, 2),
-]
-_DQ_SPACE = [
-    (64, 64, 128, 8, 2),
-    (128, 64, 64, 8, 2),
-    (64, 64, 64, 4, 2),
-]
-DEFAULTS = {
-    "fwd": (64, 64, 256, 8, 2),
-    "dkdv": (64, 64, 128, 8, 2),
-    "dq": (64, 64, 128, 8, 2),
+# Measured for bf16 at D=512 and 1024 (sm_90, triton 3.8): a 512-wide chunk computes the scores
+# once per tile at D <= 512 and only fits with 16 warps and BLOCK_N <= 32 (128 registers, no
+# spill); 64 x 512 with BLOCK_N=64 spills at 8 and 16 warps, as do (128, 64, 64, 4 warps).
+_SPACES = {
+    "fwd": [
+        (64, 64, 256, 8, 2),
+        (64, 32, 512, 16, 2),
+        (128, 32, 256, 16, 2),
+        (128, 64, 128, 8, 2),
+        (64, 64, 128, 4, 2),
+    ],
+    "dkdv": [
+        (64, 64, 128, 8, 2),
+        (32, 64, 256, 16, 2),
+        (32, 128, 128, 8, 2),
+        (64, 64, 64, 4, 2),
+    ],
+    "dq": [
+        (64, 64, 128, 8, 2),
+        (64, 32, 512, 16, 2),
+        (64, 32, 256, 8, 2),
+        (128, 64, 128, 8, 3),
+    ],
 }
+# fp32 inputs multiply in full fp32 (no tensor cores): only small tiles stay spill-free.
+_SPACES_FP32 = {
+    "fwd": [(64, 32, 128, 8, 1), (32, 32, 128, 4, 1), (64, 32, 64, 4, 1)],
+    "dkdv": [(16, 32, 64, 4, 1)],
+    "dq": [(32, 32, 64, 4, 1), (32, 32, 128, 4, 1)],
+}
+
+
+def _space(kernel: str, dtype: torch.dtype):
+    return (_SPACES_FP32 if dtype == torch.float32 else _SPACES)[kernel]
+# The block of rows a program owns: query rows for fwd and dq, key rows for dkdv.
+_OWN_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 
 
 def _make_config(spec) -> triton.Config:
@@ -283,63 +298,57 @@ def _make_config(spec) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_DV": bdv}, num_warps=warps, num_stages=stages)
 
 
-def keep(config: triton.Config, head_dim: int) -> bool:
-    """Drop configurations whose output chunk is wider than the (power-of-2 padded) head dim,
-    except the widest one that still fits it, so small D computes the scores once per tile."""
-    return config.kwargs["BLOCK_DV"] <= _chunk_cap(head_dim)
-
-
 def _fit(spec, head_dim: int):
-    """The spec with BLOCK_DV clipped to the padded head dim (covers D in one chunk when D is small)."""
+    """The spec with BLOCK_DV clipped to the padded head dim (one chunk covers a small D)."""
     bm, bn, bdv, warps, stages = spec
     return bm, bn, min(bdv, _chunk_cap(head_dim)), warps, stages
 
 
-def candidate_configs(kernel: str, head_dim: int) -> list[triton.Config]:
-    """Every configuration the autotuner may pick for ``kernel`` in {"fwd", "dkdv", "dq"} at D=head_dim."""
-    space = {"fwd": _FWD_SPACE, "dkdv": _DKDV_SPACE, "dq": _DQ_SPACE}[kernel]
+def keep(kernel: str, config: triton.Config, seq_len: int) -> bool:
+    """Skip row blocks of more than 64 rows that are larger than the (power-of-2 padded) sequence."""
+    rows = config.kwargs[_OWN_BLOCK[kernel]]
+    return rows <= max(64, triton.next_power_of_2(seq_len))
+
+
+def candidate_configs(kernel: str, head_dim: int, seq_len: int | None = None,
+                      dtype: torch.dtype = torch.bfloat16) -> list[triton.Config]:
+    """The configurations the autotuner may pick for ``kernel`` in {"fwd", "dkdv", "dq"} at
+    D = head_dim, inputs of ``dtype`` (and L = seq_len; None: every L)."""
     specs = []
-    for spec in space:
+    for spec in _space(kernel, dtype):
         spec = _fit(spec, head_dim)
         if spec not in specs:
             specs.append(spec)
     configs = [_make_config(s) for s in specs]
-    return [c for c in configs if keep(c, head_dim)]
+    return [c for c in configs if seq_len is None or keep(kernel, c, seq_len)]
 
 
-def default_config(kernel: str, head_dim: int) -> triton.Config:
-    """The configuration used when autotuning is off (and under the interpreter)."""
-    return _make_config(_fit(DEFAULTS[kernel], head_dim))
-
-
-def _prune(kernel: str):
-    def prune(configs, named_args, **kwargs):
-        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        return candidate_configs(kernel, head_dim)
-
-    return prune
+def default_config(kernel: str, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> triton.Config:
+    """The configuration used when autotuning is off (and under the interpreter): the first of the space."""
+    return _make_config(_fit(_space(kernel, dtype)[0], head_dim))
 
 
 def _autotuned(kernel: str, fn):
-    configs = [_make_config(s) for s in {"fwd": _FWD_SPACE, "dkdv": _DKDV_SPACE, "dq": _DQ_SPACE}[kernel]]
-    return triton.autotune(configs, key=["L", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return candidate_configs(kernel, args["HEAD_DIM"], args["L"], args["Q"].dtype)
+
+    configs = [_make_config(s) for s in _SPACES[kernel] + _SPACES_FP32[kernel]]
+    return triton.autotune(configs, key=["L", "HEAD_DIM"], prune_configs_by={"early_config_prune": prune})(fn)
 
 
-_TUNED = {
-    "fwd": _autotuned("fwd", _nl_attn_fwd),
-    "dkdv": _autotuned("dkdv", _nl_attn_bwd_dkdv),
-    "dq": _autotuned("dq", _nl_attn_bwd_dq),
-}
+_TUNED = {kernel: _autotuned(kernel, fn) for kernel, fn in
+          (("fwd", _nl_attn_fwd), ("dkdv", _nl_attn_bwd_dkdv), ("dq", _nl_attn_bwd_dq))}
 KERNELS = {"fwd": _nl_attn_fwd, "dkdv": _nl_attn_bwd_dkdv, "dq": _nl_attn_bwd_dq,
            "preprocess": _nl_attn_bwd_preprocess}
 
 
-def _launch(kernel: str, grid_of, args, constants, head_dim: int) -> None:
+def _launch(kernel: str, grid_of, args, constants, head_dim: int, dtype: torch.dtype) -> None:
     """Launch ``kernel`` autotuned, or with its default configuration when autotuning is off."""
     if autotune_enabled():
         _TUNED[kernel][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_DV"])](*args, **constants)
         return
-    config = default_config(kernel, head_dim)
+    config = default_config(kernel, head_dim, dtype)
     meta = config.kwargs
     KERNELS[kernel][grid_of(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_DV"])](
         *args, **constants, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -366,7 +375,7 @@ def nl_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     lse = torch.empty((B, L), device=q.device, dtype=torch.float32)
     args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), L, float(scale) * LOG2E)
     _launch("fwd", lambda bm, bn, bdv: (triton.cdiv(L, bm), triton.cdiv(D, bdv), B), args,
-            _constants(D, q.dtype), D)
+            _constants(D, q.dtype), D, q.dtype)
     return out, lse
 
 
@@ -384,9 +393,9 @@ def nl_attention_bwd(q, k, v, out, lse, grad_out, scale: float):
     scales = (L, float(scale) * LOG2E, float(scale))
     constants = _constants(D, q.dtype)
     _launch("dkdv", lambda bm, bn, bdv: (triton.cdiv(L, bn), triton.cdiv(D, bdv), B),
-            (q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *scales), constants, D)
+            (q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *scales), constants, D, q.dtype)
     _launch("dq", lambda bm, bn, bdv: (triton.cdiv(L, bm), triton.cdiv(D, bdv), B),
-            (q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(), *scales), constants, D)
+            (q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(), *scales), constants, D, q.dtype)
     return dq, dk, dv
 
 

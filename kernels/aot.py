@@ -1,0 +1,132 @@
+"""Ahead-of-time compilation of the attention kernels for a GPU target, without a GPU.
+
+``compile_config`` compiles one kernel in one configuration (default: Hopper, sm_90) and reports
+its resource use: registers per thread and spill stack (from ``cuobjdump -res-usage`` on the
+cubin) and shared memory (``metadata.shared``). ``compile_all`` does so for every configuration
+the autotuner may pick plus the default one. Needs TRITON_INTERPRET=0 in the environment
+before triton is imported (the interpreter replaces the compiler).
+
+Run as ``python -m fastnl.kernels.aot --head-dims 512 1024`` for a JSON line per configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from .nl_attention import KERNELS, PREPROCESS_BLOCK_M, candidate_configs, default_config, dk_block
+
+H100_SHARED_BYTES = 232448  # 227 KB of shared memory per block on sm_90
+_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Layout compiled: q, k, v channel-first ([B, C', L] transposed: stride over L is 1), every
+# output and dO contiguous [B, L, D]; strides and L divisible by 16, as in the model.
+_UNIT_STRIDES = {"stride_qm", "stride_kn", "stride_vn", "stride_od", "stride_dod", "stride_gd"}
+_FP32_POINTERS = {"LSE", "DELTA"}
+_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"} | _FP32_POINTERS
+
+
+def cuobjdump_path() -> Path:
+    """The cuobjdump shipped inside the triton wheel."""
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _signature(fn, dtype: str, constants: dict):
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in _POINTERS:
+            signature[name] = "*fp32" if name in _FP32_POINTERS else "*" + _TYPES[dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.endswith("scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def res_usage(cubin: bytes) -> dict:
+    """{"reg", "stack", "local"} of the (single) function in ``cubin``, from cuobjdump -res-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(cuobjdump_path()), "-res-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    usage = {}
+    for field in ("REG", "STACK", "LOCAL"):
+        match = re.search(rf"\b{field}:(\d+)", text)
+        if match is None:
+            raise RuntimeError(f"cuobjdump -res-usage printed no {field}: {text!r}")
+        usage[field.lower()] = int(match.group(1))
+    return usage
+
+
+def compile_config(kernel: str, head_dim: int, dtype: str, meta: dict, num_warps: int, num_stages: int,
+                   arch: int = 90) -> dict:
+    """Compile ``kernel`` ("fwd", "dkdv", "dq", "preprocess") for ``sm_<arch>``; returns its resources."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET=0 before triton is imported")
+    fn = KERNELS[kernel]
+    constants = {"HEAD_DIM": head_dim, "BLOCK_DK": dk_block(head_dim), **meta}
+    if kernel != "preprocess":
+        constants.update(PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+    for name in _UNIT_STRIDES & set(fn.arg_names):
+        constants[name] = 1
+    signature, attrs = _signature(fn, dtype, constants)
+    target = GPUTarget("cuda", arch, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    src = triton.compiler.ASTSource(fn, signature, constants, attrs)
+    start = time.perf_counter()
+    compiled = triton.compile(src, target=target, options=options.__dict__)
+    seconds = time.perf_counter() - start
+    return {"kernel": kernel, "head_dim": head_dim, "dtype": dtype, **meta, "num_warps": num_warps,
+            "num_stages": num_stages, "arch": arch, "shared": compiled.metadata.shared,
+            **res_usage(compiled.asm["cubin"]), "compile_s": round(seconds, 2)}
+
+
+def configurations(head_dim: int, dtype: str = "bf16") -> list[tuple[str, dict, int, int]]:
+    """(kernel, meta, num_warps, num_stages) for every configuration the autotuner may pick at
+    ``head_dim`` for ``dtype`` inputs, and the defaults, without duplicates."""
+    torch_dtype = _TORCH_DTYPES[dtype]
+    out = [("preprocess", {"BLOCK_M": PREPROCESS_BLOCK_M}, 4, 3)]
+    for kernel in ("fwd", "dkdv", "dq"):
+        for config in [default_config(kernel, head_dim, torch_dtype),
+                       *candidate_configs(kernel, head_dim, dtype=torch_dtype)]:
+            entry = (kernel, dict(config.kwargs), config.num_warps, config.num_stages)
+            if entry not in out:
+                out.append(entry)
+    return out
+
+
+def compile_all(head_dims=(512, 1024), dtypes=("bf16",), arch: int = 90):
+    """Yield ``compile_config`` results for every configuration at each head dim and dtype."""
+    for head_dim in head_dims:
+        for dtype in dtypes:
+            for kernel, meta, warps, stages in configurations(head_dim, dtype):
+                yield compile_config(kernel, head_dim, dtype, meta, warps, stages, arch)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Compile the attention kernels ahead of time; one JSON line each")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(_TYPES))
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args(argv)
+    for result in compile_all(args.head_dims, args.dtypes, args.arch):
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""NLAM spatial attention (paper eq. 1): the Triton kernels (under the interpreter without a GPU)
+and the chunked torch path, against a float64 reference.
+
+Tolerances come from the error that plain attention computed in the same dtype (every matmul
+rounded to it) makes against float64 on the same inputs.
+"""
+import math
+
+import pytest
+import torch
+
+from fastnl import ops
+from fastnl._paths import import_kernels
+from fastnl.attention_chunked import nl_attention_chunked
+
+kernels = import_kernels()
+nla = kernels.nl_attention
+
+
+def make_qkv(B, L, D, dtype, layout, std=1.0, seed=0):
+    """q, k, v [B, L, D] in ``dtype``; "channel_first" views a [B, 3D, L] conv output (strides (3DL, 1, L))."""
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "channel_first":
+        x = torch.randn(B, 3 * D, L, generator=gen) * std
+        return [t.transpose(1, 2) for t in x.to(dtype).chunk(3, dim=1)]
+    return [(torch.randn(B, L, D, generator=gen) * std).to(dtype) for _ in range(3)]
+
+
+def naive_attention_grads(q, k, v, grad, scale):
+    """[out, dq, dk, dv] of plain attention at the inputs' precision: every matmul takes operands
+    rounded to q's dtype (P, dS, dO included) and accumulates in fp32."""
+    dt = q.dtype
+
+    def mm(a, b):
+        return torch.bmm(a.to(dt).float(), b.to(dt).float())
+
+    qf, kf, vf, do = q.float(), k.float(), v.float(), grad.to(dt).float()
+    p = torch.softmax(mm(qf, kf.transpose(1, 2)) * scale, dim=-1)
+    out = mm(p, vf)
+    ds = p * (mm(do, vf.transpose(1, 2)) - (do * out.to(dt).float()).sum(-1, keepdim=True))
+    grads = [out, scale * mm(ds, kf), scale * mm(ds.transpose(1, 2), qf), mm(p.transpose(1, 2), do)]
+    return [g.to(dt) for g in grads]
+
+
+def run(fn, q, k, v, grad):
+    q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(q, k, v)
+    out.backward(grad.to(out.dtype))
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def check_against_fp64(fn, q, k, v, scale):
+    """Compare out, dq, dk, dv of ``fn`` with float64. Allowed: 4x the error of naive attention in
+    the same dtype (the kernels reduce in another order) plus the fp32 rounding that any fp32
+    accumulation makes: eps32 * (sqrt(D) for a length-D dot product + max |logit| for
+    probabilities recomputed from a saved log-sum-exp) * the largest reference value of that
+    output or of out (dq is exactly 0 at L=1)."""
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    ref = run(lambda a, b, c: ops.nl_attention(a, b, c, scale=scale, backend="reference"),
+              q.double(), k.double(), v.double(), grad)
+    naive = naive_attention_grads(q, k, v, grad, scale)
+    got = run(fn, q, k, v, grad)
+    max_logit = scale * torch.bmm(q.double(), k.double().transpose(1, 2)).abs().max().item()
+    floor = torch.finfo(torch.float32).eps * (math.sqrt(q.shape[-1]) + max_logit)
+    for name, g, n, r in zip(("out", "dq", "dk", "dv"), got, naive, ref):
+        assert g.dtype == q.dtype and g.shape == q.shape, name
+        assert torch.isfinite(g).all(), name
+        err = (g.double() - r).abs().max().item()
+        naive_err = (n.double() - r).abs().max().item()
+        tol = 4 * naive_err + floor * max(r.abs().max().item(), ref[0].abs().max().item())
+        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g} (naive {q.dtype} error {naive_err:.3g})"
+
+
+def triton_fn(scale):
+    return lambda q, k, v: ops.nl_attention(q, k, v, scale=scale, backend="triton")
+
+
+def torch_fn(scale, block=None):
+    if block is None:
+        return lambda q, k, v: ops.nl_attention(q, k, v, scale=scale, backend="torch")
+    return lambda q, k, v: nl_attention_chunked(q, k, v, scale, block)
+
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# A subset of {L: 1, 7, 64, 130} x {D: 16, 48, 64, 512, 1024} x {B: 1, 3} x dtypes x layouts
+# that covers every value of each axis; D >= 512 is slow under the interpreter, so short L there.
+TRITON_CASES = [
+    (1, 1, 16, F32, "channel_first"),
+    (3, 7, 48, F16, "contiguous"),
+    (3, 64, 64, BF16, "channel_first"),
+    (1, 130, 64, F32, "channel_first"),
+    (3, 130, 16, BF16, "contiguous"),
+    (1, 130, 48, F16, "channel_first"),
+    (1, 7, 512, BF16, "channel_first"),
+    (3, 1, 512, F32, "contiguous"),
+    (1, 70, 512, F16, "channel_first"),
+    (1, 7, 1024, BF16, "channel_first"),
+]
+
+
+def _case_id(case):
+    B, L, D, dtype, layout = case
+    return f"B{B}-L{L}-D{D}-{str(dtype).split('.')[-1]}-{layout}"
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=_case_id)
+def test_triton_matches_fp64(case):
+    B, L, D, dtype, layout = case
+    q, k, v = make_qkv(B, L, D, dtype, layout)
+    check_against_fp64(triton_fn(1.0 / math.sqrt(D)), q, k, v, 1.0 / math.sqrt(D))
+
+
+@pytest.mark.parametrize("case", [
+    (1, 1, 16, F32, "contiguous"),
+    (3, 7, 48, BF16, "channel_first"),
+    (1, 64, 64, F16, "channel_first"),
+    (3, 130, 512, F32, "channel_first"),
+    (1, 130, 1024, BF16, "contiguous"),
+], ids=_case_id)
+def test_torch_path_matches_fp64(case):
+    B, L, D, dtype, layout = case
+    q, k, v = make_qkv(B, L, D, dtype, layout)
+    check_against_fp64(torch_fn(1.0), q, k, v, 1.0)
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_torch_path_blocks_match_fp64(block):
+    q, k, v = make_qkv(2, 7, 16, F32, "channel_first")
+    check_against_fp64(torch_fn(0.5, block), q, k, v, 0.5)
+
+
+@pytest.mark.parametrize("fn", [triton_fn(10.0), torch_fn(10.0)], ids=["triton", "torch"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_extreme_logits_stay_finite_and_accurate(fn, dtype):
+    """scale 10 without 1/sqrt(D) and unit-variance inputs: logits of several hundred."""
+    q, k, v = make_qkv(2, 64, 64, dtype, "channel_first")
+    logits = 10.0 * torch.bmm(q.double(), k.double().transpose(1, 2))
+    assert logits.abs().max() > 200
+    check_against_fp64(fn, q, k, v, 10.0)
+
+
+def test_triton_saves_row_logsumexp_in_base_2():
+    q, k, v = make_qkv(2, 70, 48, F32, "channel_first")
+    out, lse = nla.nl_attention_fwd(q, k, v, 0.3)
+    expected = torch.logsumexp(0.3 * torch.bmm(q.double(), k.double().transpose(1, 2)), dim=-1)
+    assert lse.shape == (2, 70) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double() * math.log(2.0), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), ops.nl_attention(q.double(), k.double(), v.double(), scale=0.3,
+                                                              backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_path_gradcheck_fp64():
+    q, k, v = [t.double().requires_grad_() for t in make_qkv(2, 5, 3, F32, "channel_first")]
+    assert torch.autograd.gradcheck(lambda a, b, c: nl_attention_chunked(a, b, c, 0.7, 2), (q, k, v))
+
+
+def test_triton_rejects_head_dim_not_multiple_of_16():
+    q, k, v = make_qkv(1, 8, 20, F32, "contiguous")
+    with pytest.raises(ValueError, match=r"head dimension D.*multiple of 16.*D=20"):
+        ops.nl_attention(q, k, v, backend="triton")
+
+
+def test_triton_rejects_head_dim_above_1024():
+    q, k, v = [torch.zeros(1, 2, 1040) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"at most 1024.*D=1040"):
+        nla.nl_attention_triton(q, k, v)
+
+
+def test_mismatched_shapes_are_rejected():
+    q, k, _ = make_qkv(1, 8, 16, F32, "contiguous")
+    with pytest.raises(ValueError, match="same shape|must all have shape"):
+        ops.nl_attention(q, k[:, :7], k[:, :7], backend="triton")
+    with pytest.raises(ValueError, match="one shape"):
+        nla.nl_attention_triton(q, k[:, :7], k[:, :7])
+
+
+def test_triton_on_cpu_outside_interpreter_is_rejected(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = make_qkv(1, 8, 16, F32, "contiguous")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ops.nl_attention(q, k, v, backend="triton")
+
+
+def test_autotuning_is_off_under_the_interpreter():
+    assert not nla.autotune_enabled()
+
+
+@pytest.mark.parametrize("head_dim", [16, 48, 512, 1024])
+def test_configurations_cover_the_head_dim(head_dim):
+    for kernel in ("fwd", "dkdv", "dq"):
+        configs = nla.candidate_configs(kernel, head_dim)
+        default = nla.default_config(kernel, head_dim)
+        assert any(c.kwargs == default.kwargs and c.num_warps == default.num_warps for c in configs)
+        for c in configs:
+            width = c.kwargs["BLOCK_DV"]
+            assert width & (width - 1) == 0 and width <= max(16, 1 << (head_dim - 1).bit_length())
+        assert nla.candidate_configs(kernel, head_dim, seq_len=7), kernel
+    assert nla.recompute_factor(head_dim, nla.default_config("fwd", head_dim).kwargs["BLOCK_DV"]) == \
+        max(1, head_dim // 256)
+
+
+def test_keep_drops_row_blocks_longer_than_the_sequence():
+    short = nla.candidate_configs("fwd", 512, seq_len=7)
+    assert short and all(c.kwargs["BLOCK_M"] <= 64 for c in short)
+    assert any(c.kwargs["BLOCK_M"] == 128 for c in nla.candidate_configs("fwd", 512, seq_len=4096))
