@@ -84,6 +84,7 @@ class DaliDecoder:
         if self.pipe is None:
             self.pipe = _build(max_frames, height, width, threads, None)
             self.device = torch.device("cpu")
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def __call__(self, encoded: Sequence[np.ndarray], mirror: Sequence[bool],
                  paths: Sequence[str]) -> torch.Tensor:
@@ -102,8 +103,13 @@ class DaliDecoder:
             raise DatasetError(f"DALI could not decode a batch starting at {paths[0]}: "
                                f"{str(err).strip().splitlines()[0]}") from None
         tensor = out.as_tensor()
-        result = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
-        feed_ndarray(tensor, result,
-                     cuda_stream=torch.cuda.current_stream() if self.device.type == "cuda"
-                     else None)
+        if self.device.type == "cpu":
+            return feed_ndarray(tensor, torch.empty(tensor.shape(), dtype=torch.float32))
+        # Copy on a side stream and wait for it only: DALI may reuse its output buffer on the
+        # next run, and the compute stream stays free; the consumer stream owns the result.
+        with torch.cuda.stream(self._copy_stream):
+            result = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(tensor, result, cuda_stream=self._copy_stream)
+        self._copy_stream.synchronize()
+        result.record_stream(torch.cuda.current_stream(self.device))
         return result

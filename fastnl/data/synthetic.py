@@ -136,6 +136,15 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def _savemat(path: Path, key: str, value: np.ndarray) -> None:
+    """A MATLAB 5 file whose 116-byte text header carries no date, so output is reproducible."""
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {key: value})
+    data = buf.getvalue()
+    header = b"MATLAB 5.0 MAT-file, written by fastnl synth".ljust(116, b" ")
+    path.write_bytes(header + data[116:])
+
+
 def _plan_ids(rng, ids: int, cams: int, num_pids: int):
     """Sorted distinct pids and, per pid, its cameras (at least two) and tracklets per camera."""
     pids = np.sort(rng.choice(np.arange(1, 10 * num_pids + 2), size=num_pids, replace=False))
@@ -252,11 +261,10 @@ def _write_mars(out, rng, render, plan, looks, cameras, train_pids, test_pids, e
         info_dir = out / "info"
         info_dir.mkdir(exist_ok=True)
         (info_dir / f"{split}_name.txt").write_text("\n".join(names) + "\n")
-        scipy.io.savemat(str(info_dir / f"tracks_{split}_info.mat"),
-                         {f"track_{split}_info": np.array(info, dtype=np.float64)})
+        _savemat(info_dir / f"tracks_{split}_info.mat", f"track_{split}_info",
+                 np.array(info, dtype=np.float64))
         if split == "test":
-            scipy.io.savemat(str(info_dir / "query_IDX.mat"),
-                             {"query_IDX": np.array([query], dtype=np.float64)})
+            _savemat(info_dir / "query_IDX.mat", "query_IDX", np.array([query], dtype=np.float64))
 
 
 def _write_duke(out, rng, render, plan, looks, cameras, train_pids, test_pids, distractor_pids,
