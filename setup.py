@@ -36,9 +36,19 @@ def _extensions():
         nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
         for a in arch.split(";"):
             nvcc_flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+        # -lcudart needs the toolkit's lib dir, which CUDA_HOME misses when it is derived from
+        # an nvcc outside the toolkit tree (e.g. /usr/local/bin/nvcc).
+        roots = [cpp_extension.CUDA_HOME] + sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+        cudart_dirs = [
+            d
+            for root in roots
+            for d in (os.path.join(root, "lib64"), os.path.join(root, "lib"))
+            if os.path.exists(os.path.join(d, "libcudart.so"))
+        ]
         ext = cpp_extension.CUDAExtension(
             "fastnl._C",
             cpp + cu,
+            library_dirs=cudart_dirs[:1],
             extra_compile_args={"cxx": cxx_flags + ["-DFASTNL_WITH_CUDA"], "nvcc": nvcc_flags + ["-DFASTNL_WITH_CUDA"]},
             depends=depends,
         )
