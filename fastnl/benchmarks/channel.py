@@ -1,0 +1,144 @@
+"""Channel-attention benchmark (paper eq. 3): the extension vs the plain reference.
+
+``run(device, quick=False)`` times the forward and the forward+backward (gradients of x, W1,
+b1, W2, b2) of ``fastnl.ops.channel_attention`` with backend "extension" and "reference" on
+the NLAM shapes of a 256x128 input with B*N = 256 frames: C = 1024 at 16x8 (after layer3)
+and C = 2048 at 8x4 (after layer4), R = C/16; float32 and bfloat16 on CUDA, float32 on CPU.
+
+Each record gives the time, the achieved bandwidth over the memory-traffic floor (forward:
+read x, write out; backward: read grad_out and x, write grad_x) and the floor ratio: the time
+over floor_bytes / copy bandwidth, where the device-to-device copy bandwidth of a tensor the
+size of x is measured in the same run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from fastnl import ops
+
+REAL_SHAPES = [(32, 8, 1024, 16, 8), (32, 8, 2048, 8, 4)]  # (B, N, C, H, W), B*N = 256 frames
+QUICK_SHAPES = [(4, 4, 256, 16, 8), (4, 4, 512, 8, 4)]
+REDUCTION = 16
+
+
+def _timer(device: torch.device, reps: int, warmup: int):
+    """Median seconds of fn() over reps calls after warmup calls."""
+
+    def measure(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        if device.type == "cuda":
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+        else:
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return measure
+
+
+def _inputs(shape, dtype, device, requires_grad):
+    B, N, C, H, W = shape
+    R = max(1, C // REDUCTION)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    w1 = (torch.randn(R, C, generator=gen) / C**0.5).to(device=device, dtype=dtype)
+    b1 = torch.zeros(R, device=device, dtype=dtype)
+    w2 = (torch.randn(C, R, generator=gen) / R**0.5).to(device=device, dtype=dtype)
+    b2 = torch.zeros(C, device=device, dtype=dtype)
+    tensors = [x, w1, b1, w2, b2]
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, measure) -> float:
+    """Bytes per second of dst.copy_(src) for numel elements (read + write)."""
+    src = torch.randn(numel, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    seconds = measure(lambda: dst.copy_(src))
+    return 2 * numel * src.element_size() / seconds
+
+
+def run(device, quick: bool = False) -> list[dict]:
+    """Benchmark records (one per shape, dtype, pass and backend) on ``device``."""
+    device = torch.device(device)
+    dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+    shapes = QUICK_SHAPES if quick else REAL_SHAPES
+    reps, warmup = (3, 1) if quick or device.type == "cpu" else (20, 5)
+    measure = _timer(device, reps, warmup)
+    records = []
+    for shape in shapes:
+        numel = 1
+        for s in shape:
+            numel *= s
+        for dtype in dtypes:
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            copy_bps = copy_bandwidth(numel, dtype, device, measure)
+            floors = {"fwd": 2 * numel * itemsize, "fwd+bwd": 5 * numel * itemsize}
+            times = {}
+            for backend in ("extension", "reference"):
+                with torch.no_grad():
+                    args = _inputs(shape, dtype, device, requires_grad=False)
+                    times[("fwd", backend)] = measure(lambda: ops.channel_attention(*args, backend=backend))
+                leaves = _inputs(shape, dtype, device, requires_grad=True)
+                grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+
+                def step(leaves=leaves, grad_out=grad_out, backend=backend):
+                    out = ops.channel_attention(*leaves, backend=backend)
+                    torch.autograd.grad(out, leaves, grad_out)
+
+                times[("fwd+bwd", backend)] = measure(step)
+                del leaves, grad_out, args
+            for (pass_, backend), seconds in times.items():
+                floor_bytes = floors[pass_]
+                records.append(
+                    {
+                        "op": "channel_attention",
+                        "pass": pass_,
+                        "backend": backend,
+                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                        "threads": torch.get_num_threads(),
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "shape": list(shape),
+                        "ms": seconds * 1e3,
+                        "floor_bytes": floor_bytes,
+                        "gb_per_s": floor_bytes / seconds / 1e9,
+                        "copy_gb_per_s": copy_bps / 1e9,
+                        "floor_ms": floor_bytes / copy_bps * 1e3,
+                        "floor_ratio": seconds * copy_bps / floor_bytes,
+                        "speedup_vs_reference": times[(pass_, "reference")] / seconds,
+                    }
+                )
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """One line per record: shape, dtype, pass, backend, ms, GB/s, floor ratio, speedup."""
+    lines = [f"{'shape':>22} {'dtype':>8} {'pass':>7} {'backend':>9} {'ms':>9} {'GB/s':>7} {'floor x':>7} {'speedup':>7}"]
+    for r in records:
+        lines.append(
+            f"{'x'.join(map(str, r['shape'])):>22} {r['dtype']:>8} {r['pass']:>7} {r['backend']:>9} "
+            f"{r['ms']:9.2f} {r['gb_per_s']:7.1f} {r['floor_ratio']:7.2f} {r['speedup_vs_reference']:7.2f}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    cli = parser.parse_args()
+    print(format_table(run(cli.device, quick=cli.quick)))
