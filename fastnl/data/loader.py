@@ -2,12 +2,16 @@
 
 Both back ends share one plan per batch (the frame paths of each clip, its flip, its labels),
 computed in the main process, so the choice of back end changes the decoder only. All
-randomness of a training batch (ids and tracklets from the :class:`PKSampler`, the frames
-of each clip, its flip) is a function of ``(seed, epoch, batch number, item)``: a run resumed
+randomness of a training batch (ids and tracklets from the :class:`PKSampler`, the frames of
+each clip, its flip) is a function of ``(seed, epoch, batch number, item)``: a run resumed
 with ``set_epoch(epoch, start_batch=i)`` sees exactly the batches an uninterrupted run saw.
+
+``workers`` is the number of ``DataLoader`` worker processes for the torch back end (0 decodes
+in the calling process) and the number of DALI CPU threads for the DALI back end.
 """
 from __future__ import annotations
 
+import abc
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,7 +83,7 @@ class _PlanSampler(Sampler):
         return len(self.loader.plans())
 
 
-class _ClipLoader:
+class _ClipLoader(abc.ABC):
     """Iterates decoded batches for a list of :class:`BatchPlan` given by ``plans()``."""
 
     def __init__(self, *, frames: int, height: int, width: int, backend: str, workers: int,
@@ -94,8 +98,9 @@ class _ClipLoader:
         self._torch_loader = None
         self._dali = None
 
+    @abc.abstractmethod
     def plans(self) -> list[BatchPlan]:
-        raise NotImplementedError
+        """The batches the next iteration yields, in order."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.backend == "dali":
@@ -123,7 +128,8 @@ class _ClipLoader:
         from fastnl.data.dali import DaliDecoder
 
         if self._dali is None:
-            self._dali = DaliDecoder(self.max_clips * self.frames, self.height, self.width)
+            self._dali = DaliDecoder(self.max_clips * self.frames, self.height, self.width,
+                                     threads=max(1, self.workers))
 
         def read(plan: BatchPlan):
             paths = [p for clip in plan.clips for p in clip]

@@ -118,10 +118,6 @@ class VideoDataset:
             verify_frames([p for split in (train, query, gallery) for paths, _, _ in split
                            for p in paths])
 
-    @property
-    def num_train_cams(self) -> int:
-        return len({camid for _, _, camid in self.train})
-
     def summary(self) -> str:
         """The counts per split (ids, tracklets, frames, cameras) as a text table."""
         rows = []

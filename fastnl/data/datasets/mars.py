@@ -68,7 +68,8 @@ def load_tracks(path: Path, key: str, num_names: int) -> np.ndarray:
     info = info.astype(np.int64)
     for row, (start, end, pid, camid) in enumerate(info, start=1):
         if end < start:
-            raise DatasetError(f"{path}: row {row} is an empty tracklet (start {start} > end {end})")
+            raise DatasetError(f"{path}: row {row} is an empty tracklet "
+                               f"(start {start} > end {end})")
         if start < 1 or end > num_names:
             raise DatasetError(f"{path}: row {row} frames {start}..{end} outside the name list "
                                f"(1..{num_names})")
