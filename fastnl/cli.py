@@ -17,6 +17,8 @@ from fastnl.errors import UserError
 COMMANDS = (
     "fastnl.commands.demo",
     "fastnl.commands.synth",
+    "fastnl.commands.bench",
+    "fastnl.commands.check",
 )
 
 

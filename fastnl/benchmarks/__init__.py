@@ -1,0 +1,114 @@
+"""Benchmarks of ``fastnl bench``: a registry of suites and the measuring helpers they share.
+
+A suite is a function ``run(device, quick=False) -> list[dict]`` (one dict per table row).
+Times are medians of repeated runs (CUDA events on a GPU, ``perf_counter`` on a CPU). Peak
+memory is ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU it is the process's peak
+resident set (``ru_maxrss``) above its size before the work, measured in a fresh subprocess per
+variant so that one variant's peak cannot hide another's.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+# name -> "module:function"; attention and channel are the kernels' own microbenchmarks.
+SUITES = {
+    "attention": "fastnl.benchmarks.attention:run",
+    "channel": "fastnl.benchmarks.channel:run",
+    "nlam": "fastnl.benchmarks.model:run_nlam",
+    "model": "fastnl.benchmarks.model:run_model",
+}
+RESULT_PREFIX = "FASTNL_RESULT "
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_suite(name: str) -> Callable:
+    """The ``run`` function of suite ``name``; ImportError when its module is not there."""
+    module_name, func = SUITES[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            raise ImportError(f"{module_name} is not part of this checkout") from err
+        raise
+    return getattr(module, func)
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: str, *, warmup: int = 1, repeat: int = 5) -> float:
+    """Median wall time of ``fn()`` in milliseconds (CUDA events on a GPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now (Linux /proc; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def emit(result: dict) -> None:
+    """Print a subprocess's result as one line its parent picks out of the output."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_subprocess(module: str, payload: dict, *, timeout: float | None = None,
+                   env: dict | None = None) -> dict:
+    """Run ``python -m module '<payload json>'`` and return the dict it emitted.
+
+    The child sees the repository root on PYTHONPATH (the package need not be installed).
+    Without a result line the returned dict has ``ok: False``, the exit code and the tail of
+    its output (a crash, a kill by the OS, a timeout).
+    """
+    child_env = dict(os.environ if env is None else env)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, child_env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", module, json.dumps(payload)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "returncode": None}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"ok": False, "returncode": proc.returncode,
+            "error": " | ".join(tail) or f"exit code {proc.returncode}, no output"}

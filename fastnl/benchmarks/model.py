@@ -1,0 +1,249 @@
+"""Benchmarks of the whole NLAM block and of a training step of the whole model, fused vs reference.
+
+``run_nlam(device, quick)``: forward + backward of one NLAM (``fastnl.model.NLAM``) on the frame
+maps after layer3 (C=1024, 16x8 at 256x128) and layer4 (C=2048, 8x4), N=8 frames, and on long
+clips (N=32 after layer3, L=4096) where the reference's L x L matrices dominate.
+``run_model(device, quick)``: one training step (forward, ReIDLoss, backward, Adam) of
+``build_model(impl=...)`` at the paper's setting (32 clips x 8 frames, 256x128) and on long clips.
+On a CPU both run scaled down (fewer frames and clips, lower resolution), as printed in each row.
+
+Both variants of a row run in the same AMP mode (bf16 autocast on CUDA, none on CPU). A row
+holds the medians, the speed-up (reference time / fused time), the peak memories and their
+ratio (reference / fused). On CUDA the variants run in this process with
+``torch.cuda.max_memory_allocated``; on a CPU each runs in its own subprocess and its peak is the
+process's ``ru_maxrss`` above its resident size before the model and inputs were built.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+
+from fastnl.benchmarks import current_rss_mb, emit, median_ms, peak_rss_mb, run_subprocess
+
+IMPLS = ("reference", "fused")
+
+
+@dataclass
+class Case:
+    """One benchmark configuration; ``kind`` is "nlam" or "model"."""
+
+    kind: str
+    label: str
+    batch: int
+    frames: int
+    height: int
+    width: int
+    channels: int = 0  # nlam: channels of the frame maps (height x width is the map size)
+    amp: str = "off"  # "off", "bf16" or "fp16"
+    grad_checkpoint: bool = False
+    warmup: int = 1
+    repeat: int = 5
+
+    def shape(self) -> str:
+        if self.kind == "nlam":
+            return f"[{self.batch}*{self.frames},{self.channels},{self.height},{self.width}]"
+        return f"{self.batch}x{self.frames}x3x{self.height}x{self.width}"
+
+    def length(self) -> int:
+        """L of the attention: N*H*W of the NLAM input (nlam) or of the layer3 map (model)."""
+        if self.kind == "nlam":
+            return self.frames * self.height * self.width
+        return self.frames * (self.height // 16) * (self.width // 16)
+
+
+def _amp_dtype(amp: str):
+    import torch
+
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def nlam_step(case: Case, impl: str, device: str):
+    """A closure running forward + backward of one NLAM on fixed random frame maps."""
+    import torch
+
+    from fastnl.model import NLAM
+
+    torch.manual_seed(0)
+    module = NLAM(case.channels, impl=impl).to(device).train()
+    x = torch.randn(case.batch * case.frames, case.channels, case.height, case.width, device=device,
+                    requires_grad=True)
+    dtype = _amp_dtype(case.amp)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = module(x, case.frames)
+        out.float().sum().backward()
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+
+    return step
+
+
+def model_step(case: Case, impl: str, device: str, num_classes: int = 625):
+    """A closure running one training step (forward, ReIDLoss, backward, Adam) of the model."""
+    import torch
+
+    from fastnl.losses import ReIDLoss
+    from fastnl.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(num_classes, frames=case.frames, impl=impl, verbose=False).to(device).train()
+    model.set_grad_checkpointing(case.grad_checkpoint)
+    on_cuda = device.startswith("cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=on_cuda)
+    criterion = ReIDLoss()
+    dtype = _amp_dtype(case.amp)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype is torch.float16)
+    clips = torch.randn(case.batch, case.frames, 3, case.height, case.width, device=device)
+    per_id = 4 if case.batch >= 8 else 2  # P x K sampling: K clips per identity
+    pids = (torch.arange(case.batch, device=device) // per_id) % num_classes
+
+    def step():
+        with torch.autocast(clips.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits, descriptors = model(clips)
+            loss, _ = criterion(logits, descriptors, pids)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+BUILDERS = {"nlam": nlam_step, "model": model_step}
+
+
+def attention_flops(case: Case) -> float:
+    """FLOPs of the NLAM attention in forward + backward (2 L^2 D each for Q K^T and P V in
+    forward; 2.5x that for the pass pair, as in the FlashAttention benchmarks), D = C/2."""
+    if case.kind != "nlam":
+        return 0.0
+    length, dim = case.length(), case.channels // 2
+    return 2.5 * 4.0 * case.batch * length * length * dim
+
+
+def measure(case: Case, impl: str, device: str) -> dict:
+    """Median step time and peak memory of one variant, in this process."""
+    import torch
+
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        torch.cuda.empty_cache()
+        base_mb = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        base_mb = current_rss_mb()
+    step = BUILDERS[case.kind](case, impl, device)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = median_ms(step, device, warmup=case.warmup, repeat=case.repeat)
+    if on_cuda:
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 - base_mb
+    else:
+        peak_mb = peak_rss_mb() - base_mb
+    del step
+    return {"ok": True, "ms": ms, "peak_mb": peak_mb}
+
+
+def measure_isolated(case: Case, impl: str, device: str, timeout: float | None = None) -> dict:
+    """``measure`` in a fresh subprocess (the only way to see a CPU variant's own peak)."""
+    import torch
+
+    payload = {"case": asdict(case), "impl": impl, "device": device, "threads": torch.get_num_threads()}
+    return run_subprocess("fastnl.benchmarks.model", payload, timeout=timeout)
+
+
+def compare(case: Case, device: str) -> dict:
+    """One table row: both impls of ``case``, their speed-up and memory ratio."""
+    import torch
+
+    on_cuda = device.startswith("cuda")
+    results = {impl: (measure(case, impl, device) if on_cuda else measure_isolated(case, impl, device))
+               for impl in IMPLS}
+    row = {"suite": case.kind, "case": case.label, "shape": case.shape(), "L": case.length(),
+           "amp": case.amp, "grad_checkpoint": case.grad_checkpoint, "device": device,
+           "device_name": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+           "threads": torch.get_num_threads(), "repeat": case.repeat,
+           "memory": "max_memory_allocated" if on_cuda else "ru_maxrss above start (subprocess)"}
+    for impl, res in results.items():
+        row[f"{impl}_ms"] = res.get("ms")
+        row[f"{impl}_peak_mb"] = res.get("peak_mb")
+        if not res.get("ok"):
+            row[f"{impl}_error"] = res.get("error", "failed")
+        flops = attention_flops(case)
+        if flops and res.get("ms"):
+            row[f"{impl}_attention_tflops"] = flops / (res["ms"] * 1e-3) / 1e12
+        if case.kind == "model" and res.get("ms"):
+            row[f"{impl}_clips_per_s"] = case.batch / (res["ms"] * 1e-3)
+    ok = all(results[i].get("ok") for i in IMPLS)
+    row["speedup"] = results["reference"]["ms"] / results["fused"]["ms"] if ok else None
+    row["memory_ratio"] = (results["reference"]["peak_mb"] / results["fused"]["peak_mb"]
+                           if ok and results["fused"]["peak_mb"] > 0 else None)
+    return row
+
+
+def nlam_cases(device: str, quick: bool) -> list[Case]:
+    if device.startswith("cuda"):
+        reps = dict(warmup=2, repeat=5) if quick else dict(warmup=3, repeat=20)
+        cases = [Case("nlam", "after layer3", 32, 8, 16, 8, channels=1024, amp="bf16", **reps),
+                 Case("nlam", "after layer4", 32, 8, 8, 4, channels=2048, amp="bf16", **reps),
+                 Case("nlam", "layer3, long clips", 8, 32, 16, 8, channels=1024, amp="bf16", **reps)]
+        return cases[:1] + cases[2:] if quick else cases
+    if quick:
+        return [Case("nlam", "after layer3 (CPU: C/4, 2 clips x 4 frames)", 2, 4, 16, 8, channels=256,
+                     warmup=1, repeat=2)]
+    return [Case("nlam", "after layer3 (CPU: 2 clips x 4 frames)", 2, 4, 16, 8, channels=1024, warmup=1, repeat=3),
+            Case("nlam", "layer3, long clips (CPU: 1 clip x 16 frames)", 1, 16, 16, 8, channels=1024,
+                 warmup=1, repeat=3)]
+
+
+def model_cases(device: str, quick: bool) -> list[Case]:
+    if device.startswith("cuda"):
+        reps = dict(warmup=2, repeat=5) if quick else dict(warmup=3, repeat=10)
+        cases = [Case("model", "paper setting", 32, 8, 256, 128, amp="bf16", **reps),
+                 Case("model", "paper setting, grad checkpoint", 32, 8, 256, 128, amp="bf16",
+                      grad_checkpoint=True, **reps),
+                 Case("model", "long clips", 8, 64, 256, 128, amp="bf16", **reps)]
+        return cases[:1] if quick else cases
+    if quick:
+        return [Case("model", "training step (CPU: 2 clips x 2 frames, 64x32)", 2, 2, 64, 32, warmup=1, repeat=2)]
+    return [Case("model", "training step (CPU: 4 clips x 4 frames, 128x64)", 4, 4, 128, 64, warmup=1, repeat=3),
+            Case("model", "long clips (CPU: 2 clips x 16 frames, 128x64)", 2, 16, 128, 64, warmup=1, repeat=3)]
+
+
+def run_nlam(device, quick: bool = False) -> list[dict]:
+    device = str(device)
+    return [compare(case, device) for case in nlam_cases(device, quick)]
+
+
+def run_model(device, quick: bool = False) -> list[dict]:
+    device = str(device)
+    return [compare(case, device) for case in model_cases(device, quick)]
+
+
+def prepare_child(threads: int | None) -> None:
+    """Import everything a step needs and start the thread pool, so that the memory a
+    subprocess measures from here on is the model's, the inputs' and the step's only."""
+    import torch
+
+    import fastnl.losses  # noqa: F401
+    import fastnl.model  # noqa: F401
+
+    if threads:
+        torch.set_num_threads(threads)
+    a = torch.randn(64, 64)
+    torch.nn.functional.conv2d(a.view(1, 1, 64, 64), a[:3, :3].reshape(1, 1, 3, 3)).sum()
+
+
+def _child(payload: dict) -> None:
+    prepare_child(payload.get("threads"))
+    case = Case(**payload["case"])
+    try:
+        emit(measure(case, payload["impl"], payload["device"]))
+    except Exception as err:  # reported in the parent's row, not as a traceback
+        emit({"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
+
+
+if __name__ == "__main__":
+    import json
+
+    _child(json.loads(sys.argv[1]))

@@ -1,0 +1,400 @@
+"""Every fused op of fastnl against the plain PyTorch reference (``fastnl check``).
+
+Each check runs the same random inputs three ways: the fused op in the tested dtype, the
+reference in the tested dtype, and the reference in float64 on the same (rounded) inputs. The
+error of the fused op is measured against the float64 run, and its tolerance is derived from the
+reference's own error in that dtype (as in the flash-attention tests):
+
+    max |fused - ref64| <= FACTOR * max |ref_lowp - ref64| + FLOOR_ULPS * eps(dtype) * max |ref64|
+
+for the forward outputs and, separately, for the gradients of every input and parameter under a
+fixed random upstream gradient. ``max |ref64|`` is taken over the tensor's group (the inputs of
+an op, the parameters of one module), so a gradient that is zero in exact arithmetic is judged
+at the scale of its siblings. A row reports the tensor with the worst error/tolerance ratio;
+``max rel err`` is that error divided by the same scale.
+
+For the attention the low-precision reference is the plain computation kept in the tested dtype
+(as flash-attention's tests do); for the other ops it is ``fastnl.reference`` itself. For NLAM
+and the model "dtype" is the autocast dtype (float32 = no autocast) and the weights stay float32,
+as in training; for the single ops the inputs themselves are cast.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+FACTOR = 4.0
+FLOOR_ULPS = 2.0
+OPS = ("attention", "channel", "nlam", "model")
+SIZES = ("tiny", "small", "real")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Unavailable(Exception):
+    """The backend of a check cannot run here (its reason is shown in the SKIP row)."""
+
+
+@dataclass
+class Result:
+    op: str
+    shape: str
+    dtype: str
+    status: str  # PASS, FAIL or SKIP
+    max_abs: float = float("nan")
+    max_rel: float = float("nan")
+    tol: float = float("nan")
+    worst: str = ""  # which output or gradient gave the row's numbers
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Check:
+    """One op at one shape. ``run(variant, dtype, seed)`` returns ({name: output}, {name: grad})
+    for variant "fused", "lowp" (reference in dtype) or "ref64" (reference in float64)."""
+
+    op: str
+    shape: str
+    run: Callable[[str, torch.dtype, int], tuple[dict, dict]]
+    available: Callable[[], str | None] = lambda: None
+    note: Callable[[], str] = lambda: ""
+    dtypes: tuple = field(default_factory=tuple)  # empty: every requested dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison
+# --------------------------------------------------------------------------------------------
+
+
+def tolerance(ref_err: float, scale: float, dtype: torch.dtype) -> float:
+    """The allowed max abs error for a result whose float64 magnitude is ``scale``."""
+    return FACTOR * ref_err + FLOOR_ULPS * torch.finfo(dtype).eps * scale
+
+
+def _group(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def compare(fused: dict, lowp: dict, ref64: dict, dtype: torch.dtype) -> tuple[bool, float, float, float, str]:
+    """(passed, max abs err, max rel err, tolerance, name) of the worst tensor of ``fused``.
+
+    The floor of a tensor's tolerance scales with the largest magnitude among the tensors of its
+    group (the parameters of one module, e.g. a conv's weight and bias; the inputs of an op): a
+    gradient that is zero in exact arithmetic (a bias followed by a BatchNorm) is rounding noise
+    at the scale of its siblings, not at its own.
+    """
+    worst = (-1.0, True, 0.0, 0.0, 0.0, "")
+    group_scale: dict = {}
+    for name, exact in ref64.items():
+        top = exact.detach().abs().max().item() if exact.numel() else 0.0
+        group_scale[_group(name)] = max(group_scale.get(_group(name), 0.0), top)
+    for name, exact in ref64.items():
+        exact = exact.detach().double()
+        got = fused[name].detach().double()
+        base = lowp[name].detach().double()
+        scale = group_scale[_group(name)]
+        if not torch.isfinite(got).all():
+            return False, float("inf"), float("inf"), tolerance(0.0, scale, dtype), name
+        err = (got - exact).abs().max().item() if exact.numel() else 0.0
+        ref_err = (base - exact).abs().max().item() if exact.numel() else 0.0
+        tol = tolerance(ref_err, scale, dtype)
+        ratio = err / tol if tol > 0 else (0.0 if err == 0 else float("inf"))
+        if ratio > worst[0]:
+            worst = (ratio, err <= tol, err, err / scale if scale > 0 else 0.0, tol, name)
+    _, passed, err, rel, tol, name = worst
+    return passed, err, rel, tol, name
+
+
+def _grads(outputs: dict, inputs: dict, seed: int) -> dict:
+    """Gradients of sum(out * g) for fixed random g (float64, drawn from ``seed``) w.r.t. inputs."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    loss = 0.0
+    for out in outputs.values():
+        g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
+        loss = loss + (out.double() * g).sum()
+    names = list(inputs)
+    grads = torch.autograd.grad(loss, [inputs[n] for n in names], allow_unused=True)
+    return {n: (g if g is not None else torch.zeros_like(inputs[n])) for n, g in zip(names, grads)}
+
+
+def _randn(shape, seed: int, device: str, std: float = 1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * std).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Availability
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_reason(device: str) -> str | None:
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "the Triton kernels need CUDA, or TRITON_INTERPRET=1 set before fastnl is imported"
+    try:
+        from fastnl._paths import import_kernels
+
+        import_kernels()
+    except ImportError as err:
+        return f"Triton kernels unavailable: {err}"
+    return None
+
+
+def _extension_reason() -> str | None:
+    from fastnl import _extension
+
+    if _extension.available():
+        return None
+    return f"extension not built: {_extension._state.get('error', 'unknown reason')}"
+
+
+def _autocast(device: str, dtype: torch.dtype, variant: str):
+    enabled = variant != "ref64" and dtype != torch.float32
+    return torch.autocast(device, dtype=dtype if enabled else torch.float32, enabled=enabled)
+
+
+# --------------------------------------------------------------------------------------------
+# The checks
+# --------------------------------------------------------------------------------------------
+
+
+def _attention_lowp(q, k, v, scale):
+    """The plain computation kept in the inputs' dtype (no upcast): the low-precision baseline."""
+    p = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, dim=-1)
+    return torch.bmm(p, v)
+
+
+def attention_check(backend: str, batch: int, length: int, dim: int, device: str, scale: float = 1.0) -> Check:
+    """nl_attention on q, k, v read as strided views of one [B, 3D, L] tensor (the model's layout)."""
+    from fastnl import ops, reference
+
+    def run(variant, dtype, seed):
+        # logits of standard deviation ~2: a softmax as peaked as a trained NLAM's
+        base = _randn((batch, 3 * dim, length), seed, device, std=1.4 * dim ** -0.25)
+        base = base.to(dtype).to(torch.float64 if variant == "ref64" else dtype).requires_grad_(True)
+        q, k, v = (base[:, i * dim:(i + 1) * dim].transpose(1, 2) for i in range(3))
+        if variant == "fused":
+            out = ops.nl_attention(q, k, v, scale=scale, backend=backend)
+        elif variant == "lowp":
+            out = _attention_lowp(q, k, v, scale)
+        else:
+            out = reference.nl_attention(q, k, v, scale)
+        outs = {"out": out}
+        g = _grads(outs, {"qkv": base}, seed)["qkv"]
+        return outs, {"dq": g[:, :dim], "dk": g[:, dim:2 * dim], "dv": g[:, 2 * dim:]}
+
+    available = (lambda: _triton_reason(device)) if backend == "triton" else (lambda: None)
+    return Check(f"nl_attention[{backend}]", f"B={batch} L={length} D={dim}", run, available)
+
+
+def channel_check(batch: int, frames: int, channels: int, height: int, width: int, device: str,
+                  reduction: int = 16) -> Check:
+    from fastnl import ops, reference
+
+    hidden = max(1, channels // reduction)
+
+    def run(variant, dtype, seed):
+        x = _randn((batch, frames, channels, height, width), seed, device)
+        params = {
+            "w1": _randn((hidden, channels), seed + 2, device, std=channels ** -0.5),
+            "b1": _randn((hidden,), seed + 3, device, std=0.1),
+            "w2": _randn((channels, hidden), seed + 4, device, std=hidden ** -0.5),
+            "b2": _randn((channels,), seed + 5, device, std=0.1),
+        }
+        wide = torch.float64 if variant == "ref64" else torch.float32
+        x = x.to(dtype).to(torch.float64 if variant == "ref64" else dtype).requires_grad_(True)
+        params = {n: p.to(wide).requires_grad_(True) for n, p in params.items()}
+        if variant == "fused":
+            out = ops.channel_attention(x, *params.values(), backend="extension")
+        else:
+            out = reference.channel_attention(x, *params.values())
+        outs = {"out": out}
+        return outs, _grads(outs, {"x": x, **params}, seed)
+
+    return Check("channel_attention[extension]", f"x=[{batch},{frames},{channels},{height},{width}] R={hidden}",
+                 run, _extension_reason)
+
+
+def _randomise_zero_init(module: torch.nn.Module, seed: int) -> None:
+    """Give the zero-initialised BatchNorms after W0 (NLAM) and W (NLTP) random affine weights,
+    so the non-local branches contribute to the output under test."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and name.rsplit(".", 1)[-1] in ("w0_bn", "w_bn"):
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+
+
+# NLAM and model checks scale the logits by this / sqrt(C'): with random weights and the paper's
+# scale 1 the softmax saturates, its gradient is pure cancellation and checks nothing.
+_SOFT_SCALE = 1.0
+
+
+def _module_variants(build: Callable[[str], torch.nn.Module], device: str, seed: int) -> dict:
+    """{"fused", "lowp", "ref64"} copies of one randomly initialised module, same weights."""
+    torch.manual_seed(seed)
+    fused = build("fused")
+    _randomise_zero_init(fused, seed)
+    reference = build("reference")
+    reference.load_state_dict(fused.state_dict())
+    return {"fused": fused.to(device).train(), "lowp": reference.to(device).train(),
+            "ref64": copy.deepcopy(reference).double().to(device).train()}
+
+
+def nlam_check(batch: int, frames: int, channels: int, height: int, width: int, device: str) -> Check:
+    from fastnl.model import NLAM
+
+    cache: dict = {}
+
+    def run(variant, dtype, seed):
+        if cache.get("seed") != seed:
+            cache.clear()
+            cache.update(seed=seed, modules=_module_variants(
+                lambda impl: NLAM(channels, impl=impl, scale=_SOFT_SCALE * (channels // 2) ** -0.5), device, seed))
+        module = cache["modules"][variant]  # train-mode outputs do not depend on the running stats
+        wide = torch.float64 if variant == "ref64" else torch.float32
+        x = _randn((batch * frames, channels, height, width), seed, device).to(wide).requires_grad_(True)
+        with _autocast(device, dtype, variant):
+            out = module(x, frames)
+        outs = {"out": out}
+        return outs, _grads(outs, {"x": x, **dict(module.named_parameters())}, seed)
+
+    return Check("NLAM[fused]", f"x=[{batch}*{frames},{channels},{height},{width}]", run,
+                 note=lambda: _fused_backends(device))
+
+
+def _fused_backends(device: str) -> str:
+    """Which kernels ``impl="fused"`` runs on ``device`` (the "auto" backends of fastnl.ops)."""
+    attention = "triton" if device.startswith("cuda") and _triton_reason(device) is None else "torch"
+    channel = "extension" if _extension_reason() is None else "reference (extension not built)"
+    return f"attention {attention}, channel {channel}"
+
+
+def model_check(batch: int, frames: int, height: int, width: int, device: str, num_classes: int = 8) -> Check:
+    from fastnl.model import build_model
+
+    cache: dict = {}
+
+    def run(variant, dtype, seed):
+        if cache.get("seed") != seed:
+            cache.clear()
+            cache.update(seed=seed, modules=_module_variants(
+                lambda impl: build_model(num_classes, frames=frames, impl=impl, verbose=False,
+                                         nlam_scale=_SOFT_SCALE * 512 ** -0.5), device, seed))
+        model = cache["modules"][variant]
+        wide = torch.float64 if variant == "ref64" else torch.float32
+        clips = _randn((batch, frames, 3, height, width), seed, device).to(wide)
+        with _autocast(device, dtype, variant):
+            logits, descriptors = model(clips)
+        outs = {"logits": logits, "descriptors": descriptors}
+        return outs, _grads(outs, dict(model.named_parameters()), seed)
+
+    return Check("model[fused]", f"clips=[{batch},{frames},3,{height},{width}]", run,
+                 note=lambda: _fused_backends(device))
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes and the run
+# --------------------------------------------------------------------------------------------
+
+
+def build_checks(device: str, size: str, ops: tuple = OPS) -> list[Check]:
+    """The checks at the paper's shapes ("real": layer3 L=8*16*8, D=512 and layer4 L=8*8*4,
+    D=1024 at 256x128, N=8) or scaled down for a CPU ("small") or for tests ("tiny")."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    checks = []
+    if "attention" in ops:
+        if size == "real":
+            shapes = {"triton": [(2, 8 * 16 * 8, 512), (2, 8 * 8 * 4, 1024)],
+                      "torch": [(2, 8 * 16 * 8, 512), (2, 8 * 8 * 4, 1024)]}
+        elif size == "small":  # the interpreter runs ~1e6 times slower than a GPU: keep it tiny
+            shapes = {"triton": [(1, 96, 32)], "torch": [(1, 1280, 64)]}
+        else:
+            shapes = {"triton": [(1, 40, 16)], "torch": [(1, 48, 16)]}
+        for backend, dims in shapes.items():
+            checks += [attention_check(backend, *d, device) for d in dims]
+    if "channel" in ops:
+        dims = {"real": [(2, 8, 1024, 16, 8), (2, 8, 2048, 8, 4)], "small": [(2, 4, 128, 8, 4)],
+                "tiny": [(2, 3, 32, 4, 2)]}[size]
+        checks += [channel_check(*d, device) for d in dims]
+    if "nlam" in ops:
+        dims = {"real": [(2, 8, 1024, 16, 8), (2, 8, 2048, 8, 4)], "small": [(2, 4, 128, 8, 4)],
+                "tiny": [(2, 2, 32, 4, 2)]}[size]
+        checks += [nlam_check(*d, device) for d in dims]
+    if "model" in ops:
+        dims = {"real": (2, 8, 256, 128), "small": (2, 4, 64, 32), "tiny": (1, 2, 64, 32)}[size]
+        checks.append(model_check(*dims, device))
+    return checks
+
+
+def run_check(check: Check, dtype: torch.dtype, seed: int = 0) -> list[Result]:
+    """Two rows (forward, gradients) for one check in one dtype."""
+    dname = str(dtype).replace("torch.", "")
+    rows = [f"{check.op} fwd", f"{check.op} grad"]
+    reason = check.available()
+    if reason is not None:
+        return [Result(op, check.shape, dname, "SKIP", note=reason) for op in rows]
+    try:
+        exact = check.run("ref64", dtype, seed)
+        lowp = check.run("lowp", dtype, seed)
+        fused = check.run("fused", dtype, seed)
+    except Unavailable as err:
+        return [Result(op, check.shape, dname, "SKIP", note=str(err)) for op in rows]
+    except Exception as err:  # a crash of the op under test is a failure, shown in one line
+        msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return [Result(op, check.shape, dname, "FAIL", note=msg) for op in rows]
+    results, note = [], check.note()
+    for op, part in zip(rows, range(2)):
+        passed, err, rel, tol, worst = compare(fused[part], lowp[part], exact[part], dtype)
+        results.append(Result(op, check.shape, dname, "PASS" if passed else "FAIL", err, rel, tol, worst, note))
+    return results
+
+
+def run_all(device: str, dtypes, size: str, ops: tuple = OPS, seed: int = 0,
+            progress: Callable[[Result], None] | None = None) -> list[Result]:
+    results = []
+    for check in build_checks(device, size, ops):
+        for dtype in dtypes:
+            if check.dtypes and dtype not in check.dtypes:
+                continue
+            for result in run_check(check, dtype, seed):
+                results.append(result)
+                if progress:
+                    progress(result)
+    return results
+
+
+COLUMNS = (("op", "op", 34), ("shape", "shape", 34), ("dtype", "dtype", 8), ("max_abs", "max abs err", 11),
+           ("max_rel", "max rel err", 11), ("tol", "tolerance", 10), ("status", "result", 6))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.2e}"
+    return str(value)
+
+
+def format_header() -> str:
+    return "  ".join(title.ljust(width) for _, title, width in COLUMNS)
+
+
+def format_row(r: Result) -> str:
+    line = "  ".join(_fmt(getattr(r, key)).ljust(width) for key, _, width in COLUMNS)
+    extra = [f"worst: {r.worst}"] if r.status == "FAIL" and r.worst else []
+    extra += [r.note] if r.note else []
+    return f"{line}  {'; '.join(extra)}".rstrip()
+
+
+def print_table(results, file=sys.stdout) -> None:
+    print(format_header(), file=file)
+    for r in results:
+        print(format_row(r), file=file)

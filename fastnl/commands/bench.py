@@ -1,0 +1,193 @@
+"""`fastnl bench`: kernel microbenchmarks, the NLAM block, a training step, and the capacity search."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+
+NAME = "bench"
+HELP = ("Benchmark fused vs reference: the attention and channel-attention kernels, the whole NLAM "
+        "block and a training step of the model (median time, peak memory, speed-up and memory "
+        "ratios); `fastnl bench capacity` searches the largest batch and the longest clips that train.")
+DEFAULT_SUITES = ("attention", "channel", "nlam", "model")
+ALL = DEFAULT_SUITES + ("capacity",)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("what", nargs="*", metavar="SUITE",
+                        help=f"any of {', '.join(ALL)} (default: {' '.join(DEFAULT_SUITES)})")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--json", metavar="FILE", default=None, help="write every row as JSON to FILE")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="folder for the capacity search's JSON and PNG (default: the current folder)")
+    cap = parser.add_argument_group("capacity search")
+    cap.add_argument("--target", choices=("model", "nlam"), default=None,
+                     help="train the whole model or one NLAM block (default: model on CUDA, nlam on CPU)")
+    cap.add_argument("--budget-mb", type=float, default=None,
+                     help="memory budget (default: the whole GPU; 512 MB on CPU for nlam, 1024 for model)")
+    cap.add_argument("--time-limit", type=float, default=None,
+                     help="seconds for the whole search; it stops early with a bracket when reached")
+    cap.add_argument("--max-frames", type=int, default=None, help="upper limit of the N search")
+    cap.add_argument("--max-batch", type=int, default=None, help="upper limit of the batch search")
+
+
+def _parse_what(values) -> tuple:
+    from fastnl.errors import UserError
+
+    if not values:
+        return DEFAULT_SUITES
+    bad = [v for v in values if v not in ALL]
+    if bad:
+        raise UserError(f"unknown suite {', '.join(bad)}: choose from {', '.join(ALL)}")
+    return tuple(dict.fromkeys(values))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+def generic_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain table of dict rows (the union of their keys, in first-seen order)."""
+    if not rows:
+        return "(no rows)"
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+COMPARE_COLUMNS = ["case", "shape", "L", "amp", "grad_checkpoint", "reference_ms", "fused_ms", "speedup",
+                   "reference_peak_mb", "fused_peak_mb", "memory_ratio"]
+
+
+def format_rows(name: str, rows: list[dict]) -> str:
+    """The suite's own ``format_table`` when it has one; the fused-vs-reference table otherwise."""
+    from fastnl.benchmarks import SUITES
+
+    module = sys.modules.get(SUITES[name].split(":")[0])
+    if name in ("nlam", "model"):
+        columns = list(COMPARE_COLUMNS)
+        if name == "nlam":
+            columns += ["reference_attention_tflops", "fused_attention_tflops"]
+        else:
+            columns += ["reference_clips_per_s", "fused_clips_per_s"]
+        text = generic_table(rows, columns)
+        errors = [f"  {r['case']}: {impl}: {r[impl + '_error']}" for r in rows for impl in ("reference", "fused")
+                  if r.get(impl + "_error")]
+        return text + ("\nerrors:\n" + "\n".join(errors) if errors else "")
+    if module is not None and hasattr(module, "format_table"):
+        try:
+            return module.format_table(rows)
+        except (KeyError, TypeError, ValueError):
+            pass
+    return generic_table(rows)
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device,
+            "torch": torch.__version__, "python": platform.python_version(), "host_cpu": platform.processor(),
+            "threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        info.update(device_name=props.name, device_memory_mb=props.total_memory // 2**20,
+                    cuda=torch.version.cuda)
+    else:
+        info["device_name"] = "cpu"
+    return info
+
+
+def run(args) -> int:
+    from fastnl.commands.check import resolve_device
+
+    what = _parse_what(args.what)
+    device = resolve_device(args.device)
+    import torch
+
+    from fastnl import benchmarks
+
+    report = {"environment": environment(device), "quick": bool(args.quick), "suites": {}, "skipped": {}}
+    print(f"fastnl bench on {device} ({report['environment']['device_name']}), torch {torch.__version__}"
+          f"{', quick' if args.quick else ''}", flush=True)
+    for name in what:
+        if name == "capacity":
+            continue
+        try:
+            suite = benchmarks.load_suite(name)
+        except ImportError as err:
+            report["skipped"][name] = str(err)
+            print(f"\n== {name}: SKIP ({err})", flush=True)
+            continue
+        print(f"\n== {name}", flush=True)
+        rows = suite(device, quick=args.quick)
+        report["suites"][name] = rows
+        print(format_rows(name, rows), flush=True)
+    if "capacity" in what:
+        report["capacity"] = run_capacity(args, device)
+    if args.json:
+        _write_json(args.json, report)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def run_capacity(args, device: str) -> dict:
+    from fastnl.benchmarks import capacity
+
+    plan = capacity.default_plan(device, quick=args.quick, budget_mb=args.budget_mb, target=args.target,
+                                 time_limit=args.time_limit)
+    if args.max_frames:
+        plan.max_frames = args.max_frames
+    if args.max_batch:
+        plan.max_batch = args.max_batch
+    s = plan.setting
+    what = "the whole model" if s.target == "model" else f"one NLAM block (C={s.channels}, {s.height}x{s.width} maps)"
+    budget = f"{s.budget_mb:.0f} MB budget" if s.budget_mb else "the whole device"
+    print(f"\n== capacity: {what}, {s.height}x{s.width}, amp {s.amp}, {budget}; largest batch at N={plan.frames_at}, "
+          f"largest N at batch {plan.batch_at}; one subprocess per probe, {plan.time_limit:.0f} s limit", flush=True)
+    result = capacity.run_capacity(plan)
+    print(capacity.format_table(result), flush=True)
+    out = args.out or "."
+    os.makedirs(out, exist_ok=True)
+    tag = f"capacity-{'cuda' if device.startswith('cuda') else 'cpu'}-{s.target}"
+    json_path = os.path.join(out, f"{tag}.json")
+    _write_json(json_path, {"environment": environment(device), **result})
+    png = capacity.plot(result, os.path.join(out, f"{tag}.png"))
+    print(f"wrote {json_path}" + (f" and {png}" if png else " (no matplotlib: no plot)"))
+    result["files"] = [p for p in (json_path, png) if p]
+    return result
+
+
+def _write_json(path: str, obj) -> None:
+    from fastnl.errors import UserError
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"cannot write {path}: folder {folder} does not exist")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)

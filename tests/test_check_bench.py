@@ -1,0 +1,145 @@
+"""`fastnl check`, `fastnl bench` and the capacity search on a CPU."""
+import json
+
+import pytest
+import torch
+
+from fastnl import checking, cli, ops
+from fastnl.benchmarks import capacity
+
+
+def test_check_passes_on_tiny_shapes(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    code = cli.main(["check", "--device", "cpu", "--size", "tiny", "--dtype", "float32", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    rows = json.loads(out.read_text())["rows"]
+    ops_seen = {r["op"].split(" ")[0] for r in rows}
+    assert ops_seen == {"nl_attention[triton]", "nl_attention[torch]", "channel_attention[extension]",
+                        "NLAM[fused]", "model[fused]"}
+    assert all(r["status"] == "PASS" for r in rows), text
+    assert all(0 <= r["max_abs"] <= r["tol"] for r in rows)
+    assert "0 failed" in text
+
+
+def test_check_fails_on_a_broken_op(monkeypatch, capsys):
+    real = ops.nl_attention
+
+    def off_by_a_bit(q, k, v, *, scale=1.0, backend="auto"):
+        out = real(q, k, v, scale=scale, backend=backend)
+        return out if backend == "reference" else out * 1.001
+
+    monkeypatch.setattr(ops, "nl_attention", off_by_a_bit)
+    code = cli.main(["check", "--device", "cpu", "--size", "tiny", "--dtype", "float32", "--ops", "attention"])
+    text = capsys.readouterr().out
+    assert code == 1
+    fails = [line for line in text.splitlines() if "FAIL" in line]
+    assert len(fails) == 4 and all(line.startswith("nl_attention[") for line in fails)
+
+
+def test_check_shows_unavailable_backends_as_skip(monkeypatch):
+    monkeypatch.setattr(checking, "_extension_reason", lambda: "extension not built: no compiler")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows = checking.run_all("cpu", [torch.float32], "tiny", ops=("attention", "channel"))
+    by_op = {r.op: r for r in rows}
+    assert by_op["channel_attention[extension] fwd"].status == "SKIP"
+    assert "no compiler" in by_op["channel_attention[extension] fwd"].note
+    assert by_op["nl_attention[triton] grad"].status == "SKIP"
+    assert by_op["nl_attention[torch] grad"].status == "PASS"
+
+
+def test_tolerance_comes_from_the_reference_error():
+    exact = {"a.weight": torch.tensor([1.0, -2.0], dtype=torch.float64),
+             "a.bias": torch.tensor([1e-15], dtype=torch.float64)}  # zero in exact arithmetic
+    lowp = {"a.weight": exact["a.weight"] + 1e-3, "a.bias": torch.tensor([2e-4], dtype=torch.float64)}
+    good = {"a.weight": exact["a.weight"] - 3e-3, "a.bias": torch.tensor([-5e-4], dtype=torch.float64)}
+    passed, err, rel, tol, worst = checking.compare(good, lowp, exact, torch.float32)
+    assert passed and err == pytest.approx(3e-3) and tol == pytest.approx(4e-3 + 2 * 2 * 1.1920929e-07)
+    bad = dict(good, **{"a.weight": exact["a.weight"] * 1.01})
+    passed, err, rel, tol, worst = checking.compare(bad, lowp, exact, torch.float32)
+    assert not passed and worst == "a.weight" and rel == pytest.approx(0.01)
+
+
+def test_bench_quick_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--json", str(out), "nlam"]) == 0
+    report = json.loads(out.read_text())
+    assert report["environment"]["device"] == "cpu" and report["quick"] is True
+    (row,) = report["suites"]["nlam"]
+    for key in ("case", "shape", "amp", "reference_ms", "fused_ms", "speedup", "reference_peak_mb",
+                "fused_peak_mb", "memory_ratio", "memory", "fused_attention_tflops"):
+        assert key in row, key
+    assert row["reference_ms"] > 0 and row["fused_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["reference_ms"] / row["fused_ms"])
+    assert row["reference_peak_mb"] > 0 and row["fused_peak_mb"] > 0
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_suites(capsys):
+    assert cli.main(["bench", "--device", "cpu", "nosuch"]) == 2
+    assert "unknown suite nosuch" in capsys.readouterr().err
+
+
+def _fake(threshold, peak_per_unit=10.0):
+    calls = []
+
+    def probe(size):
+        calls.append(size)
+        return size <= threshold, (size * peak_per_unit if size <= threshold else None)
+
+    return probe, calls
+
+
+@pytest.mark.parametrize("threshold", [1, 7, 8, 9, 100, 513])
+def test_capacity_search_finds_the_exact_threshold(threshold):
+    probe, calls = _fake(threshold)
+    search = capacity.largest_fitting(probe, start=8, limit=1000)
+    assert search.best == threshold and search.exact and search.failed == threshold + 1
+    assert len(calls) == len(set(calls)) <= 2 * 10 + 2
+
+
+def test_capacity_search_limits_and_nothing_fits():
+    probe, _ = _fake(5000)
+    search = capacity.largest_fitting(probe, start=8, limit=300)
+    assert search.best == 300 and search.at_limit and search.failed is None
+    probe, _ = _fake(0)
+    search = capacity.largest_fitting(probe, start=8, limit=300)
+    assert search.best == 0 and search.failed == 1
+
+
+def test_capacity_search_uses_the_measured_peaks():
+    # peak = 10 MB per unit, budget 1000 MB: the prediction lands on the threshold at once
+    probe, calls = _fake(100)
+    search = capacity.largest_fitting(probe, start=8, limit=10_000, budget_mb=1000.0, degree=1)
+    assert search.best == 100
+    plain_probe, plain_calls = _fake(100)
+    capacity.largest_fitting(plain_probe, start=8, limit=10_000)
+    assert len(calls) < len(plain_calls)
+
+
+def test_capacity_search_stops_at_its_deadline():
+    probe, calls = _fake(1000)
+    ticks = iter(range(100))
+    search = capacity.largest_fitting(probe, start=8, limit=100_000, deadline=3, clock=lambda: next(ticks))
+    assert not search.exact and search.best == 64 and search.failed is None and calls == [8, 16, 32, 64]
+
+
+def test_capacity_run_table_and_plot(tmp_path):
+    # reference: 100 + 1 N + 0.5 N^2 MB, fused: 100 + 3 N MB, budget 1000 MB
+    def probe(impl, ckpt, batch, frames):
+        size = frames if batch == 8 else batch
+        peak = 100 + 1 * size + 0.5 * size**2 if impl == "reference" else 100 + 3 * size
+        return {"ok": peak <= 1000, "oom": peak > 1000, "peak_mb": peak if peak <= 1000 else None}
+
+    setting = capacity.Setting("nlam", "cpu", 8, 4, channels=64, budget_mb=1000.0)
+    plan = capacity.Plan(setting, max_batch=512, max_frames=512, grad_checkpoint=(False,), rel_tol=0.0)
+    result = capacity.run_capacity(plan, probe=probe, log=lambda line: None)
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert rows["reference"]["max_frames"] == 41 and rows["fused"]["max_frames"] == 300
+    growth = result["growth"]
+    assert growth["reference"]["c_mb_per_frame2"] == pytest.approx(0.5, rel=1e-6)
+    assert abs(growth["fused"]["c_mb_per_frame2"]) < 1e-6
+    table = capacity.format_table(result)
+    assert "N x7.32" in table
+    png = capacity.plot(result, str(tmp_path / "capacity.png"))
+    assert png and (tmp_path / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
