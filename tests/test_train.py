@@ -1,0 +1,231 @@
+"""The training loop: DDP gradients, mixed precision, exact kill-and-resume, failures users see.
+
+Everything runs the full SE-ResNet50 model on tiny clips (2 frames of 32x16, P x K = 2 x 2).
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastnl import cli
+from fastnl.checkpoint import load_checkpoint, save_checkpoint
+from fastnl.errors import UserError
+from fastnl.losses import ReIDLoss
+from fastnl.model import build_model
+from fastnl.train import TrainConfig, forward_backward, setup_distributed, train
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = dict(frames=2, height=32, width=16, p=2, k=2, workers=0, progress=False, tensorboard=False, device="cpu")
+TINY_ARGS = ["--frames", "2", "--height", "32", "--width", "16", "--p", "2", "--k", "2", "--workers", "0",
+             "--no-progress", "--no-tensorboard", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from fastnl.data.synthetic import write_dataset
+
+    # 6 train ids -> 3 batches of P = 2 ids per epoch
+    return write_dataset(tmp_path_factory.mktemp("synth") / "data", fmt="mars", ids=12, cams=2, seed=0,
+                         size=(32, 16), min_frames=2, max_frames=4)
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return build_model(4, frames=2, impl="reference", verbose=False)
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 2, 3, 32, 16, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = setup_distributed("cpu")
+    assert env.enabled and env.device.type == "cpu" and torch.distributed.get_backend() == "gloo"
+    model = _tiny_model().train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    clips, pids = _global_batch()
+    shard = slice(rank * 4, (rank + 1) * 4)
+    forward_backward(ddp, ReIDLoss(), clips[shard], pids[shard], amp_dtype=None,
+                     scaler=torch.amp.GradScaler("cpu", enabled=False))
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_match_one_process(tmp_path):
+    """DDP averages the gradients of the ranks' losses: the same as one process that takes the
+    mean of the per-shard losses (each shard with its own BatchNorm statistics and triplets)."""
+    out = tmp_path / "grads.pt"
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2,
+                                          start_method="spawn")
+    ddp_grads = torch.load(out, weights_only=True)
+
+    model = _tiny_model().train()
+    clips, pids = _global_batch()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for shard in (slice(0, 4), slice(4, 8)):
+        forward_backward(model, ReIDLoss(), clips[shard], pids[shard], amp_dtype=None, scaler=scaler)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp_grads[name], p.grad / 2, rtol=1e-4, atol=1e-6, msg=name)
+    for name in ("backbone.conv1.weight", "classifier.weight"):  # from the first layer to the last
+        assert ddp_grads[name].abs().sum() > 0
+
+
+def test_amp_bf16_with_grad_scaler_on_cpu():
+    clips, pids = _global_batch()
+    model = _tiny_model().train()
+    with torch.no_grad():
+        ref_loss, _ = ReIDLoss()(*model(clips), pids)
+    dtypes = []
+    model.classifier.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # the fp16 path, here on bf16
+    loss, parts = forward_backward(model, ReIDLoss(), clips, pids, amp_dtype=torch.bfloat16, scaler=scaler)
+    assert dtypes == [torch.bfloat16]  # the network ran under autocast
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert abs(loss.item() - ref_loss.item()) < 0.05 * ref_loss.item()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 1024.0  # finite gradients: the step was taken, the scale kept
+
+
+def _train_cmd(*args):
+    return [sys.executable, "-m", "fastnl", "train", *args]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
+    common = ["--dataset", "synthetic", "--root", str(data), "--epochs", "1", "--lr", "1e-3", *TINY_ARGS]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    ref = subprocess.Popen(_train_cmd(*common, "--out", str(straight)), env=_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(_train_cmd(*common, "--out", str(killed), "--save-every-steps", "1"), env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # mid-epoch: the first checkpoint is at batch 1 of 3
+    victim.wait()
+    state = load_checkpoint(ckpt)
+    assert state["epoch"] == 0 and 1 <= state["batch"] < 3, (state["epoch"], state["batch"])
+    del state
+    resumed = subprocess.run(_train_cmd("--resume", str(killed)), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert ref.wait() == 0, ref.stderr.read()[-2000:]
+
+    a, b = load_checkpoint(killed), load_checkpoint(straight)
+    assert (a["step"], a["epoch"], a["batch"]) == (b["step"], b["epoch"], b["batch"]) == (3, 1, 0)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    rows = (killed / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]  # no step logged twice
+    assert (killed / "training_curve.png").stat().st_size > 0
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = ReIDLoss.forward
+
+    def forward(self, logits, descriptors, targets):
+        calls["n"] += 1
+        loss, parts = original(self, logits, descriptors, targets)
+        return (loss * float("nan") if calls["n"] == 2 else loss), parts
+
+    monkeypatch.setattr(ReIDLoss, "forward", forward)
+    cfg = TrainConfig(dataset="synthetic", root=str(data), out=str(tmp_path / "run"), epochs=1,
+                      save_every_steps=1, impl="reference", **TINY)
+    with pytest.raises(UserError, match=r"loss is nan at step 2 .*last good checkpoint: .*checkpoint\.pt"):
+        train(cfg)
+    assert load_checkpoint(tmp_path / "run")["step"] == 1
+
+
+def test_bad_inputs_are_one_line_errors(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "mars", "--root", str(tmp_path / "nowhere"), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and len(err.strip().splitlines()) == 1
+    assert not run.exists()  # nothing written for a failed start
+    with pytest.raises(UserError, match="--k must be >= 2"):
+        train(TrainConfig(dataset="synthetic", root=str(data), out=str(run), k=1))
+    with pytest.raises(UserError, match="--nlam-blocks"):
+        train(TrainConfig(dataset="synthetic", root=str(data), out=str(run), nlam_blocks=(4, 6)))
+    with pytest.raises(UserError, match="P=8 identities"):
+        train(TrainConfig(dataset="synthetic", root=str(data), out=str(tmp_path / "p8"), **{**TINY, "p": 8}))
+    with pytest.raises(UserError, match="apex"):
+        train(TrainConfig(dataset="synthetic", root=str(data), out=str(tmp_path / "apex"), optimizer="apex-adam",
+                          **TINY))
+    assert cli.main(["train", "--resume", str(tmp_path / "missing")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+
+    # a config file with an unknown key; and the precedence defaults < file < command line
+    from fastnl.commands.train import resolve_config
+
+    parser = cli.build_parser()
+    (tmp_path / "bad.yaml").write_text("lr: 0.01\nlearning_rate: 3\n")
+    with pytest.raises(UserError, match="unknown option.*learning_rate"):
+        resolve_config(parser.parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))
+    (tmp_path / "good.yaml").write_text("lr: 0.01\nepochs: 5\nnlam_blocks: [3, 4, 5]\nflip: false\n")
+    cfg, resume = resolve_config(parser.parse_args(["train", "--config", str(tmp_path / "good.yaml"),
+                                                    "--epochs", "7", "--root", "r", "--out", "o"]))
+    assert (cfg.lr, cfg.epochs, cfg.nlam_blocks, cfg.flip, cfg.frames, resume) == (0.01, 7, (3, 4, 5), False, 8, False)
+
+    # resuming may change the schedule length but not what a step computes
+    run.mkdir()
+    (run / "config.yaml").write_text(f"root: {data}\nout: {run}\ndataset: synthetic\n")
+    save_checkpoint({"model": {}}, run / "checkpoint.pt")
+    with pytest.raises(UserError, match="cannot change lr"):
+        resolve_config(parser.parse_args(["train", "--resume", str(run), "--lr", "1"]))
+    cfg, resume = resolve_config(parser.parse_args(["train", "--resume", str(run), "--epochs", "3"]))
+    assert resume and cfg.epochs == 3 and cfg.out == str(run)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(TrainConfig(dataset="synthetic", root=str(data), out=str(run)))
+
+
+def test_checkpoints_are_atomic_and_safe_to_load(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "step": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint({"model": {"w": torch.zeros(2)}, "step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1 and sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
