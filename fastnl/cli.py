@@ -16,6 +16,8 @@ from fastnl.errors import UserError
 # Order is the order shown by `fastnl --help`.
 COMMANDS = (
     "fastnl.commands.demo",
+    "fastnl.commands.train",
+    "fastnl.commands.eval",
     "fastnl.commands.synth",
     "fastnl.commands.bench",
     "fastnl.commands.check",
