@@ -107,14 +107,21 @@ def test_capacity_search_limits_and_nothing_fits():
     assert search.best == 0 and search.failed == 1
 
 
-def test_capacity_search_uses_the_measured_peaks():
-    # peak = 10 MB per unit, budget 1000 MB: the prediction lands on the threshold at once
-    probe, calls = _fake(100)
-    search = capacity.largest_fitting(probe, start=8, limit=10_000, budget_mb=1000.0, degree=1)
-    assert search.best == 100
-    plain_probe, plain_calls = _fake(100)
-    capacity.largest_fitting(plain_probe, start=8, limit=10_000)
-    assert len(calls) < len(plain_calls)
+@pytest.mark.parametrize("degree, peak", [(1, lambda n: 50 + 10 * n), (2, lambda n: 50 + 2 * n + 0.1 * n * n)])
+def test_capacity_search_uses_the_measured_peaks(degree, peak):
+    budget = 1000.0
+
+    def probe(n, calls):
+        calls.append(n)
+        return peak(n) <= budget, (peak(n) if peak(n) <= budget else None)
+
+    threshold = max(n for n in range(1, 10_000) if peak(n) <= budget)
+    guided, plain = [], []
+    search = capacity.largest_fitting(lambda n: probe(n, guided), start=8, limit=10_000, budget_mb=budget,
+                                      degree=degree)
+    assert search.best == threshold and search.exact
+    capacity.largest_fitting(lambda n: probe(n, plain), start=8, limit=10_000)
+    assert len(guided) < len(plain)
 
 
 def test_capacity_search_stops_at_its_deadline():

@@ -101,6 +101,9 @@ def run_subprocess(module: str, payload: dict, *, timeout: float | None = None,
     """
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, child_env.get("PYTHONPATH")) if p)
+    # A fixed mmap threshold: glibc then returns every freed buffer above 64 KiB to the OS at
+    # once, so the resident size follows the live tensors and ru_maxrss is their peak.
+    child_env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     cmd = [sys.executable, "-m", module, json.dumps(payload)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env)

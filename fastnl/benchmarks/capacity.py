@@ -58,7 +58,7 @@ class Search:
 def _predict(points: list, budget: float | None, degree: int) -> float | None:
     """Size at which a polynomial of ``degree`` (<= 2) through the fitting probes' (size, peak)
     reaches ``budget``; None when it cannot tell."""
-    if budget is None or len(points) < 2:
+    if budget is None or len(points) < degree + 1:
         return None
     pts = sorted(points)[-3:] if degree >= 2 and len(points) >= 3 else sorted(points)[-2:]
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -117,10 +117,13 @@ def largest_fitting(probe: Callable[[int], tuple[bool, float | None]], *, start:
         while lo < limit:
             if out_of_time():
                 return result(lo, hi, False)
-            nxt = min(2 * lo, limit)
+            nxt = 2 * lo
             guess = _predict([(s, p) for s, f, p in probes if f and p is not None], budget_mb, degree)
-            if guess is not None and guess > lo:  # jump close to the budget, then step past it
-                nxt = min(max(nxt, int(guess * 1.02) + 1), 8 * lo, limit)
+            if guess is not None and guess > 2 * lo:  # far below the budget: jump to just under it
+                nxt = min(int(guess * 0.97), 4 * lo)
+            elif guess is not None and guess > lo:  # close: step just past it to close the bracket
+                nxt = max(lo + 1, int(guess * 1.03) + 1)
+            nxt = min(nxt, limit)
             if attempt(nxt):
                 lo = nxt
             else:
@@ -238,10 +241,12 @@ def _cap_address_space(extra_mb: float) -> None:
 
 
 def _child(payload: dict) -> None:
-    from fastnl.benchmarks.model import prepare_child
+    from fastnl.benchmarks.model import Case, prepare_child
 
-    prepare_child(payload.get("threads"))
     setting = Setting(**payload["setting"])
+    warm = Case(setting.target, "warm-up", 1, 1, setting.height, setting.width, channels=setting.channels,
+                amp=setting.amp, grad_checkpoint=payload["grad_checkpoint"])
+    prepare_child(payload.get("threads"), warm, payload["impl"], setting.device)
     try:
         emit(probe_step(setting, payload["impl"], payload["grad_checkpoint"], payload["batch"], payload["frames"]))
     except Exception as err:
@@ -280,6 +285,7 @@ class Plan:
     grad_checkpoint: tuple = (False, True)
     impls: tuple = IMPLS
     predict_budget_mb: float | None = None  # what the step predictions aim at (default: the budget)
+    curve_frames: tuple = ()  # more N for the plot, probed after the searches (up to each max)
 
 
 def default_plan(device: str, *, quick: bool = False, budget_mb: float | None = None,
@@ -297,17 +303,19 @@ def default_plan(device: str, *, quick: bool = False, budget_mb: float | None = 
             total = torch.cuda.get_device_properties(device).total_memory / 2**20
             plan.predict_budget_mb = 0.92 * total  # allocator overhead: OOM comes before the full size
     elif target == "nlam":
-        setting = Setting("nlam", device, 8, 4, channels=256, budget_mb=budget_mb or 512.0)
-        plan = Plan(setting, max_batch=512, max_frames=128, grad_checkpoint=(False,), rel_tol=0.1,
-                    time_limit=time_limit or 600.0)
+        # layer3's 16x8 maps (L = 128 N) with few channels, so that L reaches 16384 in seconds
+        setting = Setting("nlam", device, 16, 8, channels=64, budget_mb=budget_mb or 512.0)
+        plan = Plan(setting, batch_at=2, max_batch=512, max_frames=128, grad_checkpoint=(False,), rel_tol=0.1,
+                    time_limit=time_limit or 900.0, curve_frames=(8, 16, 24, 32, 48, 64, 96, 128))
     else:
         setting = Setting("model", device, 64, 32, budget_mb=budget_mb or 1024.0)
         plan = Plan(setting, batch_at=2, max_batch=64, max_frames=128, rel_tol=0.1,
-                    time_limit=time_limit or 600.0)
+                    time_limit=time_limit or 900.0)
     if quick:
         plan.rel_tol = max(plan.rel_tol, 0.25)
         plan.max_batch, plan.max_frames = min(plan.max_batch, 64), min(plan.max_frames, 32)
         plan.time_limit = min(plan.time_limit, 120.0)
+        plan.curve_frames = ()
     if target == "nlam":
         plan.grad_checkpoint = (False,)  # checkpointing applies to the backbone stages only
     return plan
@@ -341,49 +349,50 @@ def run_capacity(plan: Plan, *, log: Callable[[str], None] = print,
             return probe_isolated(setting, impl, ckpt, batch, frames)
 
     variants = [(impl, ckpt) for ckpt in plan.grad_checkpoint for impl in plan.impls]
-    searches = 2 * len(variants)
+    rows = [{"impl": impl, "grad_checkpoint": ckpt} for impl, ckpt in variants]
+    # the N searches (the headline) first, so that a short time limit cuts the batch searches
+    order = [(axis, row) for axis in ("frames", "batch") for row in rows]
     deadline_all = time.monotonic() + plan.time_limit
-    rows, curves, errors = [], {}, []
-    done = 0
-    for impl, ckpt in variants:
+    curves, errors = {}, []
+    for done, (axis, row) in enumerate(order):
+        impl, ckpt = row["impl"], row["grad_checkpoint"]
         name = f"{impl}{' + grad checkpoint' if ckpt else ''}"
-        row = {"impl": impl, "grad_checkpoint": ckpt}
-        for axis in ("frames", "batch"):
-            remaining = deadline_all - time.monotonic()
-            deadline = time.monotonic() + remaining / max(1, searches - done)
-            done += 1
+        deadline = time.monotonic() + (deadline_all - time.monotonic()) / (len(order) - done)
 
-            def one(size, axis=axis):
-                batch, frames = (plan.batch_at, size) if axis == "frames" else (size, plan.frames_at)
-                res = probe(impl, ckpt, batch, frames)
-                state = "fits" if res.get("ok") else ("out of memory" if res.get("oom") else "error")
-                peak = res.get("peak_mb")
-                detail = f", peak {peak:.0f} MB" if peak is not None else ""
-                if state == "error":
-                    detail += f" ({res.get('error')})"
-                log(f"  {name:30s} batch {batch:5d} x N {frames:5d}: {state}{detail}")
-                if state == "error":
-                    errors.append({"impl": impl, "grad_checkpoint": ckpt, "batch": batch, "frames": frames,
-                                   "error": res.get("error")})
-                if axis == "frames" and peak is not None:
-                    curves.setdefault(name, []).append((frames, peak))
-                return bool(res.get("ok")), peak
+        def one(size, axis=axis, impl=impl, ckpt=ckpt, name=name):
+            batch, frames = (plan.batch_at, size) if axis == "frames" else (size, plan.frames_at)
+            res = probe(impl, ckpt, batch, frames)
+            state = "fits" if res.get("ok") else ("out of memory" if res.get("oom") else "error")
+            peak = res.get("peak_mb")
+            detail = f", peak {peak:.0f} MB" if peak is not None else ""
+            if state == "error":
+                detail += f" ({res.get('error')})"
+                errors.append({"impl": impl, "grad_checkpoint": ckpt, "batch": batch, "frames": frames,
+                               "error": res.get("error")})
+            log(f"  {name:30s} batch {batch:5d} x N {frames:5d}: {state}{detail}")
+            if axis == "frames" and peak is not None:
+                curves.setdefault(name, []).append((frames, peak))
+            return bool(res.get("ok")), peak
 
-            if axis == "frames":
-                search = largest_fitting(one, start=plan.start_frames, limit=plan.max_frames,
-                                         budget_mb=target_mb, degree=2, rel_tol=plan.rel_tol,
-                                         deadline=deadline)
-            else:
-                search = largest_fitting(one, start=plan.start_batch, limit=plan.max_batch,
-                                         budget_mb=target_mb, degree=1, rel_tol=plan.rel_tol,
-                                         deadline=deadline)
-            key = "max_frames" if axis == "frames" else "max_batch"
-            row[key] = search.best
-            row[f"{key}_failed"] = search.failed
-            row[f"{key}_exact"] = search.exact
-            row[f"{key}_at_limit"] = search.at_limit
-            row[f"{key}_probes"] = len(search.probes)
-        rows.append(row)
+        if axis == "frames":
+            search = largest_fitting(one, start=plan.start_frames, limit=plan.max_frames, budget_mb=target_mb,
+                                     degree=2, rel_tol=plan.rel_tol, deadline=deadline)
+        else:
+            search = largest_fitting(one, start=plan.start_batch, limit=plan.max_batch, budget_mb=target_mb,
+                                     degree=1, rel_tol=plan.rel_tol, deadline=deadline)
+        key = "max_frames" if axis == "frames" else "max_batch"
+        row.update({key: search.best, f"{key}_failed": search.failed, f"{key}_exact": search.exact,
+                    f"{key}_at_limit": search.at_limit, f"{key}_probes": len(search.probes)})
+    for row in rows:  # extra points of the peak-vs-N plot, below each variant's largest N
+        name = f"{row['impl']}{' + grad checkpoint' if row['grad_checkpoint'] else ''}"
+        for frames in plan.curve_frames:
+            have = {n for n, _ in curves.get(name, [])}
+            if frames in have or frames > row["max_frames"] or time.monotonic() > deadline_all:
+                continue
+            res = probe(row["impl"], row["grad_checkpoint"], plan.batch_at, frames)
+            if res.get("peak_mb") is not None:
+                curves.setdefault(name, []).append((frames, res["peak_mb"]))
+                log(f"  {name:30s} batch {plan.batch_at:5d} x N {frames:5d}: curve point, peak {res['peak_mb']:.0f} MB")
     fits = {name: fit_growth(sorted(points)) for name, points in curves.items()}
     return {"setting": asdict(setting), "plan": {k: v for k, v in asdict(plan).items() if k != "setting"},
             "rows": rows, "curves": {k: sorted(v) for k, v in curves.items()}, "growth": fits, "errors": errors}

@@ -220,9 +220,12 @@ def run_model(device, quick: bool = False) -> list[dict]:
     return [compare(case, device) for case in model_cases(device, quick)]
 
 
-def prepare_child(threads: int | None) -> None:
-    """Import everything a step needs and start the thread pool, so that the memory a
-    subprocess measures from here on is the model's, the inputs' and the step's only."""
+def prepare_child(threads: int | None, case: Case | None = None, impl: str | None = None,
+                  device: str = "cpu") -> None:
+    """Import everything a step needs, start the thread pool and, on a CPU, run one step of a
+    minimal version of ``case`` (one clip, one frame, small maps), so that the memory a
+    subprocess measures from here on is the model's, the inputs' and the step's only, not the
+    one-time set-up of the libraries (kernel caches, allocator arenas)."""
     import torch
 
     import fastnl.losses  # noqa: F401
@@ -230,13 +233,17 @@ def prepare_child(threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    a = torch.randn(64, 64)
-    torch.nn.functional.conv2d(a.view(1, 1, 64, 64), a[:3, :3].reshape(1, 1, 3, 3)).sum()
+    if case is None or impl is None or device.startswith("cuda"):
+        return
+    small = (16, 8) if case.kind == "nlam" else (64, 32)
+    tiny = Case(case.kind, "warm-up", 1, 1, min(case.height, small[0]), min(case.width, small[1]),
+                channels=case.channels, amp=case.amp, grad_checkpoint=case.grad_checkpoint, warmup=0, repeat=1)
+    BUILDERS[case.kind](tiny, impl, device)()
 
 
 def _child(payload: dict) -> None:
-    prepare_child(payload.get("threads"))
     case = Case(**payload["case"])
+    prepare_child(payload.get("threads"), case, payload["impl"], payload["device"])
     try:
         emit(measure(case, payload["impl"], payload["device"]))
     except Exception as err:  # reported in the parent's row, not as a traceback
