@@ -26,11 +26,12 @@ class _ChunkedAttention(torch.autograd.Function):
         lse = torch.empty(B, L, device=q.device, dtype=cdt)
         for start in range(0, L, block):
             stop = min(start + block, L)
-            s = torch.bmm(q[:, start:stop].to(cdt), kc.transpose(1, 2)).mul_(scale)
-            row_lse = torch.logsumexp(s, dim=-1)
-            p = s.sub_(row_lse.unsqueeze(-1)).exp_()
-            out[:, start:stop] = torch.bmm(p, vc).to(q.dtype)
-            lse[:, start:stop] = row_lse
+            p = torch.bmm(q[:, start:stop].to(cdt) * scale, kc.transpose(1, 2))
+            row_max = p.amax(dim=-1, keepdim=True)
+            p.sub_(row_max).exp_()
+            row_sum = p.sum(dim=-1, keepdim=True)
+            out[:, start:stop] = torch.bmm(p, vc).div_(row_sum).to(q.dtype)
+            lse[:, start:stop] = (row_max + row_sum.log()).squeeze(-1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.block = scale, block
         return out
@@ -50,12 +51,13 @@ class _ChunkedAttention(torch.autograd.Function):
             qb = q[:, start:stop].to(cdt)
             dob = grad_out[:, start:stop].to(cdt)
             delta = (dob * out[:, start:stop].to(cdt)).sum(-1, keepdim=True)
-            s = torch.bmm(qb, kc.transpose(1, 2)).mul_(scale)
-            p = s.sub_(lse[:, start:stop].unsqueeze(-1)).exp_()
-            dv.add_(torch.bmm(p.transpose(1, 2), dob))
-            ds = torch.bmm(dob, vc.transpose(1, 2)).sub_(delta).mul_(p).mul_(scale)
-            dq[:, start:stop] = torch.bmm(ds, kc)
-            dk.add_(torch.bmm(ds.transpose(1, 2), qb))
+            p = torch.baddbmm(-lse[:, start:stop].unsqueeze(-1), qb * scale, kc.transpose(1, 2)).exp_()
+            dv.baddbmm_(p.transpose(1, 2), dob)
+            # dS = P * (dP - delta); the factor `scale` is applied to the [block, D] products instead.
+            ds = torch.bmm(dob, vc.transpose(1, 2)).sub_(delta).mul_(p)
+            del p
+            dq[:, start:stop] = torch.bmm(ds, kc).mul_(scale)
+            dk.baddbmm_(ds.transpose(1, 2), qb, alpha=scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
