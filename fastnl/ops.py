@@ -69,6 +69,17 @@ def nl_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: fl
 
     if backend == "auto":
         backend = "triton" if q.is_cuda and _triton_available() else "torch"
+    with _no_autocast(q):
+        return _nl_attention(q, k, v, scale, backend)
+
+
+def _no_autocast(t: torch.Tensor):
+    """Every backend accumulates in float32 (or wider) itself and returns the input dtype, so an
+    enclosing autocast region must not recast the matmuls inside the ops."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _nl_attention(q, k, v, scale: float, backend: str) -> torch.Tensor:
     if backend == "reference":
         return reference.nl_attention(q, k, v, scale)
     if backend == "torch":
@@ -134,11 +145,12 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must be on one device")
 
-    if backend == "reference":
-        return reference.channel_attention(x, w1, b1, w2, b2)
-    from fastnl import _extension
+    with _no_autocast(x):
+        if backend == "reference":
+            return reference.channel_attention(x, w1, b1, w2, b2)
+        from fastnl import _extension
 
-    if backend == "auto" and not _extension.available():
-        _extension.warn_missing_once()
-        return reference.channel_attention(x, w1, b1, w2, b2)
-    return _extension.channel_attention(x, w1, b1, w2, b2)
+        if backend == "auto" and not _extension.available():
+            _extension.warn_missing_once()
+            return reference.channel_attention(x, w1, b1, w2, b2)
+        return _extension.channel_attention(x, w1, b1, w2, b2)

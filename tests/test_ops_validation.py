@@ -90,3 +90,32 @@ def test_channel_bad_inputs(index, value, error, pattern):
         ops.channel_attention(*args)
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.channel_attention(*_channel_args(), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_attention_keeps_float32_accumulation_inside_autocast(backend):
+    """An enclosing bf16 autocast must not downcast the matmuls inside the op."""
+    q, k, v = _qkv(b=1, length=64, d=32)
+    expected = torch.softmax(q.double() @ k.double().transpose(1, 2), -1) @ v.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.nl_attention(q, k, v, backend=backend)
+    assert out.dtype == torch.float32
+    assert (out.double() - expected).abs().max() < 1e-4  # bf16 matmuls would be ~1e-2 off
+
+
+def test_nlam_trains_under_bf16_autocast_with_both_impls():
+    from fastnl.model import NLAM
+
+    grads = []
+    for impl in ("fused", "reference"):
+        torch.manual_seed(0)
+        module = NLAM(64, reduction=8, impl=impl)
+        torch.nn.init.ones_(module.w0_bn.weight)
+        x = torch.randn(6, 64, 4, 2, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x, 3)
+        out.float().square().sum().backward()
+        assert torch.isfinite(x.grad).all()
+        grads.append(x.grad)
+    rel = (grads[0] - grads[1]).norm() / grads[1].norm()
+    assert rel < 2e-2, rel
