@@ -450,11 +450,12 @@ def plot(result: dict, path: str) -> str | None:
     if setting.get("budget_mb"):
         ax.axhline(setting["budget_mb"], color="grey", linestyle="--", linewidth=1, label="budget")
     what = ("whole model" if setting["target"] == "model"
-            else f"one NLAM block, C={setting['channels']}")
+            else f"one NLAM block (C={setting['channels']}, L = N*{setting['height'] * setting['width']})")
     ax.set_title(f"{what}, {setting['height']}x{setting['width']}, batch {plan['batch_at']}, "
                  f"amp {setting['amp']}, {setting['device']}", fontsize=9)
     ax.set_xlabel("frames per clip N")
-    ax.set_ylabel("peak memory of one training step (MB)")
+    ax.set_ylabel("peak memory of one training step (MB)" if setting["target"] == "model"
+                  else "peak memory of forward + backward (MB)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
