@@ -1,0 +1,31 @@
+"""`fastnl demo` end to end on a tiny configuration: dataset, training, evaluation, report."""
+import json
+
+from fastnl import cli
+
+
+def test_demo_pipeline_on_a_tiny_configuration(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = cli.main(["demo", "--out", str(out), "--ids", "8", "--cams", "2", "--frames", "2", "--height", "32",
+                     "--width", "16", "--p", "2", "--k", "2", "--epochs", "1", "--workers", "0"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "reduced setting" in text and "8 frames at 256x128" in text  # what was reduced, and from what
+    assert "chance" in text and "rank1" in text and "mAP" in text
+    results = json.loads((out / "run" / "eval_synthetic.json").read_text())
+    assert 0.0 <= results["mAP"] <= 1.0 and 0.0 <= results["chance"]["mAP"] <= 1.0
+    assert results["num_query"] == 4  # one query per test id
+    assert {p.name for p in (out / "run").iterdir()} >= {"checkpoint.pt", "config.yaml", "log.csv",
+                                                         "training_curve.png"}
+
+
+def test_demo_writes_nothing_outside_a_temporary_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert cli.main(["demo", "--ids", "4", "--cams", "2", "--frames", "2", "--height", "32", "--width", "16",
+                     "--p", "2", "--k", "2", "--epochs", "1", "--workers", "0"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"] and not any((tmp_path / "tmp").iterdir())
