@@ -404,9 +404,11 @@ def format_bound(row: dict, key: str) -> str:
         return "-"
     if row.get(f"{key}_at_limit"):
         return f">= {best} (limit)"
+    failed = row.get(f"{key}_failed")
     if not row.get(f"{key}_exact"):
-        failed = row.get(f"{key}_failed")
         return f"{best}..{failed - 1 if failed else '?'} (time)"
+    if failed and failed - 1 > best:
+        return f"{best}..{failed - 1}"  # closed to the search's relative tolerance
     return str(best)
 
 
@@ -427,9 +429,8 @@ def format_table(result: dict) -> str:
                          f"{' (fused at the search limit: a lower bound)' if fused.get('max_frames_at_limit') else ''}")
     for name, fit in result.get("growth", {}).items():
         if fit:
-            lines.append(f"peak vs N, {name}: {fit['a_mb']:.1f} + {fit['b_mb_per_frame']:.2f} N + "
-                         f"{fit['c_mb_per_frame2']:.4f} N^2 MB (N^2 term {100 * fit['quadratic_share_at_max']:.0f}% "
-                         f"at N={fit['max_frames_fitted']})")
+            lines.append(f"peak vs N, least squares, {name}: {fit['a_mb']:.1f} {fit['b_mb_per_frame']:+.2f} N "
+                         f"{fit['c_mb_per_frame2']:+.4f} N^2 MB (N <= {fit['max_frames_fitted']})")
     return "\n".join(lines)
 
 
