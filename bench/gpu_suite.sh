@@ -17,6 +17,9 @@
 # run of every step on the CPU, for checking the script itself; its results are not GPU figures).
 set -u -o pipefail
 
+# The whole script is one function: bash reads it completely before running any step.
+main() {
+
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
@@ -220,4 +223,8 @@ fi
     fi
 } >> "$SUMMARY"
 echo "results in $OUT (summary.md)"
-exit $FAILED
+return $FAILED
+}
+
+main "$@"
+exit $?
