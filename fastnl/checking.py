@@ -157,7 +157,7 @@ def _extension_reason() -> str | None:
 
 def _autocast(device: str, dtype: torch.dtype, variant: str):
     enabled = variant != "ref64" and dtype != torch.float32
-    return torch.autocast(device, dtype=dtype if enabled else torch.float32, enabled=enabled)
+    return torch.autocast(device.split(":")[0], dtype=dtype if enabled else torch.float32, enabled=enabled)
 
 
 # --------------------------------------------------------------------------------------------
