@@ -33,10 +33,6 @@ from fastnl.benchmarks import current_rss_mb, emit, peak_rss_mb, run_subprocess
 IMPLS = ("reference", "fused")
 
 
-class Unsupported(Exception):
-    pass
-
-
 # --------------------------------------------------------------------------------------------
 # The search
 # --------------------------------------------------------------------------------------------
