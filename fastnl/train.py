@@ -343,6 +343,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
             (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+        if device.type == "cpu":
+            # Denormal floats (e.g. Adam's second moments of tiny gradients) slow CPU math ~10x.
+            torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         model = build_model(dataset.num_train_pids, frames=cfg.frames, nlam_blocks=cfg.nlam_blocks,
                             temporal=cfg.temporal, impl=cfg.impl, pretrained=cfg.pretrained or None,

@@ -68,7 +68,9 @@ def _look(rng: np.random.Generator, hue: float) -> _Look:
 
 
 def _camera(rng: np.random.Generator, h: int, w: int) -> _Camera:
-    coarse = rng.uniform(40, 200, size=(4, 2, 3))
+    # A muted background (a grey level with mild colour variation) under a per-camera light:
+    # the figure, not the scene, is what tells identities apart.
+    coarse = rng.uniform(80, 170) + rng.uniform(-25, 25, size=(4, 2, 3))
     bg = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((w, h), Image.BILINEAR),
                     dtype=np.float32)
     floor = np.linspace(0, 1, h, dtype=np.float32)[:, None, None] > rng.uniform(0.75, 0.9)
@@ -96,12 +98,12 @@ class _Renderer:
             bob = 0.01 * np.sin(2 * phase)
             s = look.height
             top = 0.06 + (1 - s) * 0.5 + bob
-            hw = 0.17 * look.width
+            hw = 0.24 * look.width
             swing = 0.07 * np.sin(phase)
             legs_y = top + 0.46 * s
             for dx in (-swing, swing):
-                x = cx + dx + (-0.06 if dx < 0 else 0.06) * look.width
-                img[self._box(x - 0.06, x + 0.06, legs_y, min(top + 0.9 * s, 0.98))] = look.legs
+                x = cx + dx + (-0.1 if dx < 0 else 0.1) * look.width
+                img[self._box(x - 0.09, x + 0.09, legs_y, min(top + 0.9 * s, 0.98))] = look.legs
             torso = self._box(cx - hw, cx + hw, top + 0.16 * s, legs_y)
             img[torso] = look.torso
             if look.pattern == 1:
