@@ -76,8 +76,17 @@ def test_fused_and_reference_agree_on_the_same_weights(temporal):
         outs.append((logits, desc, {n: p.grad for n, p in model.named_parameters()}))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-9, atol=1e-9)
+    ref_grads = outs[1][2]
+
+    def group_scale(name):
+        """Largest gradient among the parameters of the module that owns ``name``: some
+        gradients are exactly zero in exact arithmetic (e.g. the bias of d, whose constant
+        the BatchNorm after W0 removes) and are float64 rounding noise on that scale."""
+        owner = name.rsplit(".", 2)[0]
+        return max(g.abs().max().item() for n, g in ref_grads.items() if n.startswith(owner + "."))
+
     for name, grad in outs[0][2].items():
-        torch.testing.assert_close(grad, outs[1][2][name], rtol=1e-7, atol=1e-9, msg=name)
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-7, atol=1e-10 * group_scale(name), msg=name)
 
 
 def test_backbone_parameter_count_equals_timm_seresnet50():
@@ -140,3 +149,33 @@ def test_pretrained_errors(tmp_path):
     torch.save({"conv1.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(UserError, match="conv1.weight"):
         build_model(3, pretrained=wrong)
+
+
+def _saved_bytes_and_grads(model, clips):
+    """Bytes of the activations autograd keeps for backward (parameters excluded), and grads."""
+    saved = []
+    param_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in param_storage:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits, desc = model(clips)
+    (logits.sum() + desc.square().sum()).backward()
+    return sum(saved), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_grad_checkpointing_gives_the_same_gradients_and_keeps_less():
+    torch.manual_seed(0)
+    model = build_model(4, frames=2).double()
+    _wake_nlams(model)
+    clips = _clips(2, 2, seed=3).double()
+    plain_bytes, plain = _saved_bytes_and_grads(model, clips)
+    model.set_grad_checkpointing(True)
+    ckpt_bytes, ckpt = _saved_bytes_and_grads(model, clips)
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert ckpt_bytes < plain_bytes / 3, (ckpt_bytes, plain_bytes)

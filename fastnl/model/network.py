@@ -59,18 +59,24 @@ class VideoReIDNet(nn.Module):
         return [stem, bb.layer1, bb.layer2, bb.layer3, bb.layer4]
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each backbone stage in backward instead of keeping its activations."""
+        """Recompute the backbone in backward instead of keeping its activations: the stem and
+        each residual block are checkpointed on their own, so only block inputs are kept and at
+        most one block's activations are alive at a time during the recomputation."""
         self.grad_checkpointing = enabled
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor, is_stem: bool) -> torch.Tensor:
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            return stage(x)
+        for block in [stage] if is_stem else list(stage):
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
 
     def frame_features(self, clips: torch.Tensor) -> torch.Tensor:
         """clips [B, N, 3, H, W] -> frame maps after block 5 (and the NLAMs) [B*N, 2048, h, w]."""
         b, n = clips.shape[:2]
         x = clips.reshape(b * n, *clips.shape[2:])
         for index, stage in enumerate(self.stages(), start=1):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
+            x = self._run_stage(stage, x, index == 1)
             key = str(index)
             if key in self.nlam:
                 x = self.nlam[key](x, n)

@@ -58,10 +58,9 @@ class NLAM(nn.Module):
         length = frames * h * w
         x_cl = x.reshape(b, frames, c, h * w).transpose(1, 2).reshape(b, c, length)
         cp = self.inter_channels
-        weight = torch.cat([self.a.weight, self.b.weight, self.d.weight]).view(3 * cp, c, 1)
-        bias = torch.cat([self.a.bias, self.a.bias.new_zeros(cp), self.d.bias])
-        abd = F.conv1d(x_cl, weight, bias)  # [B, 3C', L]; q, k, v are strided views of it
-        q, k, v = (abd[:, i * cp:(i + 1) * cp].transpose(1, 2) for i in range(3))
+        # q, k, v: [B, L, C'] views of the [B, C', L] conv outputs (no permute copies).
+        q, k, v = (F.conv1d(x_cl, conv.weight.view(cp, c, 1), conv.bias).transpose(1, 2)
+                   for conv in (self.a, self.b, self.d))
         y = ops.nl_attention(q, k, v, scale=self.scale, backend=self.attention_backend)  # [B, L, C']
         z = F.conv1d(y.transpose(1, 2), self.w0.weight.view(c, cp, 1))  # [B, C, L]
         z = self.w0_bn(z.unsqueeze(-1)).squeeze(-1)
