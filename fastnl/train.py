@@ -52,6 +52,7 @@ class TrainConfig:
     # data
     dataset: str = _opt("mars", "dataset reader", choices=("mars", "dukevideo", "synthetic"))
     root: str = _opt("", "dataset folder")
+    verify: bool = _opt(False, "decode every frame of the dataset at start-up (finds corrupt JPEGs early)")
     out: str = _opt("", "run folder: config, checkpoint, logs and plots are written here")
     frames: int = _opt(8, "frames per training clip (N), drawn at random from the tracklet")
     height: int = _opt(256, "frame height")
@@ -325,7 +326,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if not resume and ckpt_path.exists():
             raise UserError(f"{out} already holds a run ({ckpt_path.name}): continue it with --resume {out}, "
                             "or choose another --out")
-        dataset = get_dataset(cfg.dataset, cfg.root)
+        dataset = get_dataset(cfg.dataset, cfg.root, verify=cfg.verify)
         amp_dtype = resolve_amp(cfg.amp, device)
         if cfg.optimizer == "apex-adam":
             _apex_fused_adam(device)

@@ -229,3 +229,18 @@ def test_checkpoints_are_atomic_and_safe_to_load(tmp_path, monkeypatch):
     torch.save({"model": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_verify_finds_a_corrupt_frame_before_training(data, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    frame = sorted((root / "bbox_train").rglob("*.jpg"))[3]
+    frame.write_bytes(frame.read_bytes()[:40])  # truncated JPEG
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "synthetic", "--root", str(root), "--out", str(run), "--verify"]
+    assert cli.main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the reader's junk-id warning
+    assert last.startswith("fastnl train: error:") and str(frame) in last
+    assert not (run / "checkpoint.pt").exists()

@@ -25,6 +25,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--loader", choices=("torch", "dali"), default="torch", help="data loading backend")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers")
+    parser.add_argument("--verify", action="store_true",
+                        help="decode every query and gallery frame before evaluating (finds corrupt JPEGs early)")
     parser.add_argument("--visualize-ranks", type=int, default=0, metavar="K",
                         help="also write a PNG grid of K queries with their top-10 gallery tracklets")
 
@@ -47,7 +49,7 @@ def run(args) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     ckpt = Path(args.checkpoint)
-    dataset = get_dataset(args.dataset, args.root)
+    dataset = get_dataset(args.dataset, args.root, verify=args.verify)
     model, cfg = model_from_checkpoint(ckpt, impl=args.impl, device=device)
     frames = args.frames or int(cfg.get("frames", 8))
     height, width = args.height or int(cfg.get("height", 256)), args.width or int(cfg.get("width", 128))

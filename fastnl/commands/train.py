@@ -15,7 +15,7 @@ HELP = ("Train the paper's network (defaults: N=8 at 256x128, P x K = 8 x 4, Ada
         "200 epochs, 800 epochs). Multi-GPU: launch with torchrun.")
 
 # Options that may change when a run is resumed without changing what it computes.
-RESUMABLE = {"epochs", "save_every", "save_every_steps", "max_minutes", "workers", "progress", "tensorboard"}
+RESUMABLE = {"verify", "epochs", "save_every", "save_every_steps", "max_minutes", "workers", "progress", "tensorboard"}
 
 
 def add_arguments(parser) -> None:
