@@ -3,7 +3,7 @@
 A suite is a function ``run(device, quick=False) -> list[dict]`` (one dict per table row).
 Times are medians of repeated runs (CUDA events on a GPU, ``perf_counter`` on a CPU). Peak
 memory is ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU it is the process's peak
-resident set (``ru_maxrss``) above its size before the work, measured in a fresh subprocess per
+resident set (``VmHWM`` on Linux, reset when the measurement starts) above its size before the work, measured in a fresh subprocess per
 variant so that one variant's peak cannot hide another's.
 """
 from __future__ import annotations
@@ -80,8 +80,33 @@ def current_rss_mb() -> float:
         return peak_rss_mb()
 
 
+def reset_peak_rss_mb() -> float:
+    """Start a measurement: reset the peak-RSS mark to the current size (Linux, via
+    /proc/self/clear_refs) so transient peaks before it (imports, set-up) do not count, and
+    return the current resident size in MB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return current_rss_mb()
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process.
+
+    On Linux the high-water mark of this program's own address space (``VmHWM``): ``ru_maxrss``
+    also carries over the peak of the process it was forked from (Linux records the old address
+    space's peak at exec), so a child of a large parent would report the parent's peak. Elsewhere
+    ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 

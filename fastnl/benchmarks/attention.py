@@ -3,7 +3,7 @@
 GPU (bf16, B=1, L in {1024, 4096, 8192, 16384}, D in {512, 1024}): backends triton / torch /
 reference of :func:`fastnl.ops.nl_attention` and every PyTorch SDPA backend on [B, 1, L, D]
 (refusals are reported), the bf16 dense-matmul throughput of the same run, and the sm_90
-resources of every Triton configuration. CPU (fp32, D=512, L up to 4096): the chunked torch
+resources of every Triton configuration. CPU (fp32, D=512, L up to 8192): the chunked torch
 path against the reference. TFLOP/s: 4*B*L*L*D forward, 10*B*L*L*D backward.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fastnl import ops
 
 GPU_LENGTHS = (1024, 4096, 8192, 16384)
 GPU_HEAD_DIMS = (512, 1024)
-CPU_LENGTHS = (1024, 2048, 4096)
+CPU_LENGTHS = (1024, 2048, 4096, 8192)
 FASTNL_BACKENDS = ("triton", "torch", "reference")
 
 
@@ -131,15 +131,16 @@ def _run_case(fn, label: dict, *args) -> dict:
 
 
 def cpu_peak_rss_mb(backend: str, L: int, D: int) -> float:
-    """Growth of ru_maxrss (MB) of a fresh process running fp32 forward+backward at [1, L, D]."""
+    """Peak resident memory (MB) that fp32 forward+backward at [1, L, D] adds, in a fresh process."""
     script = f"""
-import resource, torch
+import torch
 from fastnl import ops
+from fastnl.benchmarks import peak_rss_mb, reset_peak_rss_mb
 q, k, v = [torch.randn(1, {L}, {D}, requires_grad=True) for _ in range(3)]
 torch.ones(1)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = reset_peak_rss_mb()
 ops.nl_attention(q, k, v, scale={D ** -0.5}, backend={backend!r}).sum().backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+print(peak_rss_mb() - base)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     return float(out.split()[-1])

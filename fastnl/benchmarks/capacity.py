@@ -3,8 +3,8 @@
 For the reference and the fused model, with and without gradient checkpointing: the largest
 batch at N=8 frames and the largest N at batch 8 for which one training step (forward, loss,
 backward, Adam) runs without running out of memory. Every probe is a fresh subprocess (an
-out-of-memory error leaves nothing behind, and on a CPU ``ru_maxrss`` is that probe's own
-peak). The search doubles until a probe fails and then narrows the bracket, alternating a step
+out-of-memory error leaves nothing behind, and on a CPU the peak resident set is that
+probe's own). The search doubles until a probe fails and then narrows the bracket, alternating a step
 predicted from the peaks measured so far (linear in the batch, up to quadratic in N) with a
 plain bisection step.
 
@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from fastnl.benchmarks import current_rss_mb, emit, peak_rss_mb, run_subprocess
+from fastnl.benchmarks import emit, peak_rss_mb, reset_peak_rss_mb, run_subprocess
 
 IMPLS = ("reference", "fused")
 
@@ -200,7 +200,7 @@ def probe_step(setting: Setting, impl: str, grad_checkpoint: bool, batch: int, f
             torch.cuda.set_per_process_memory_fraction(min(1.0, setting.budget_mb * 2**20 / total), setting.device)
         base = torch.cuda.memory_allocated(setting.device) / 2**20
     else:
-        base = current_rss_mb()
+        base = reset_peak_rss_mb()
         if setting.budget_mb:
             _cap_address_space(2 * setting.budget_mb)
     t0 = time.perf_counter()

@@ -11,14 +11,15 @@ Both variants of a row run in the same AMP mode (bf16 autocast on CUDA, none on 
 holds the medians, the speed-up (reference time / fused time), the peak memories and their
 ratio (reference / fused). On CUDA the variants run in this process with
 ``torch.cuda.max_memory_allocated``; on a CPU each runs in its own subprocess and its peak is the
-process's ``ru_maxrss`` above its resident size before the model and inputs were built.
+process's peak resident set (see :func:`fastnl.benchmarks.peak_rss_mb`) above its resident size
+before the model and inputs were built.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass
 
-from fastnl.benchmarks import current_rss_mb, emit, median_ms, peak_rss_mb, run_subprocess
+from fastnl.benchmarks import emit, median_ms, peak_rss_mb, reset_peak_rss_mb, run_subprocess
 
 IMPLS = ("reference", "fused")
 
@@ -131,7 +132,7 @@ def measure(case: Case, impl: str, device: str) -> dict:
         torch.cuda.empty_cache()
         base_mb = torch.cuda.memory_allocated(device) / 2**20
     else:
-        base_mb = current_rss_mb()
+        base_mb = reset_peak_rss_mb()
     step = BUILDERS[case.kind](case, impl, device)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -163,7 +164,7 @@ def compare(case: Case, device: str) -> dict:
            "amp": case.amp, "grad_checkpoint": case.grad_checkpoint, "device": device,
            "device_name": torch.cuda.get_device_name(device) if on_cuda else "cpu",
            "threads": torch.get_num_threads(), "repeat": case.repeat,
-           "memory": "max_memory_allocated" if on_cuda else "ru_maxrss above start (subprocess)"}
+           "memory": "max_memory_allocated" if on_cuda else "peak RSS above start (subprocess, Linux VmHWM)"}
     for impl, res in results.items():
         row[f"{impl}_ms"] = res.get("ms")
         row[f"{impl}_peak_mb"] = res.get("peak_mb")
