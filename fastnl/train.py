@@ -57,8 +57,10 @@ class TrainConfig:
     frames: int = _opt(8, "frames per training clip (N), drawn at random from the tracklet")
     height: int = _opt(256, "frame height")
     width: int = _opt(128, "frame width")
-    p: int = _opt(8, "identities per batch (P)")
-    k: int = _opt(4, "tracklets per identity (K); each process takes P x K clips per step")
+    # Long aliases: torchrun reads a bare `--p` as an abbreviation of its own options.
+    p: int = _opt(8, "identities per batch (P)", aliases=("--ids-per-batch",))
+    k: int = _opt(4, "tracklets per identity (K); each process takes P x K clips per step",
+                  aliases=("--tracklets-per-id",))
     sampling: str = _opt("restricted", "frame sampling of the data loader")
     flip: bool = _opt(True, "random horizontal flips")
     loader: str = _opt("torch", "data loading backend", choices=("torch", "dali"))

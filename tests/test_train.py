@@ -244,3 +244,13 @@ def test_verify_finds_a_corrupt_frame_before_training(data, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the reader's junk-id warning
     assert last.startswith("fastnl train: error:") and str(frame) in last
     assert not (run / "checkpoint.pt").exists()
+
+
+def test_long_aliases_of_p_and_k_for_torchrun():
+    """torchrun takes a bare `--p` for an abbreviation of its own options: the aliases avoid it."""
+    from fastnl.commands.train import resolve_config
+
+    args = cli.build_parser().parse_args(["train", "--root", "r", "--out", "o", "--ids-per-batch", "6",
+                                          "--tracklets-per-id", "3"])
+    cfg, _ = resolve_config(args)
+    assert (cfg.p, cfg.k) == (6, 3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 NAME = "train"
@@ -37,7 +38,7 @@ def add_arguments(parser) -> None:
             kw["type"] = type(f.default)
         shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         kw["help"] = f"{text} (default: {shown})" if shown not in ("", None) else text
-        parser.add_argument(flag, **kw)
+        parser.add_argument(flag, *f.metadata.get("aliases", ()), **kw)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -85,7 +86,7 @@ def run(args) -> int:
 
     cfg, resume = resolve_config(args)
     result = train(cfg, resume=resume)
-    if not result["stopped"]:
+    if not result["stopped"] and os.environ.get("RANK", "0") == "0":  # one line per run, not per process
         print(f"done: {result['step']} steps, {result['epoch']} epochs, final loss {result['loss']:.4f}; "
               f"checkpoint {result['checkpoint']}")
     return 0
