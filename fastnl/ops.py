@@ -7,6 +7,7 @@ Inputs are validated here once, so every backend sees well-formed tensors.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -64,7 +65,7 @@ def nl_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: fl
             f"q, k, v must all have shape [B, L, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     scale = float(scale)
-    if not torch.isfinite(torch.tensor(scale)):
+    if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
     if backend == "auto":
