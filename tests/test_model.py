@@ -179,3 +179,26 @@ def test_grad_checkpointing_gives_the_same_gradients_and_keeps_less():
     for name, grad in plain.items():
         torch.testing.assert_close(ckpt[name], grad, rtol=1e-9, atol=1e-12, msg=name)
     assert ckpt_bytes < plain_bytes / 3, (ckpt_bytes, plain_bytes)
+
+
+def test_grad_checkpointing_updates_batchnorm_statistics_once():
+    """The recomputation in backward must not move the running statistics a second time."""
+    torch.manual_seed(0)
+    plain = build_model(4, frames=2).double().train()
+    _wake_nlams(plain)
+    ckpt = build_model(4, frames=2).double().train()
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_grad_checkpointing(True)
+    clips = _clips(2, 2, seed=5).double()
+    for model in (plain, ckpt):
+        logits, desc = model(clips)
+        (logits.sum() + desc.square().sum()).backward()
+    buffers = dict(ckpt.named_buffers())
+    moved = 0
+    for name, value in plain.named_buffers():
+        torch.testing.assert_close(buffers[name], value, rtol=1e-12, atol=1e-12, msg=name)
+        if name.endswith("num_batches_tracked"):
+            assert int(value) == 1, name
+        elif name.endswith("running_var"):
+            moved += int(not torch.equal(value, torch.ones_like(value)))
+    assert moved > 40  # every BatchNorm of the backbone took one update

@@ -24,6 +24,36 @@ def seresnet50() -> nn.Module:
     return timm.create_model("seresnet50", pretrained=False, num_classes=0)
 
 
+class _RecomputeKeepsBNStats:
+    """Runs ``block``; every later call (the recomputation in backward under checkpointing)
+    leaves the BatchNorm running statistics alone, so a checkpointed step updates them exactly
+    once, as an uncheckpointed step does. The recomputation still normalises with the batch
+    statistics and saves the same tensors, so its output and every gradient are those of the
+    first call: only the momentum is 0 (running = 1 * running + 0 * batch) and the step counter
+    is put back."""
+
+    def __init__(self, block: nn.Module):
+        self.block, self.calls = block, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            return self.block(x)
+        norms = [m for m in self.block.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+        for m in norms:
+            m.momentum = 0.0
+        try:
+            return self.block(x)
+        finally:
+            # also when the recomputation stops early (torch's StopRecomputationError)
+            with torch.no_grad():
+                for m, (momentum, count) in zip(norms, saved):
+                    m.momentum = momentum
+                    m.num_batches_tracked.copy_(count)
+
+
 class VideoReIDNet(nn.Module):
     """SE-ResNet50 + NLAM (after ``nlam_blocks``) + temporal aggregation + FC classifier.
 
@@ -68,7 +98,7 @@ class VideoReIDNet(nn.Module):
         if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
             return stage(x)
         for block in [stage] if is_stem else list(stage):
-            x = checkpoint(block, x, use_reentrant=False)
+            x = checkpoint(_RecomputeKeepsBNStats(block), x, use_reentrant=False)
         return x
 
     def frame_features(self, clips: torch.Tensor) -> torch.Tensor:
