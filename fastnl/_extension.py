@@ -117,10 +117,22 @@ def available() -> bool:
     return True
 
 
-def warn_missing_once() -> None:
+def has_kernels_for(device: torch.device) -> bool:
+    """Whether the loaded extension has kernels for ``device``'s type (a build without nvcc
+    has CPU kernels only)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastnl::channel_attention", key)
+
+
+def missing_kernels_reason(device: torch.device) -> str:
+    return (f"the fastnl._C extension was built without {torch.device(device).type.upper()} kernels "
+            f"(rebuild it where nvcc and a CUDA build of torch are present: `make install`)")
+
+
+def warn_missing_once(reason: str | None = None) -> None:
     global _warned
     if not _warned:
-        reason = _state.get("error", _BUILD_HINT)
+        reason = reason or _state.get("error", _BUILD_HINT)
         warnings.warn(f"{reason}; using the plain PyTorch channel attention", RuntimeWarning, stacklevel=3)
         _warned = True
 

@@ -154,4 +154,11 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
         if backend == "auto" and not _extension.available():
             _extension.warn_missing_once()
             return reference.channel_attention(x, w1, b1, w2, b2)
+        _extension.load()  # ImportError naming the cause for backend="extension"
+        if not _extension.has_kernels_for(x.device):
+            reason = _extension.missing_kernels_reason(x.device)
+            if backend == "extension":
+                raise RuntimeError(f"channel_attention on {x.device}: {reason}")
+            _extension.warn_missing_once(reason)
+            return reference.channel_attention(x, w1, b1, w2, b2)
         return _extension.channel_attention(x, w1, b1, w2, b2)

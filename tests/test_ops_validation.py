@@ -70,6 +70,25 @@ def test_channel_reference_backend_and_none_biases():
     torch.testing.assert_close(out, x * gate[:, None, :, None, None])
 
 
+def test_channel_extension_without_kernels_for_the_device(monkeypatch):
+    """A build of the extension without kernels for x's device: "extension" names the cause,
+    "auto" warns and gives the reference's result."""
+    from fastnl import _extension
+
+    if not _extension.available():
+        pytest.skip("the extension is not built here")
+    assert _extension.has_kernels_for(torch.device("cpu"))
+    assert not _extension.has_kernels_for(torch.device("meta"))
+    monkeypatch.setattr(_extension, "has_kernels_for", lambda device: False)
+    monkeypatch.setattr(_extension, "_warned", False)
+    args = _channel_args()
+    with pytest.raises(RuntimeError, match="built without CPU kernels"):
+        ops.channel_attention(*args, backend="extension")
+    with pytest.warns(RuntimeWarning, match="built without CPU kernels"):
+        out = ops.channel_attention(*args)
+    torch.testing.assert_close(out, ops.channel_attention(*args, backend="reference"), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "index, value, error, pattern",
     [
