@@ -93,8 +93,39 @@ def _nl_attention(q, k, v, scale: float, backend: str) -> torch.Tensor:
             f"backend='triton' needs CUDA tensors (got {q.device}); on CPU set TRITON_INTERPRET=1 "
             "before importing fastnl, or use backend='torch'"
         )
+    if not q.is_cuda:
+        problem = triton_interpreter_problem()
+        if problem:
+            raise RuntimeError(problem)
     kernels = _load_triton_kernels()
     return kernels.nl_attention_triton(q, k, v, scale=scale)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def triton_interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels in this environment, or None.
+
+    Triton 3.6 and older turn a runtime scalar (the kernels' L) into an int with
+    ``int(array_of_one_element)``, which numpy 2.5 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars"); Triton 3.7 fixed it. Compiled GPU runs are not affected.
+    """
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 5):
+        return (f"Triton {triton.__version__}'s CPU interpreter cannot run with numpy {numpy.__version__} "
+                "(it converts one-element arrays with int(), which numpy 2.5 refuses): install "
+                "'numpy<2.5' or triton>=3.7, or use backend='torch' on CPU")
+    return None
 
 
 def _triton_available() -> bool:

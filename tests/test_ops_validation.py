@@ -138,3 +138,23 @@ def test_nlam_trains_under_bf16_autocast_with_both_impls():
         grads.append(x.grad)
     rel = (grads[0] - grads[1]).norm() / grads[1].norm()
     assert rel < 2e-2, rel
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.5.5", True), ("3.6.0", "2.4.6", False), ("3.7.0", "2.5.0", False),
+    ("3.8.0+git1234", "2.6.0rc1", False), ("3.5.1", "2.5.0.dev0", True),
+])
+def test_triton_interpreter_problem_names_the_versions(monkeypatch, triton_version, numpy_version, broken):
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    problem = ops.triton_interpreter_problem()
+    assert (problem is not None) == broken
+    if broken:
+        assert triton_version in problem and numpy_version in problem and "numpy<2.5" in problem
+        q, k, v = _qkv()
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        with pytest.raises(RuntimeError, match="cannot run with numpy"):
+            ops.nl_attention(q, k, v, backend="triton")
