@@ -113,7 +113,7 @@ def triton_interpreter_problem() -> str | None:
     """Why Triton's CPU interpreter cannot run the kernels in this environment, or None.
 
     Triton 3.6 and older turn a runtime scalar (the kernels' L) into an int with
-    ``int(array_of_one_element)``, which numpy 2.5 refuses ("only 0-dimensional arrays can be
+    ``int(array_of_one_element)``, which numpy 2.4 refuses ("only 0-dimensional arrays can be
     converted to Python scalars"); Triton 3.7 fixed it. Compiled GPU runs are not affected.
     """
     try:
@@ -121,10 +121,10 @@ def triton_interpreter_problem() -> str | None:
         import triton
     except ImportError:
         return None
-    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 5):
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
         return (f"Triton {triton.__version__}'s CPU interpreter cannot run with numpy {numpy.__version__} "
-                "(it converts one-element arrays with int(), which numpy 2.5 refuses): install "
-                "'numpy<2.5' or triton>=3.7, or use backend='torch' on CPU")
+                "(it converts one-element arrays with int(), which numpy 2.4 refuses): install "
+                "'numpy<2.4' or triton>=3.7, or use backend='torch' on CPU")
     return None
 
 
