@@ -105,6 +105,10 @@ def load():
         from fastnl import _channel_ops
 
         _channel_ops.register()
+        # read once here, so that torch.compile traces has_kernels_for as a constant
+        _state["device_types"] = frozenset(
+            kind for kind, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+            if torch._C._dispatch_has_kernel_for_dispatch_key("fastnl::channel_attention", key))
         _state["ops"] = torch.ops.fastnl
         return _state["ops"]
 
@@ -120,8 +124,7 @@ def available() -> bool:
 def has_kernels_for(device: torch.device) -> bool:
     """Whether the loaded extension has kernels for ``device``'s type (a build without nvcc
     has CPU kernels only)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastnl::channel_attention", key)
+    return torch.device(device).type in _state.get("device_types", ())
 
 
 def missing_kernels_reason(device: torch.device) -> str:
