@@ -134,7 +134,7 @@ else
 fi
 
 if has pytest; then
-    step pytest-gpu "$(limit 150)" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
+    step pytest-gpu "$(limit 200)" "$PY" -m pytest -m "gpu or triton" -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
     SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)
     if [ "$DEVICE" != cuda ]; then
         note "compute-sanitizer memcheck: not run (no GPU)."

@@ -9,7 +9,22 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_BLOCK = 1024
+MAX_BLOCK = 1024
+MIN_BLOCK = 64
+# A block's score tile ([B, block, L]) holds at most this many elements per batch entry (16 MB
+# in float32); the backward keeps two such tiles (P and dS) alive at once.
+TILE_ELEMENTS = 1 << 22
+
+
+def default_block(seq_len: int) -> int:
+    """The query block for L = ``seq_len``: the largest power of two in [MIN_BLOCK, MAX_BLOCK]
+    whose [block, L] tile stays within TILE_ELEMENTS, so the tiles shrink as L grows and the
+    extra memory stays a fraction of the O(L * D) inputs and gradients (1024 up to L = 4096,
+    512 at 8192, 256 at 16384)."""
+    block = MAX_BLOCK
+    while block > MIN_BLOCK and block * seq_len > TILE_ELEMENTS:
+        block //= 2
+    return block
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,8 +77,11 @@ class _ChunkedAttention(torch.autograd.Function):
 
 
 def nl_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0,
-                         block: int = DEFAULT_BLOCK) -> torch.Tensor:
-    """``softmax(scale * q @ k^T) @ v`` for q, k, v [B, L, D], processed ``block`` query rows at a time."""
+                         block: int | None = None) -> torch.Tensor:
+    """``softmax(scale * q @ k^T) @ v`` for q, k, v [B, L, D], processed ``block`` query rows at a
+    time (default: :func:`default_block` of L)."""
+    if block is None:
+        block = default_block(q.shape[1])
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     return _ChunkedAttention.apply(q, k, v, float(scale), int(block))

@@ -345,12 +345,38 @@ KERNELS = {"fwd": _nl_attn_fwd, "dkdv": _nl_attn_bwd_dkdv, "dq": _nl_attn_bwd_dq
            "preprocess": _nl_attn_bwd_preprocess}
 
 
+_FORCED: dict = {}
+
+
+class forced_configs:
+    """Context manager: launch the given kernels ("fwd", "dkdv", "dq") with exactly these
+    ``triton.Config`` s instead of autotuning or the defaults (for checking and timing every
+    configuration the autotuner may pick). Not thread-safe; nests."""
+
+    def __init__(self, **configs: triton.Config):
+        bad = set(configs) - {"fwd", "dkdv", "dq"}
+        if bad:
+            raise ValueError(f"forced_configs takes fwd, dkdv, dq; got {sorted(bad)}")
+        self.configs, self.saved = configs, None
+
+    def __enter__(self):
+        self.saved = dict(_FORCED)
+        _FORCED.update(self.configs)
+        return self
+
+    def __exit__(self, *exc):
+        _FORCED.clear()
+        _FORCED.update(self.saved)
+        return False
+
+
 def _launch(kernel: str, grid_of, args, constants, head_dim: int, dtype: torch.dtype) -> None:
     """Launch ``kernel`` autotuned, or with its default configuration when autotuning is off."""
-    if autotune_enabled():
+    config = _FORCED.get(kernel)
+    if config is None and autotune_enabled():
         _TUNED[kernel][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_DV"])](*args, **constants)
         return
-    config = default_config(kernel, head_dim, dtype)
+    config = config or default_config(kernel, head_dim, dtype)
     meta = config.kwargs
     KERNELS[kernel][grid_of(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_DV"])](
         *args, **constants, **meta, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -21,6 +21,10 @@ def _cuda_available() -> bool:
 HAS_CUDA = _cuda_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # The many shapes of the tests run with the default configurations; the tests marked gpu
+    # check every configuration the autotuner may pick, and the autotuned path once.
+    os.environ.setdefault("FASTNL_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,7 @@
-"""NLAM spatial attention (paper eq. 1): the Triton kernels (under the interpreter without a GPU)
-and the chunked torch path, against a float64 reference.
+"""NLAM spatial attention (paper eq. 1): the Triton kernels (compiled on a GPU, under the
+interpreter without one) and the chunked torch path, against a float64 reference. Every test
+here runs on the GPU where there is one (`pytest -m triton`); the tests marked gpu also check
+every configuration the autotuner may pick, and the autotuned path itself.
 
 Tolerances come from the error that plain attention computed in the same dtype (every matmul
 rounded to it) makes against float64 on the same inputs.
@@ -15,6 +17,8 @@ from fastnl.attention_chunked import nl_attention_chunked
 
 kernels = import_kernels()
 nla = kernels.nl_attention
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.triton
 
 
 def make_qkv(B, L, D, dtype, layout, std=1.0, seed=0):
@@ -22,8 +26,8 @@ def make_qkv(B, L, D, dtype, layout, std=1.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     if layout == "channel_first":
         x = torch.randn(B, 3 * D, L, generator=gen) * std
-        return [t.transpose(1, 2) for t in x.to(dtype).chunk(3, dim=1)]
-    return [(torch.randn(B, L, D, generator=gen) * std).to(dtype) for _ in range(3)]
+        return [t.transpose(1, 2) for t in x.to(DEVICE, dtype).chunk(3, dim=1)]
+    return [(torch.randn(B, L, D, generator=gen) * std).to(DEVICE, dtype) for _ in range(3)]
 
 
 def naive_attention_grads(q, k, v, grad, scale):
@@ -56,7 +60,7 @@ def check_against_fp64(fn, q, k, v, scale):
     probabilities recomputed from a saved log-sum-exp) * the largest reference value of that
     output or of out (dq is exactly 0 at L=1)."""
     gen = torch.Generator().manual_seed(1)
-    grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    grad = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(q.device)
     ref = run(lambda a, b, c: ops.nl_attention(a, b, c, scale=scale, backend="reference"),
               q.double(), k.double(), v.double(), grad)
     naive = naive_attention_grads(q, k, v, grad, scale)
@@ -163,7 +167,7 @@ def test_triton_rejects_head_dim_not_multiple_of_16():
 
 
 def test_triton_rejects_head_dim_above_1024():
-    q, k, v = [torch.zeros(1, 2, 1040) for _ in range(3)]
+    q, k, v = [torch.zeros(1, 2, 1040, device=DEVICE) for _ in range(3)]
     with pytest.raises(ValueError, match=r"at most 1024.*D=1040"):
         nla.nl_attention_triton(q, k, v)
 
@@ -178,13 +182,57 @@ def test_mismatched_shapes_are_rejected():
 
 def test_triton_on_cpu_outside_interpreter_is_rejected(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q, k, v = make_qkv(1, 8, 16, F32, "contiguous")
+    q, k, v = [t.cpu() for t in make_qkv(1, 8, 16, F32, "contiguous")]
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         ops.nl_attention(q, k, v, backend="triton")
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the kernels are compiled on this machine")
 def test_autotuning_is_off_under_the_interpreter():
     assert not nla.autotune_enabled()
+
+
+def test_forced_configs_validate_and_nest():
+    first, second = nla.candidate_configs("fwd", 64)[:2]
+    with pytest.raises(ValueError, match="fwd, dkdv, dq"):
+        nla.forced_configs(bwd=first)
+    with nla.forced_configs(fwd=first):
+        assert nla._FORCED == {"fwd": first}
+        with nla.forced_configs(fwd=second, dq=first):
+            assert nla._FORCED == {"fwd": second, "dq": first}
+        assert nla._FORCED == {"fwd": first}
+    assert nla._FORCED == {}
+
+
+def _every_config(head_dim, dtype):
+    """(kernel, config) for every configuration the autotuner may pick, one kernel at a time."""
+    for kernel in ("fwd", "dkdv", "dq"):
+        for config in nla.candidate_configs(kernel, head_dim, dtype=dtype):
+            yield kernel, config
+
+
+# The model's head dims in its training dtype, and fp32 (its own tiles); L not a multiple of any
+# block, two clips, the conv's channel-first layout.
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim, dtype, seq_len", [(128, BF16, 1000), (512, BF16, 1000),
+                                                      (1024, BF16, 520), (512, F32, 300)])
+def test_every_autotuner_configuration_matches_fp64(head_dim, dtype, seq_len):
+    q, k, v = make_qkv(2, seq_len, head_dim, dtype, "channel_first")
+    scale = 1.0 / math.sqrt(head_dim)
+    for kernel, config in _every_config(head_dim, dtype):
+        with nla.forced_configs(**{kernel: config}):
+            try:
+                check_against_fp64(triton_fn(scale), q, k, v, scale)
+            except AssertionError as err:
+                raise AssertionError(f"{kernel} {config}: {err}") from err
+
+
+@pytest.mark.gpu
+def test_autotuned_path_matches_fp64(monkeypatch):
+    monkeypatch.setenv("FASTNL_AUTOTUNE", "1")
+    assert nla.autotune_enabled()
+    q, k, v = make_qkv(1, 777, 512, BF16, "channel_first", seed=4)
+    check_against_fp64(triton_fn(1.0 / math.sqrt(512)), q, k, v, 1.0 / math.sqrt(512))
 
 
 @pytest.mark.parametrize("head_dim", [16, 48, 512, 1024])
@@ -205,3 +253,12 @@ def test_keep_drops_row_blocks_longer_than_the_sequence():
     short = nla.candidate_configs("fwd", 512, seq_len=7)
     assert short and all(c.kwargs["BLOCK_M"] <= 64 for c in short)
     assert any(c.kwargs["BLOCK_M"] == 128 for c in nla.candidate_configs("fwd", 512, seq_len=4096))
+
+
+@pytest.mark.parametrize("seq_len, block", [(1, 1024), (4096, 1024), (4097, 512), (8192, 512),
+                                            (16384, 256), (1 << 20, 64)])
+def test_chunked_query_block_shrinks_as_l_grows(seq_len, block):
+    from fastnl.attention_chunked import TILE_ELEMENTS, default_block
+
+    assert default_block(seq_len) == block
+    assert block * seq_len <= TILE_ELEMENTS or block == 64
