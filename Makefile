@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean test-compat
 
 install: $(VENV)/.stamp-deps $(VENV)/.stamp-ext
 
@@ -27,6 +27,22 @@ demo: install
 
 test: install
 	$(VENV)/bin/python -m pytest
+
+# The oldest versions the code supports, as on the GPU machines (torch 2.11, triton 3.6; numpy
+# < 2.4 for triton 3.6's CPU interpreter): a second virtualenv, the package used from the
+# source tree (the extension JIT-built on first use). Several GB of downloads on first run.
+COMPAT_VENV := .venv-compat
+COMPAT_PYTHON ?= $(shell command -v python3.12 || echo $(PYTHON))
+
+$(COMPAT_VENV)/.stamp-deps:
+	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/pip install "torch==2.11.*" "triton==3.6.*" "numpy<2.4" timm scipy pyyaml \
+		pillow matplotlib tqdm pytest pytest-benchmark ninja
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.stamp-deps
+	PYTHONPATH=$(CURDIR) FASTNL_BUILD_DIR=$(abspath $(COMPAT_VENV))/build $(COMPAT_VENV)/bin/python -m pytest -p no:cacheprovider
 
 clean:
 	rm -rf build *.egg-info fastnl/_C*.so

@@ -4,7 +4,7 @@
 # Runs as-is from the repository root on a bare GPU machine: python3 with torch, triton and
 # timm, no pip, no network, the package not installed (PYTHONPATH=$PWD; the C++/CUDA extension
 # is compiled by the JIT path of fastnl/_extension.py). Steps, each with its own time limit:
-#   environment -> extension build -> fastnl check -> pytest -m gpu -> compute-sanitizer
+#   environment -> extension build -> fastnl check -> pytest -m "gpu or triton" -> compute-sanitizer
 #   memcheck of the extension's GPU tests -> fastnl bench (attention, channel, nlam + model)
 #   -> clip loader throughput (torch DataLoader; DALI "mixed" decoding where importable)
 #   -> fastnl bench capacity (gets whatever time is left, at least RESERVE seconds)
@@ -134,7 +134,9 @@ else
 fi
 
 if has pytest; then
-    step pytest-gpu "$(limit 200)" "$PY" -m pytest -m "gpu or triton" -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
+    XDIST=""
+    has xdist && XDIST="-n 4"  # Triton compiles one kernel per process at a time
+    step pytest-gpu "$(limit 200)" "$PY" -m pytest -m "gpu or triton" $XDIST -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
     SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)
     if [ "$DEVICE" != cuda ]; then
         note "compute-sanitizer memcheck: not run (no GPU)."
