@@ -7,6 +7,7 @@
 #   environment -> extension build -> fastnl check -> pytest -m "gpu or triton" -> compute-sanitizer
 #   memcheck of the extension's GPU tests -> fastnl bench (attention, channel, nlam + model)
 #   -> clip loader throughput (torch DataLoader; DALI "mixed" decoding where importable)
+#   -> fastnl bench configs (every Triton configuration timed)
 #   -> fastnl bench capacity (gets whatever time is left, at least RESERVE seconds)
 # Everything (JSON, PNG, logs, summary.md) goes to bench/results/<date>-<gpu>/.
 #
@@ -202,6 +203,10 @@ with tempfile.TemporaryDirectory() as tmp:
         print(rows[-1])
 json.dump({"dali_available": dali_available(), "rows": rows}, open(out, "w"), indent=1)
 EOF
+
+# Every Triton configuration the autotuner may pick, timed at the model's shapes (for tuning the
+# defaults and the search space); skipped on a CPU dry run.
+step bench-configs "$(limit 90)" "$PY" -m fastnl bench configs --device "$DEVICE" $QUICK --json "$OUT/bench-configs.json"
 
 # --- capacity: the rest of the time ----------------------------------------------------------
 CAP_SECS=$(( $(remaining) - 15 ))

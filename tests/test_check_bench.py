@@ -1,5 +1,6 @@
 """`fastnl check`, `fastnl bench` and the capacity search on a CPU."""
 import json
+import os
 
 import pytest
 import torch
@@ -74,6 +75,36 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     assert row["speedup"] == pytest.approx(row["reference_ms"] / row["fused_ms"])
     assert row["reference_peak_mb"] > 0 and row["fused_peak_mb"] > 0
     assert "speedup" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="times the compiled kernels on a GPU (the GPU suite)")
+def test_bench_configs_times_every_candidate_and_keeps_earlier_suites(tmp_path, monkeypatch, capsys):
+    """The configuration sweep (interpreted on a tiny shape) has one row per candidate, each
+    kernel's default among them; the JSON is written after each suite, so a later suite that
+    fails loses only itself."""
+    from fastnl import benchmarks
+    from fastnl._paths import import_kernels
+
+    nla = import_kernels().nl_attention
+    real = benchmarks.load_suite
+
+    def broken(device, quick=False):
+        raise RuntimeError("out of time")
+
+    monkeypatch.setattr(benchmarks, "load_suite", lambda name: broken if name == "nlam" else real(name))
+    autotune_before = os.environ.get("FASTNL_AUTOTUNE")
+    out = tmp_path / "bench.json"
+    with pytest.raises(RuntimeError, match="out of time"):
+        cli.main(["bench", "--quick", "--device", "cpu", "--json", str(out), "configs", "nlam"])
+    rows = json.loads(out.read_text())["suites"]["configs"]
+    assert "nlam" not in json.loads(out.read_text())["suites"]
+    for kernel in ("fwd", "dkdv", "dq"):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        assert len(mine) == len(nla.candidate_configs(kernel, 32, 48, dtype=torch.bfloat16)) > 0
+        assert sum(r["default"] for r in mine) == 1
+        assert all(r["ms"] > 0 and r["L"] == 48 and r["D"] == 32 for r in mine)
+        assert {r["timed"] for r in mine} == {"fwd" if kernel == "fwd" else "fwd+bwd"}
+    assert os.environ.get("FASTNL_AUTOTUNE") == autotune_before  # the sweep put it back
 
 
 def test_bench_rejects_unknown_suites(capsys):

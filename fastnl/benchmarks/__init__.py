@@ -24,6 +24,7 @@ SUITES = {
     "channel": "fastnl.benchmarks.channel:run",
     "nlam": "fastnl.benchmarks.model:run_nlam",
     "model": "fastnl.benchmarks.model:run_model",
+    "configs": "fastnl.benchmarks.attention:run_configs",
 }
 RESULT_PREFIX = "FASTNL_RESULT "
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -2,8 +2,9 @@
 
 GPU (bf16, B=1, L in {1024, 4096, 8192, 16384}, D in {512, 1024}): backends triton / torch /
 reference of :func:`fastnl.ops.nl_attention` and every PyTorch SDPA backend on [B, 1, L, D]
-(refusals are reported), the bf16 dense-matmul throughput of the same run, and the sm_90
-resources of every Triton configuration. CPU (fp32, D=512, L up to 8192): the chunked torch
+(refusals are reported) and the bf16 dense-matmul throughput of the same run;
+``run_configs`` (suite ``configs``) times every Triton configuration the autotuner may pick;
+``kernel_resources`` gives their sm_90 registers, stack and shared memory. CPU (fp32, D=512, L up to 8192): the chunked torch
 path against the reference. TFLOP/s: 4*B*L*L*D forward, 10*B*L*L*D backward.
 """
 from __future__ import annotations
@@ -160,8 +161,11 @@ def run(device, quick: bool = False) -> list[dict]:
                 for name, fn in cases:
                     label = {"kind": "attention", "backend": name, "B": 1, "L": L, "D": D, "dtype": "bf16"}
                     rows.append(_run_case(fn, label, 1, L, D, torch.bfloat16, device, 3 if quick else 10))
-        if not quick:
-            rows.extend(kernel_resources())
+                    row = rows[-1]
+                    print(f"  attention {name} L={L} D={D}: " + (
+                        f"refused ({row['refused']})" if "refused" in row else
+                        f"fwd {1e3 * row['fwd_s']:.3f} ms, fwd+bwd {1e3 * row['fwd_bwd_s']:.3f} ms"),
+                        file=sys.stderr, flush=True)
         return rows
     lengths = (256, 1024) if quick else CPU_LENGTHS
     D = 128 if quick else 512
@@ -172,6 +176,61 @@ def run(device, quick: bool = False) -> list[dict]:
             if not quick:
                 row["peak_rss_growth_mb"] = cpu_peak_rss_mb(backend, L, D)
             rows.append(row)
+    return rows
+
+
+# The model's attention shapes at the paper's N=8 (after layer3: L = 128 N, D = 512; after
+# layer4: L = 32 N, D = 1024) and a long clip (N = 64 after layer3).
+CONFIG_SHAPES = ((1024, 512), (256, 1024), (8192, 512))
+
+
+def run_configs(device, quick: bool = False) -> list[dict]:
+    """Every configuration the autotuner may pick, timed on its own (bf16, B=2, channel-first
+    q/k/v). A forward configuration is timed on the forward alone; a dkdv or dq configuration on
+    forward + backward with the other kernels at their default configurations, so within one
+    kernel and shape the rows differ only by that kernel's configuration. Needs a GPU (or, for
+    checking the sweep itself, TRITON_INTERPRET=1 and ``quick``, on a tiny shape)."""
+    from fastnl._paths import import_kernels
+
+    device = torch.device(device)
+    nla = import_kernels().nl_attention
+    if device.type != "cuda" and not (quick and os.environ.get("TRITON_INTERPRET") == "1"):
+        return [{"kind": "config", "skipped": "needs a CUDA device (or TRITON_INTERPRET=1 with --quick)"}]
+    shapes = CONFIG_SHAPES[:2] if quick else CONFIG_SHAPES
+    dtype, reps, batch = torch.bfloat16, 5 if quick else 20, 2
+    if device.type != "cuda":
+        shapes, reps, batch = ((48, 32),), 1, 1
+    saved = os.environ.get("FASTNL_AUTOTUNE")
+    os.environ["FASTNL_AUTOTUNE"] = "0"
+    rows = []
+    try:
+        for L, D in shapes:
+            fn = _attention_fn("triton")
+            for kernel in ("fwd", "dkdv", "dq"):
+                for config in nla.candidate_configs(kernel, D, L, dtype=dtype):
+                    meta = config.kwargs
+                    label = {"kind": "config", "kernel": kernel, "L": L, "D": D, "B": batch,
+                             "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"], "BLOCK_DV": meta["BLOCK_DV"],
+                             "warps": config.num_warps, "stages": config.num_stages,
+                             "recompute": nla.recompute_factor(D, meta["BLOCK_DV"]),
+                             "default": config.kwargs == nla.default_config(kernel, D, dtype).kwargs
+                             and config.num_warps == nla.default_config(kernel, D, dtype).num_warps}
+                    with nla.forced_configs(**{kernel: config}):
+                        row = _run_case(fn, label, batch, L, D, dtype, device, reps)
+                    if "refused" not in row:
+                        key = "fwd_s" if kernel == "fwd" else "fwd_bwd_s"
+                        row = {**label, "timed": "fwd" if kernel == "fwd" else "fwd+bwd",
+                               "ms": 1e3 * row[key],
+                               "tflops": row["fwd_tflops" if kernel == "fwd" else "fwd_bwd_tflops"]}
+                    rows.append(row)
+                    print(f"  config {kernel} L={L} D={D} {meta} w{config.num_warps} s{config.num_stages}: "
+                          f"{row.get('ms', float('nan')):.3f} ms {row.get('refused', '')}",
+                          file=sys.stderr, flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop("FASTNL_AUTOTUNE", None)
+        else:
+            os.environ["FASTNL_AUTOTUNE"] = saved
     return rows
 
 

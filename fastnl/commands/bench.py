@@ -11,9 +11,10 @@ import sys
 NAME = "bench"
 HELP = ("Benchmark fused vs reference: the attention and channel-attention kernels, the whole NLAM "
         "block and a training step of the model (median time, peak memory, speed-up and memory "
-        "ratios); `fastnl bench capacity` searches the largest batch and the longest clips that train.")
+        "ratios); `fastnl bench capacity` searches the largest batch and the longest clips that train; "
+        "`fastnl bench configs` times every Triton configuration the autotuner may pick (GPU).")
 DEFAULT_SUITES = ("attention", "channel", "nlam", "model")
-ALL = DEFAULT_SUITES + ("capacity",)
+ALL = DEFAULT_SUITES + ("configs", "capacity")
 
 
 def add_arguments(parser) -> None:
@@ -146,6 +147,8 @@ def run(args) -> int:
         rows = suite(device, quick=args.quick)
         report["suites"][name] = rows
         print(format_rows(name, rows), flush=True)
+        if args.json:  # after every suite: a later one that runs out of time loses only itself
+            _write_json(args.json, report)
     if "capacity" in what:
         report["capacity"] = run_capacity(args, device)
     if args.json:
