@@ -17,6 +17,7 @@ from fastnl import reference
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ATTENTION_BACKENDS = ("auto", "triton", "torch", "reference")
 CHANNEL_BACKENDS = ("auto", "extension", "reference")
+TRITON_MAX_HEAD_DIM = 1024  # kernels/nl_attention.py's MAX_HEAD_DIM
 
 
 def _check_tensor(name: str, t, ndim: int, expected: str) -> None:
@@ -51,8 +52,9 @@ def nl_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: fl
     float32/float16/bfloat16 (float64 for the torch and reference backends), on one device.
     Returns [B, L, D] in q's dtype, differentiable in q, k and v.
 
-    backend: "auto" (Triton on CUDA, the chunked torch path elsewhere), "triton", "torch"
-    (chunked, O(L*D) extra memory) or "reference" (materialises the L x L matrix).
+    backend: "auto" (Triton on CUDA for what it supports, see ``auto_attention_backend``; the
+    chunked torch path elsewhere), "triton", "torch" (chunked, O(L*D) extra memory) or
+    "reference" (materialises the L x L matrix).
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
@@ -69,9 +71,18 @@ def nl_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: fl
         raise ValueError(f"scale must be finite, got {scale}")
 
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+        backend = auto_attention_backend(q.device.type, q.dtype, q.shape[-1])
     with _no_autocast(q):
         return _nl_attention(q, k, v, scale, backend)
+
+
+def auto_attention_backend(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
+    """What ``backend="auto"`` runs: the Triton kernel on CUDA for what it supports (float32 /
+    float16 / bfloat16, D a multiple of 16 up to 1024), the chunked torch path otherwise (CPU,
+    float64, other head dims), so "auto" never refuses an input that "torch" accepts."""
+    supported = (dtype in (torch.float32, torch.float16, torch.bfloat16) and head_dim % 16 == 0
+                 and 0 < head_dim <= TRITON_MAX_HEAD_DIM)
+    return "triton" if device_type == "cuda" and supported and _triton_available() else "torch"
 
 
 def _no_autocast(t: torch.Tensor):

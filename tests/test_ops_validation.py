@@ -158,3 +158,20 @@ def test_triton_interpreter_problem_names_the_versions(monkeypatch, triton_versi
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         with pytest.raises(RuntimeError, match="cannot run with numpy"):
             ops.nl_attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("device_type, dtype, head_dim, expected", [
+    ("cuda", torch.bfloat16, 512, "triton"), ("cuda", torch.float32, 1024, "triton"),
+    ("cuda", torch.float16, 16, "triton"), ("cuda", torch.float64, 512, "torch"),
+    ("cuda", torch.bfloat16, 20, "torch"), ("cuda", torch.bfloat16, 1040, "torch"),
+    ("cpu", torch.bfloat16, 512, "torch"), ("cpu", torch.float64, 512, "torch"),
+])
+def test_auto_attention_backend_never_picks_what_triton_refuses(monkeypatch, device_type, dtype, head_dim,
+                                                                expected):
+    from fastnl._paths import import_kernels
+
+    assert ops.TRITON_MAX_HEAD_DIM == import_kernels().nl_attention.MAX_HEAD_DIM
+    monkeypatch.setattr(ops, "_triton_available", lambda: True)
+    assert ops.auto_attention_backend(device_type, dtype, head_dim) == expected
+    monkeypatch.setattr(ops, "_triton_available", lambda: False)
+    assert ops.auto_attention_backend(device_type, dtype, head_dim) == "torch"
