@@ -2,10 +2,11 @@
 
 GPU (bf16, B=1, L in {1024, 4096, 8192, 16384}, D in {512, 1024}): backends triton / torch /
 reference of :func:`fastnl.ops.nl_attention` and every PyTorch SDPA backend on [B, 1, L, D]
-(refusals are reported) and the bf16 dense-matmul throughput of the same run;
-``run_configs`` (suite ``configs``) times every Triton configuration the autotuner may pick;
-``kernel_resources`` gives their sm_90 registers, stack and shared memory. CPU (fp32, D=512, L up to 8192): the chunked torch
-path against the reference. TFLOP/s: 4*B*L*L*D forward, 10*B*L*L*D backward.
+(refusals are reported) and the bf16 dense-matmul throughput of the same run. CPU (fp32,
+D=512, L up to 8192): the chunked torch path against the reference. TFLOP/s: 4*B*L*L*D
+forward, 10*B*L*L*D backward. ``run_configs`` (suite ``configs``) times every Triton
+configuration the autotuner may pick; ``kernel_resources`` gives their sm_90 registers, stack
+and shared memory.
 """
 from __future__ import annotations
 
@@ -207,14 +208,15 @@ def run_configs(device, quick: bool = False) -> list[dict]:
         for L, D in shapes:
             fn = _attention_fn("triton")
             for kernel in ("fwd", "dkdv", "dq"):
+                default = nla.default_config(kernel, D, dtype)
                 for config in nla.candidate_configs(kernel, D, L, dtype=dtype):
                     meta = config.kwargs
                     label = {"kind": "config", "kernel": kernel, "L": L, "D": D, "B": batch,
                              "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"], "BLOCK_DV": meta["BLOCK_DV"],
                              "warps": config.num_warps, "stages": config.num_stages,
                              "recompute": nla.recompute_factor(D, meta["BLOCK_DV"]),
-                             "default": config.kwargs == nla.default_config(kernel, D, dtype).kwargs
-                             and config.num_warps == nla.default_config(kernel, D, dtype).num_warps}
+                             "default": (meta, config.num_warps, config.num_stages)
+                             == (default.kwargs, default.num_warps, default.num_stages)}
                     with nla.forced_configs(**{kernel: config}):
                         row = _run_case(fn, label, batch, L, D, dtype, device, reps)
                     if "refused" not in row:
