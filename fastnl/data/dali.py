@@ -19,6 +19,7 @@ from fastnl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastnl.errors import UserError
 
 DALI_PACKAGE = "nvidia-dali-cuda130"
+DALI_DEVICES = ("auto", "cpu", "gpu")  # where DALI decodes: "gpu" is nvJPEG ("mixed")
 
 
 def dali_available() -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastnl.data.dali import dali_available, require_dali
+from fastnl.data.dali import DALI_DEVICES, dali_available, require_dali
 from fastnl.data.datasets.base import DatasetError, Tracklet
 from fastnl.data.sampling import SAMPLING_MODES, PKSampler, sample_train_indices, test_sequences
 from fastnl.data.transforms import load_clip, normalize, read_bytes
@@ -87,7 +87,7 @@ class _ClipLoader(abc.ABC):
     """Iterates decoded batches for a list of :class:`BatchPlan` given by ``plans()``."""
 
     def __init__(self, *, frames: int, height: int, width: int, backend: str, workers: int,
-                 max_clips: int):
+                 max_clips: int, dali_device: str = "auto"):
         if frames < 1 or height < 1 or width < 1:
             raise UserError(f"frames, height and width must be positive, got {frames}, "
                             f"{height}, {width}")
@@ -95,6 +95,9 @@ class _ClipLoader(abc.ABC):
         self.backend = resolve_backend(backend)
         self.workers = max(0, workers)
         self.max_clips = max_clips
+        if dali_device not in DALI_DEVICES:
+            raise UserError(f"unknown DALI device {dali_device!r}: choose one of {', '.join(DALI_DEVICES)}")
+        self.dali_device = dali_device
         self._torch_loader = None
         self._dali = None
 
@@ -129,7 +132,7 @@ class _ClipLoader(abc.ABC):
 
         if self._dali is None:
             self._dali = DaliDecoder(self.max_clips * self.frames, self.height, self.width,
-                                     threads=max(1, self.workers))
+                                     device=self.dali_device, threads=max(1, self.workers))
 
         def read(plan: BatchPlan):
             paths = [p for clip in plan.clips for p in clip]
@@ -158,12 +161,12 @@ class TrainLoader(_ClipLoader):
 
     def __init__(self, tracklets: Sequence[Tracklet], sampler: PKSampler, *, frames: int,
                  height: int, width: int, seed: int, backend: str, workers: int,
-                 sampling: str, flip: bool):
+                 sampling: str, flip: bool, dali_device: str = "auto"):
         if sampling not in SAMPLING_MODES:
             raise UserError(f"unknown frame sampling {sampling!r}: choose one of "
                             f"{', '.join(SAMPLING_MODES)}")
         super().__init__(frames=frames, height=height, width=width, backend=backend,
-                         workers=workers, max_clips=sampler.p * sampler.k)
+                         workers=workers, max_clips=sampler.p * sampler.k, dali_device=dali_device)
         self.tracklets = list(tracklets)
         self.sampler = sampler
         self.seed, self.sampling, self.flip = seed, sampling, flip
@@ -207,11 +210,11 @@ class TestLoader(_ClipLoader):
     __test__ = False
 
     def __init__(self, tracklets: Sequence[Tracklet], *, frames: int, height: int, width: int,
-                 batch_size: int, backend: str, workers: int):
+                 batch_size: int, backend: str, workers: int, dali_device: str = "auto"):
         if batch_size < 1:
             raise UserError(f"batch size must be positive, got {batch_size}")
         super().__init__(frames=frames, height=height, width=width, backend=backend,
-                         workers=workers, max_clips=batch_size)
+                         workers=workers, max_clips=batch_size, dali_device=dali_device)
         self.batch_size = batch_size
         self.sequences = []
         for t, (paths, _, _) in enumerate(tracklets):
@@ -239,8 +242,10 @@ def _tracklets_of(dataset, split: str) -> list[Tracklet]:
 def build_train_loader(dataset, *, frames: int = 8, height: int = 256, width: int = 128,
                        p: int = 8, k: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1,
                        backend: str = "torch", workers: int = 2, sampling: str = "restricted",
-                       flip: bool = True) -> TrainLoader:
-    """P x K batches of N-frame clips from ``dataset.train`` (or a list of tracklets)."""
+                       flip: bool = True, dali_device: str = "auto") -> TrainLoader:
+    """P x K batches of N-frame clips from ``dataset.train`` (or a list of tracklets).
+    ``dali_device`` (backend "dali"): "auto" (GPU "mixed" decoding when CUDA is available),
+    "cpu" or "gpu"."""
     tracklets = _tracklets_of(dataset, "train")
     try:
         sampler = PKSampler([pid for _, pid, _ in tracklets], p=p, k=k, seed=seed, rank=rank,
@@ -248,11 +253,13 @@ def build_train_loader(dataset, *, frames: int = 8, height: int = 256, width: in
     except ValueError as err:
         raise UserError(str(err)) from None
     return TrainLoader(tracklets, sampler, frames=frames, height=height, width=width, seed=seed,
-                       backend=backend, workers=workers, sampling=sampling, flip=flip)
+                       backend=backend, workers=workers, sampling=sampling, flip=flip,
+                       dali_device=dali_device)
 
 
 def build_test_loader(tracklets, *, frames: int = 8, height: int = 256, width: int = 128,
-                      batch_size: int = 32, backend: str = "torch", workers: int = 2) -> TestLoader:
+                      batch_size: int = 32, backend: str = "torch", workers: int = 2,
+                      dali_device: str = "auto") -> TestLoader:
     """Consecutive N-frame sequences of every tracklet, ``batch_size`` sequences a batch."""
     return TestLoader(list(tracklets), frames=frames, height=height, width=width,
-                      batch_size=batch_size, backend=backend, workers=workers)
+                      batch_size=batch_size, backend=backend, workers=workers, dali_device=dali_device)
