@@ -15,7 +15,11 @@
 #
 # Environment: PYTHON (default python3), FASTNL_SUITE_OUT (results folder),
 # FASTNL_SUITE_BUDGET (wall seconds, default 570), FASTNL_SUITE_DEVICE=cpu (a scaled-down dry
-# run of every step on the CPU, for checking the script itself; its results are not GPU figures).
+# run of every step on the CPU, for checking the script itself; its results are not GPU figures),
+# FASTNL_SUITE_ONLY="step ..." (run only these steps, e.g. in two runs of 10 minutes each into
+# the same FASTNL_SUITE_OUT: "extension-build check pytest-gpu sanitizer-memcheck bench-attention
+# bench-channel" then "bench-nlam-model loader bench-configs capacity"; a run into an existing
+# folder appends to its summary).
 set -u -o pipefail
 
 # The whole script is one function: bash reads it completely before running any step.
@@ -27,6 +31,8 @@ PY=${PYTHON:-python3}
 DEVICE=${FASTNL_SUITE_DEVICE:-cuda}
 BUDGET=${FASTNL_SUITE_BUDGET:-570}
 RESERVE=150  # seconds kept for the capacity search
+ONLY=${FASTNL_SUITE_ONLY:-}
+if [ -n "$ONLY" ] && [[ " $ONLY " != *" capacity "* ]]; then RESERVE=0; fi
 START=$SECONDS
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
@@ -57,11 +63,15 @@ limit() {
     echo "$cap"
 }
 
+# selected NAME: whether FASTNL_SUITE_ONLY (when set) names the step; environment always runs.
+selected() { [ -z "$ONLY" ] || [ "$1" = environment ] || [[ " $ONLY " == *" $1 "* ]]; }
+
 # step NAME SECONDS COMMAND...: run with a time limit, log to logs/NAME.log, record the outcome.
 step() {
     local name=$1 secs=$2
     shift 2
     local log="$OUT/logs/$name.log" t0=$SECONDS rc status
+    selected "$name" || return 0
     if (( secs < 10 )); then
         echo "| $name | SKIP (no time left) | 0 | |" >> "$SUMMARY"
         echo "== $name: skipped, no time left"
@@ -80,17 +90,16 @@ step() {
     return 0
 }
 
-note() { echo "- $*" >> "$OUT/notes.md"; echo "note: $*"; }
+note() { grep -qxF -- "- $*" "$OUT/notes.md" 2>/dev/null || echo "- $*" >> "$OUT/notes.md"; echo "note: $*"; }
 
-cat > "$SUMMARY" <<EOF
-# fastnl GPU suite: $GPU_NAME
-
-Started $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), device \`$DEVICE\`, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo " (with uncommitted changes)").
-
-| step | result | seconds | log |
-|---|---|---|---|
-EOF
-: > "$OUT/notes.md"
+STARTED="$(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), device \`$DEVICE\`, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo " (with uncommitted changes)")${ONLY:+, steps: $ONLY}"
+if [ -n "$ONLY" ] && [ -s "$SUMMARY" ]; then
+    printf '\n## Continued\n\nStarted %s.\n\n| step | result | seconds | log |\n|---|---|---|---|\n' "$STARTED" >> "$SUMMARY"
+else
+    printf '# fastnl GPU suite: %s\n\nStarted %s.\n\n| step | result | seconds | log |\n|---|---|---|---|\n' \
+        "$GPU_NAME" "$STARTED" > "$SUMMARY"
+    : > "$OUT/notes.md"
+fi
 
 # --- environment --------------------------------------------------------------------------
 step environment 30 "$PY" - "$OUT/environment.json" <<'EOF'
@@ -139,7 +148,9 @@ if has pytest; then
     has xdist && XDIST="-n 4"  # Triton compiles one kernel per process at a time
     step pytest-gpu "$(limit 200)" "$PY" -m pytest -m "gpu or triton" $XDIST -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
     SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)
-    if [ "$DEVICE" != cuda ]; then
+    if ! selected sanitizer-memcheck; then
+        :
+    elif [ "$DEVICE" != cuda ]; then
         note "compute-sanitizer memcheck: not run (no GPU)."
     elif [ -n "$SANITIZER" ]; then
         step sanitizer-memcheck "$(limit 90)" "$SANITIZER" --tool memcheck --error-exitcode 1 \
