@@ -103,6 +103,8 @@ def test_bench_configs_times_every_candidate_and_keeps_earlier_suites(tmp_path, 
         mine = [r for r in rows if r["kernel"] == kernel]
         assert len(mine) == len(nla.candidate_configs(kernel, 32, 48, dtype=torch.bfloat16)) > 0
         assert sum(r["default"] for r in mine) == 1
+        assert all(r["vs_default"] == pytest.approx(r["ms"] / next(d["ms"] for d in mine if d["default"]))
+                   for r in mine)
         assert all(r["ms"] > 0 and r["L"] == 48 and r["D"] == 32 for r in mine)
         assert {r["timed"] for r in mine} == {"fwd" if kernel == "fwd" else "fwd+bwd"}
     assert os.environ.get("FASTNL_AUTOTUNE") == autotune_before  # the sweep put it back

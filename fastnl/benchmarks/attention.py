@@ -233,6 +233,12 @@ def run_configs(device, quick: bool = False) -> list[dict]:
             os.environ.pop("FASTNL_AUTOTUNE", None)
         else:
             os.environ["FASTNL_AUTOTUNE"] = saved
+    # time of each configuration over the default's, per kernel and shape (< 1: faster)
+    defaults = {(r["kernel"], r["L"], r["D"]): r["ms"] for r in rows if r.get("default") and "ms" in r}
+    for r in rows:
+        base = defaults.get((r.get("kernel"), r.get("L"), r.get("D")))
+        if base and "ms" in r:
+            r["vs_default"] = r["ms"] / base
     return rows
 
 
