@@ -66,8 +66,10 @@ def _timer(device: torch.device):
     return measure
 
 
-def time_attention(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device, reps: int) -> dict:
-    """Median forward and forward+backward seconds of ``fn`` and peak extra memory (CUDA only)."""
+def time_attention(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device, reps: int,
+                   modes: tuple = ("fwd", "fwd_bwd")) -> dict:
+    """Median forward and/or forward+backward seconds of ``fn`` (``modes``), TFLOP/s and peak
+    extra memory (CUDA only)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(B, 3 * D, L, generator=gen).to(device=device, dtype=dtype)
     q, k, v = [t.transpose(1, 2).detach().requires_grad_() for t in x.chunk(3, dim=1)]
@@ -83,7 +85,9 @@ def time_attention(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch
         torch.autograd.grad(out, (q, k, v), grad)
 
     result = {}
-    for name, step in (("fwd", forward), ("fwd_bwd", forward_backward)):
+    steps = {"fwd": forward, "fwd_bwd": forward_backward}
+    for name in modes:
+        step = steps[name]
         step()  # warm-up (compilation, autotuning)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -93,9 +97,9 @@ def time_attention(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch
         result[f"{name}_s"] = statistics.median(times)
         if device.type == "cuda":
             result[f"{name}_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    flops_fwd = 4 * B * L * L * D
-    result["fwd_tflops"] = flops_fwd / result["fwd_s"] / 1e12
-    result["fwd_bwd_tflops"] = (flops_fwd + 10 * B * L * L * D) / result["fwd_bwd_s"] / 1e12
+    flops = {"fwd": 4 * B * L * L * D, "fwd_bwd": 14 * B * L * L * D}
+    for name in modes:
+        result[f"{name}_tflops"] = flops[name] / result[f"{name}_s"] / 1e12
     return result
 
 
@@ -123,9 +127,9 @@ def kernel_resources(head_dims=GPU_HEAD_DIMS) -> list[dict]:
     return [{"kind": "resources", **json.loads(line)} for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def _run_case(fn, label: dict, *args) -> dict:
+def _run_case(fn, label: dict, *args, **kwargs) -> dict:
     try:
-        return {**label, **time_attention(fn, *args)}
+        return {**label, **time_attention(fn, *args, **kwargs)}
     except (RuntimeError, torch.OutOfMemoryError) as err:
         if args[-2].type == "cuda":
             torch.cuda.empty_cache()
@@ -201,38 +205,30 @@ def run_configs(device, quick: bool = False) -> list[dict]:
     dtype, reps, batch = torch.bfloat16, 5 if quick else 20, 2
     if device.type != "cuda":
         shapes, reps, batch = ((48, 32),), 1, 1
-    saved = os.environ.get("FASTNL_AUTOTUNE")
-    os.environ["FASTNL_AUTOTUNE"] = "0"
     rows = []
-    try:
-        for L, D in shapes:
-            fn = _attention_fn("triton")
-            for kernel in ("fwd", "dkdv", "dq"):
-                default = nla.default_config(kernel, D, dtype)
-                for config in nla.candidate_configs(kernel, D, L, dtype=dtype):
-                    meta = config.kwargs
-                    label = {"kind": "config", "kernel": kernel, "L": L, "D": D, "B": batch,
-                             "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"], "BLOCK_DV": meta["BLOCK_DV"],
-                             "warps": config.num_warps, "stages": config.num_stages,
-                             "recompute": nla.recompute_factor(D, meta["BLOCK_DV"]),
-                             "default": (meta, config.num_warps, config.num_stages)
-                             == (default.kwargs, default.num_warps, default.num_stages)}
-                    with nla.forced_configs(**{kernel: config}):
-                        row = _run_case(fn, label, batch, L, D, dtype, device, reps)
-                    if "refused" not in row:
-                        key = "fwd_s" if kernel == "fwd" else "fwd_bwd_s"
-                        row = {**label, "timed": "fwd" if kernel == "fwd" else "fwd+bwd",
-                               "ms": 1e3 * row[key],
-                               "tflops": row["fwd_tflops" if kernel == "fwd" else "fwd_bwd_tflops"]}
-                    rows.append(row)
-                    print(f"  config {kernel} L={L} D={D} {meta} w{config.num_warps} s{config.num_stages}: "
-                          f"{row.get('ms', float('nan')):.3f} ms {row.get('refused', '')}",
-                          file=sys.stderr, flush=True)
-    finally:
-        if saved is None:
-            os.environ.pop("FASTNL_AUTOTUNE", None)
-        else:
-            os.environ["FASTNL_AUTOTUNE"] = saved
+    fn = _attention_fn("triton")
+    for L, D in shapes:
+        defaults = {kernel: nla.default_config(kernel, D, dtype) for kernel in ("fwd", "dkdv", "dq")}
+        for kernel, default in defaults.items():
+            mode = "fwd" if kernel == "fwd" else "fwd_bwd"
+            for config in nla.candidate_configs(kernel, D, L, dtype=dtype):
+                meta = config.kwargs
+                label = {"kind": "config", "kernel": kernel, "L": L, "D": D, "B": batch,
+                         "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"], "BLOCK_DV": meta["BLOCK_DV"],
+                         "warps": config.num_warps, "stages": config.num_stages,
+                         "recompute": nla.recompute_factor(D, meta["BLOCK_DV"]),
+                         "default": (meta, config.num_warps, config.num_stages)
+                         == (default.kwargs, default.num_warps, default.num_stages)}
+                # the other kernels at their defaults: no autotuning between the rows
+                with nla.forced_configs(**{**defaults, kernel: config}):
+                    row = _run_case(fn, label, batch, L, D, dtype, device, reps, modes=(mode,))
+                if "refused" not in row:
+                    row = {**label, "timed": mode.replace("_", "+"), "ms": 1e3 * row[f"{mode}_s"],
+                           "tflops": row[f"{mode}_tflops"]}
+                rows.append(row)
+                print(f"  config {kernel} L={L} D={D} {meta} w{config.num_warps} s{config.num_stages}: "
+                      f"{row.get('ms', float('nan')):.3f} ms {row.get('refused', '')}",
+                      file=sys.stderr, flush=True)
     # time of each configuration over the default's, per kernel and shape (< 1: faster)
     defaults = {(r["kernel"], r["L"], r["D"]): r["ms"] for r in rows if r.get("default") and "ms" in r}
     for r in rows:
