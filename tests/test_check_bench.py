@@ -107,7 +107,7 @@ def test_bench_configs_times_every_candidate_and_keeps_earlier_suites(tmp_path, 
                    for r in mine)
         assert all(r["ms"] > 0 and r["L"] == 48 and r["D"] == 32 for r in mine)
         assert {r["timed"] for r in mine} == {"fwd" if kernel == "fwd" else "fwd+bwd"}
-    assert os.environ.get("FASTNL_AUTOTUNE") == autotune_before  # the sweep put it back
+    assert os.environ.get("FASTNL_AUTOTUNE") == autotune_before  # the sweep leaves it alone
 
 
 def test_bench_rejects_unknown_suites(capsys):
