@@ -65,6 +65,7 @@ setup(
     description="Fast, memory-lean video person re-ID with non-local spatial and temporal attention",
     packages=find_packages(include=["fastnl", "fastnl.*"]) + ["fastnl.kernels"],
     package_dir={"fastnl.kernels": "kernels"},
+    package_data={"fastnl": ["engine_table.json"]},
     python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass=cmdclass,

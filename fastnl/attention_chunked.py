@@ -1,87 +1,206 @@
-"""Memory-efficient attention in plain PyTorch: query blocks, saved log-sum-exp, recompute.
+"""The chunked attention engine: query blocks, tensor-core GEMMs, each score tile computed once.
 
-``backend="torch"`` of :func:`fastnl.ops.nl_attention`. Extra memory is O(block * L + L * D)
-instead of the reference's O(L * L): the forward keeps only O and the row log-sum-exp, and the
-backward recomputes each block's probabilities. Works on any device and dtype (accumulates in
-float32 for half-precision inputs, in float64 for float64).
+``backend="chunked"`` and ``backend="torch"`` of :func:`fastnl.ops.nl_attention`. For each
+block of query rows the engine computes the score tile ``S = Q_blk K^T`` [B, block, L] as one
+GEMM with float32 output (on CUDA, half-precision operands stay in their dtype and run on tensor
+cores: ``torch.bmm(..., out_dtype=torch.float32)``; elsewhere the operands are upcast to
+float32), turns it into probabilities P in the operands' dtype, and multiplies ``P V``. The
+forward keeps only O and two float32 numbers per row (the row maximum M and the sum Z of the
+softmax); the backward recomputes each block's S once, and gets dV, dS, dQ and dK from it:
+executed work is exactly the useful ``4 L^2 D`` (forward) and ``10 L^2 D`` (backward, the
+recomputation included) flops. Extra memory is O(block * L + L * D) instead of O(L^2).
+
+The row work between the GEMMs (softmax; ``dS = P * (dP - delta)``) runs in two Triton kernels
+(``rowwise="triton"``: :mod:`fastnl.kernels.softmax_rows`, one pass over each tile) or in plain
+PyTorch ops (``rowwise="torch"``, any device). The backward recomputes P as
+``exp(scale * S - M) / Z`` from the same GEMM as the forward, so its probabilities round exactly
+like the forward's.
 """
 from __future__ import annotations
 
 import torch
 
-MAX_BLOCK = 1024
+MAX_BLOCK = {"cpu": 1024, "cuda": 4096}
 MIN_BLOCK = 64
-# A block's score tile ([B, block, L]) holds at most this many elements per batch entry (16 MB
-# in float32); the backward keeps two such tiles (P and dS) alive at once.
-TILE_ELEMENTS = 1 << 22
+# Elements of the score tile of one step ([clips, block, L]). The backward holds S and dP in
+# float32 and P and dS in the operands' dtype at once (12-16 bytes per element).
+TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
+ROWWISE = ("triton", "torch")
 
 
-def default_block(seq_len: int) -> int:
-    """The query block for L = ``seq_len``: the largest power of two in [MIN_BLOCK, MAX_BLOCK]
-    whose [block, L] tile stays within TILE_ELEMENTS, so the tiles shrink as L grows and the
-    extra memory stays a fraction of the O(L * D) inputs and gradients (1024 up to L = 4096,
-    512 at 8192, 256 at 16384)."""
-    block = MAX_BLOCK
-    while block > MIN_BLOCK and block * seq_len > TILE_ELEMENTS:
+def plan(seq_len: int, batch: int = 1, device_type: str = "cpu") -> tuple[int, int]:
+    """(clips, block) of one step for B = ``batch`` clips of L = ``seq_len``: the tile budget
+    TILE_ELEMENTS[device] goes to long query blocks first (the largest power of two up to
+    MAX_BLOCK that covers L or fits, at least MIN_BLOCK), then to clips per step. Long blocks
+    keep the GEMMs large and the dK/dV accumulation across blocks rare (a clip whose L fits in
+    one block writes them once). CPU: 1024 rows up to L = 4096, 512 at 8192, 256 at 16384."""
+    kind = device_type if device_type in TILE_ELEMENTS else "cpu"
+    budget = TILE_ELEMENTS[kind]
+    block = min(MAX_BLOCK[kind], 1 << max(0, seq_len - 1).bit_length())
+    while block > MIN_BLOCK and block * seq_len > budget:
         block //= 2
-    return block
+    clips = max(1, min(batch, budget // (block * seq_len)))
+    return clips, block
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def default_block(seq_len: int, batch: int = 1, device_type: str = "cpu") -> int:
+    """The query block of :func:`plan`."""
+    return plan(seq_len, batch, device_type)[1]
+
+
+def _has_out_dtype() -> bool:
+    return hasattr(torch.ops.aten.bmm, "dtype") and hasattr(torch.ops.aten.baddbmm, "dtype_out")
+
+
+_OUT_DTYPE = _has_out_dtype()
+
+
+def tensor_core_operands(t: torch.Tensor) -> bool:
+    """Whether GEMMs on ``t`` keep its half-precision dtype with float32 output (CUDA, torch with
+    ``out_dtype`` on bmm); otherwise half-precision operands are upcast to float32."""
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and _OUT_DTYPE
+
+
+def _operands(t: torch.Tensor) -> torch.Tensor:
+    """t as the engine multiplies it: kept when tensor cores take it or it is float32/64."""
+    if t.dtype in (torch.float32, torch.float64) or tensor_core_operands(t):
+        return t
+    return t.float()
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 (float64 for float64) result, batched."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.bmm(a, b)
+    return torch.bmm(a, b, out_dtype=torch.float32)
+
+
+_ACC_IN_PLACE = {"ok": True}
+
+
+def _mm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc in float32 (float64) and a, b in acc's dtype or a half dtype (then one
+    GEMM that reads and writes acc, or, where torch refuses that, a float32 product added)."""
+    if a.dtype == acc.dtype:
+        acc.baddbmm_(a, b)
+        return
+    if _ACC_IN_PLACE["ok"]:
+        try:
+            torch.baddbmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except RuntimeError:
+            _ACC_IN_PLACE["ok"] = False
+    acc.add_(torch.bmm(a, b, out_dtype=acc.dtype))
+
+
+class _TorchRows:
+    """Softmax rows and their gradient in PyTorch ops (in place on the score tile)."""
+
+    @staticmethod
+    def forward(s, scale, out_dtype):
+        s.mul_(scale)
+        m = s.amax(dim=-1)
+        s.sub_(m.unsqueeze(-1)).exp_()
+        z = s.sum(dim=-1)
+        s.div_(z.unsqueeze(-1))
+        return s.to(out_dtype), m, z
+
+    @staticmethod
+    def backward(s, dp, m, z, delta, scale, out_dtype):
+        p = s.mul_(scale).sub_(m.unsqueeze(-1)).exp_().div_(z.unsqueeze(-1))
+        ds = dp.sub_(delta.unsqueeze(-1)).mul_(p).mul_(scale)
+        return p.to(out_dtype), ds.to(out_dtype)
+
+
+class _TritonRows:
+    """The same with :mod:`fastnl.kernels.softmax_rows` (M in log2 units); float32 tiles only."""
+
+    @staticmethod
+    def _kernels():
+        from fastnl._paths import import_kernels
+
+        return import_kernels().softmax_rows
+
+    @classmethod
+    def forward(cls, s, scale, out_dtype):
+        return cls._kernels().softmax_rows(s, scale, out_dtype)
+
+    @classmethod
+    def backward(cls, s, dp, m, z, delta, scale, out_dtype):
+        return cls._kernels().softmax_grad_rows(s, dp, m, z, delta, scale, out_dtype)
+
+
+def _rows_impl(rowwise: str, compute_dtype: torch.dtype):
+    # the Triton row kernels take float32 tiles; float64 inputs use the PyTorch ops
+    return _TritonRows if rowwise == "triton" and compute_dtype == torch.float32 else _TorchRows
 
 
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, block: int):
-        cdt = _compute_dtype(q.dtype)
-        kc, vc = k.to(cdt), v.to(cdt)
-        B, L, _ = q.shape
-        out = torch.empty(B, L, v.shape[-1], device=q.device, dtype=q.dtype)
-        lse = torch.empty(B, L, device=q.device, dtype=cdt)
-        for start in range(0, L, block):
-            stop = min(start + block, L)
-            p = torch.bmm(q[:, start:stop].to(cdt) * scale, kc.transpose(1, 2))
-            row_max = p.amax(dim=-1, keepdim=True)
-            p.sub_(row_max).exp_()
-            row_sum = p.sum(dim=-1, keepdim=True)
-            out[:, start:stop] = torch.bmm(p, vc).div_(row_sum).to(q.dtype)
-            lse[:, start:stop] = (row_max + row_sum.log()).squeeze(-1)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.block = scale, block
+    def forward(ctx, q, k, v, scale: float, clips: int, block: int, rowwise: str):
+        qc, kc, vc = _operands(q), _operands(k), _operands(v)
+        B, L, D = q.shape
+        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        rows = _rows_impl(rowwise, acc_dtype)
+        out = torch.empty(B, L, D, device=q.device, dtype=q.dtype)
+        m = torch.empty(B, L, device=q.device, dtype=acc_dtype)
+        z = torch.empty_like(m)
+        for b0 in range(0, B, clips):
+            cb = slice(b0, min(b0 + clips, B))
+            kt, vb = kc[cb].transpose(1, 2), vc[cb]
+            for start in range(0, L, block):
+                rb = slice(start, min(start + block, L))
+                s = _mm(qc[cb, rb], kt)
+                p, m[cb, rb], z[cb, rb] = rows.forward(s, scale, vc.dtype)
+                del s
+                out[cb, rb] = torch.bmm(p, vb)
+        ctx.save_for_backward(q, k, v, out, m, z)
+        ctx.scale, ctx.clips, ctx.block, ctx.rowwise = scale, clips, block, rowwise
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        scale, block = ctx.scale, ctx.block
-        cdt = lse.dtype
-        kc, vc = k.to(cdt), v.to(cdt)
-        dq = torch.empty(q.shape, device=q.device, dtype=cdt)
-        dk = torch.zeros(k.shape, device=k.device, dtype=cdt)
-        dv = torch.zeros(v.shape, device=v.device, dtype=cdt)
-        L = q.shape[1]
-        for start in range(0, L, block):
-            stop = min(start + block, L)
-            qb = q[:, start:stop].to(cdt)
-            dob = grad_out[:, start:stop].to(cdt)
-            delta = (dob * out[:, start:stop].to(cdt)).sum(-1, keepdim=True)
-            p = torch.baddbmm(-lse[:, start:stop].unsqueeze(-1), qb * scale, kc.transpose(1, 2)).exp_()
-            dv.baddbmm_(p.transpose(1, 2), dob)
-            # dS = P * (dP - delta); the factor `scale` is applied to the [block, D] products instead.
-            ds = torch.bmm(dob, vc.transpose(1, 2)).sub_(delta).mul_(p)
-            del p
-            dq[:, start:stop] = torch.bmm(ds, kc).mul_(scale)
-            dk.baddbmm_(ds.transpose(1, 2), qb, alpha=scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        q, k, v, out, m, z = ctx.saved_tensors
+        scale, clips, block = ctx.scale, ctx.clips, ctx.block
+        acc_dtype = m.dtype
+        rows = _rows_impl(ctx.rowwise, acc_dtype)
+        qc, kc, vc, doc = _operands(q), _operands(k), _operands(v), _operands(grad_out)
+        B, L, D = q.shape
+        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+        dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+        for b0 in range(0, B, clips):
+            cb = slice(b0, min(b0 + clips, B))
+            kb, kt, vt = kc[cb], kc[cb].transpose(1, 2), vc[cb].transpose(1, 2)
+            # dK and dV sum over the query blocks of a clip: accumulated in float32 (float64)
+            dk_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
+            dv_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
+            for start in range(0, L, block):
+                rb = slice(start, min(start + block, L))
+                qb, dob = qc[cb, rb], doc[cb, rb]
+                delta = (grad_out[cb, rb].to(acc_dtype) * out[cb, rb].to(acc_dtype)).sum(-1)
+                s = _mm(qb, kt)
+                dp = _mm(dob, vt)
+                p, ds = rows.backward(s, dp, m[cb, rb], z[cb, rb], delta, scale, vc.dtype)
+                del s, dp
+                _mm_acc(dv_acc, p.transpose(1, 2), dob)
+                del p
+                dq[cb, rb] = torch.bmm(ds, kb)  # ds carries the factor scale
+                _mm_acc(dk_acc, ds.transpose(1, 2), qb)
+            dk[cb], dv[cb] = dk_acc, dv_acc
+        return dq, dk, dv, None, None, None, None
 
 
 def nl_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0,
-                         block: int | None = None) -> torch.Tensor:
-    """``softmax(scale * q @ k^T) @ v`` for q, k, v [B, L, D], processed ``block`` query rows at a
-    time (default: :func:`default_block` of L)."""
-    if block is None:
-        block = default_block(q.shape[1])
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    return _ChunkedAttention.apply(q, k, v, float(scale), int(block))
+                         block: int | None = None, rowwise: str = "torch", clips: int | None = None) -> torch.Tensor:
+    """``softmax(scale * q @ k^T) @ v`` for q, k, v [B, L, D], ``block`` query rows of ``clips``
+    clips at a time (default: :func:`plan`), the row work in ``rowwise`` ("triton" or "torch")."""
+    if rowwise not in ROWWISE:
+        raise ValueError(f"rowwise must be one of {ROWWISE}, got {rowwise!r}")
+    default_clips, default_rows = plan(q.shape[1], q.shape[0], q.device.type)
+    clips = default_clips if clips is None else clips
+    block = default_rows if block is None else block
+    if block < 1 or clips < 1:
+        raise ValueError(f"block and clips must be >= 1, got block={block}, clips={clips}")
+    return _ChunkedAttention.apply(q, k, v, float(scale), int(clips), int(block), rowwise)
+

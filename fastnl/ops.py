@@ -15,7 +15,7 @@ import torch
 from fastnl import reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-ATTENTION_BACKENDS = ("auto", "triton", "torch", "reference")
+ATTENTION_BACKENDS = ("auto", "triton", "chunked", "torch", "plain", "reference")
 CHANNEL_BACKENDS = ("auto", "extension", "reference")
 TRITON_MAX_HEAD_DIM = 1024  # kernels/nl_attention.py's MAX_HEAD_DIM
 
@@ -52,9 +52,12 @@ def nl_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: fl
     float32/float16/bfloat16 (float64 for the torch and reference backends), on one device.
     Returns [B, L, D] in q's dtype, differentiable in q, k and v.
 
-    backend: "auto" (Triton on CUDA for what it supports, see ``auto_attention_backend``; the
-    chunked torch path elsewhere), "triton", "torch" (chunked, O(L*D) extra memory) or
-    "reference" (materialises the L x L matrix).
+    backend: "auto" (on CUDA the engine that :mod:`fastnl.attention_engines`' table picks for
+    (GPU, dtype, D, L), see ``auto_attention_backend``; the chunked torch path elsewhere),
+    "triton" (the flash kernel), "chunked" (query blocks on tensor-core GEMMs, the row work in
+    Triton kernels), "torch" (the same engine with the row work in PyTorch ops), "plain" (the
+    attention as written in plain PyTorch: bmm, softmax, bmm, run under the caller's autocast;
+    materialises L x L) or "reference" (the float32 ground truth; materialises L x L).
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
@@ -71,18 +74,39 @@ def nl_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: fl
         raise ValueError(f"scale must be finite, got {scale}")
 
     if backend == "auto":
-        backend = auto_attention_backend(q.device.type, q.dtype, q.shape[-1])
+        backend = auto_attention_backend(q.device.type, q.dtype, q.shape[-1], q.shape[1], q.device)
+    if backend == "plain":
+        return reference.nl_attention_plain(q, k, v, scale)
     with _no_autocast(q):
         return _nl_attention(q, k, v, scale, backend)
 
 
-def auto_attention_backend(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
-    """What ``backend="auto"`` runs: the Triton kernel on CUDA for what it supports (float32 /
-    float16 / bfloat16, D a multiple of 16 up to 1024), the chunked torch path otherwise (CPU,
-    float64, other head dims), so "auto" never refuses an input that "torch" accepts."""
-    supported = (dtype in (torch.float32, torch.float16, torch.bfloat16) and head_dim % 16 == 0
-                 and 0 < head_dim <= TRITON_MAX_HEAD_DIM)
-    return "triton" if device_type == "cuda" and supported and _triton_available() else "torch"
+def auto_attention_backend(device_type: str, dtype: torch.dtype, head_dim: int, seq_len: int = 1024,
+                           device=None) -> str:
+    """What ``backend="auto"`` runs (see ``explain_auto_backend`` for why)."""
+    return explain_auto_backend(device_type, dtype, head_dim, seq_len, device)[0]
+
+
+def explain_auto_backend(device_type: str, dtype: torch.dtype, head_dim: int, seq_len: int = 1024,
+                         device=None) -> tuple[str, str]:
+    """(backend, why) of ``backend="auto"``: on CUDA, the engine table's choice for (GPU
+    capability, dtype, D, L) (:func:`fastnl.attention_engines.choose`); the flash kernel only for
+    what it supports (float32 / float16 / bfloat16, D a multiple of 16 up to 1024); "torch"
+    (the chunked engine in PyTorch ops) on CPU, for float64, and where Triton is missing, so
+    "auto" never refuses an input that "torch" accepts."""
+    if device_type != "cuda":
+        return "torch", f"on {device_type}: the chunked engine in PyTorch ops"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return "torch", f"{dtype} is not a Triton dtype: the chunked engine in PyTorch ops"
+    if not _triton_available():
+        return "torch", "Triton is not importable: the chunked engine in PyTorch ops"
+    from fastnl import attention_engines
+
+    capability = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
+    engine, why = attention_engines.choose(dtype, head_dim, seq_len, capability)
+    if engine == "triton" and (head_dim % 16 != 0 or head_dim > TRITON_MAX_HEAD_DIM):
+        return "chunked", f"the flash kernel needs D a multiple of 16 up to {TRITON_MAX_HEAD_DIM} (D={head_dim})"
+    return engine, why
 
 
 def _no_autocast(t: torch.Tensor):
@@ -97,11 +121,11 @@ def _nl_attention(q, k, v, scale: float, backend: str) -> torch.Tensor:
     if backend == "torch":
         from fastnl.attention_chunked import nl_attention_chunked
 
-        return nl_attention_chunked(q, k, v, scale)
-    # backend == "triton"
+        return nl_attention_chunked(q, k, v, scale, rowwise="torch")
+    # backend "triton" or "chunked": Triton kernels
     if not q.is_cuda and not _triton_interpreted():
         raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {q.device}); on CPU set TRITON_INTERPRET=1 "
+            f"backend={backend!r} needs CUDA tensors (got {q.device}); on CPU set TRITON_INTERPRET=1 "
             "before importing fastnl, or use backend='torch'"
         )
     if not q.is_cuda:
@@ -109,6 +133,10 @@ def _nl_attention(q, k, v, scale: float, backend: str) -> torch.Tensor:
         if problem:
             raise RuntimeError(problem)
     kernels = _load_triton_kernels()
+    if backend == "chunked":
+        from fastnl.attention_chunked import nl_attention_chunked
+
+        return nl_attention_chunked(q, k, v, scale, rowwise="triton")
     return kernels.nl_attention_triton(q, k, v, scale=scale)
 
 

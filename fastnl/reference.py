@@ -46,3 +46,13 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     a = channel_mlp(gap, w1, b1, w2, b2).mean(dim=1)
     weights = torch.sigmoid(m + a)  # [B, C]
     return (xf * weights[:, None, :, None, None]).to(x.dtype)
+
+
+def nl_attention_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Paper eq. (1) as one writes it in plain PyTorch, ``softmax(scale * q @ k^T) @ v``, computed
+    however the caller's autocast computes it (bmm in the autocast dtype, softmax in float32):
+    the baseline a user would otherwise run (the scaling skipped at scale 1, as the paper has
+    none). Materialises the B x L x L scores."""
+    s = torch.bmm(q, k.transpose(1, 2))
+    p = torch.softmax(s * scale if scale != 1.0 else s, dim=-1)
+    return torch.bmm(p, v)

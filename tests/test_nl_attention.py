@@ -253,12 +253,3 @@ def test_keep_drops_row_blocks_longer_than_the_sequence():
     short = nla.candidate_configs("fwd", 512, seq_len=7)
     assert short and all(c.kwargs["BLOCK_M"] <= 64 for c in short)
     assert any(c.kwargs["BLOCK_M"] == 128 for c in nla.candidate_configs("fwd", 512, seq_len=4096))
-
-
-@pytest.mark.parametrize("seq_len, block", [(1, 1024), (4096, 1024), (4097, 512), (8192, 512),
-                                            (16384, 256), (1 << 20, 64)])
-def test_chunked_query_block_shrinks_as_l_grows(seq_len, block):
-    from fastnl.attention_chunked import TILE_ELEMENTS, default_block
-
-    assert default_block(seq_len) == block
-    assert block * seq_len <= TILE_ELEMENTS or block == 64

@@ -11,10 +11,12 @@ IMPLS = ("fused", "reference")
 
 
 def backends_for(impl: str) -> tuple[str, str]:
-    """(attention backend, channel-attention backend) used by a model built with ``impl``."""
+    """(attention backend, channel-attention backend) used by a model built with ``impl``. The
+    reference model's attention is the plain PyTorch one: float32 without autocast (the ground
+    truth of ``fastnl check``), and under autocast what a plain PyTorch model computes there."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return ("auto", "auto") if impl == "fused" else ("reference", "reference")
+    return ("auto", "auto") if impl == "fused" else ("plain", "reference")
 
 
 class NLAM(nn.Module):

@@ -1,0 +1,133 @@
+"""Row kernels of the chunked attention engine: the softmax of a [rows, L] score tile and its
+gradient, each in one pass over the tile (:mod:`fastnl.attention_chunked` runs the matmuls).
+
+The scores ``S = Q_blk K^T`` arrive unscaled in float32 (a tensor-core GEMM with float32
+output). ``softmax_rows`` writes ``P = softmax(scale * S)`` in the matmul dtype and the row
+maximum ``M`` (log2 units, ``log2(e)`` folded into the scale) and the row sum ``Z`` of
+``exp2(scale * S - M)``; ``softmax_grad_rows`` recomputes ``P = exp2(scale * S - M) / Z`` from
+the same S (the backward's GEMM gives the same bits as the forward's), so the backward's
+probabilities round exactly like the forward's, and writes ``dS = scale * P * (dP - delta)``.
+A row of up to ``ONE_PASS_MAX`` columns is held in registers (one read of S); longer rows are
+reduced online and read twice.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+ONE_PASS_MAX = 16384  # columns a row program holds at once (64 KB of fp32 over its warps)
+BLOCK_COLS = 4096  # column block of the two-pass path
+
+
+@triton.jit
+def _softmax_rows_fwd(S, P, M, Z, stride_s, stride_p, L, qk_scale,
+                      BLOCK_L: tl.constexpr, ONE_PASS: tl.constexpr):
+    """Grid (rows,): P[r] = exp2(qk_scale * S[r] - M[r]) / Z[r]; M, Z float32 per row."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S + row * stride_s
+    p_row = P + row * stride_p
+    cols = tl.arange(0, BLOCK_L)
+    if ONE_PASS:
+        mask = cols < L
+        s = tl.where(mask, tl.load(s_row + cols, mask=mask, other=0.0) * qk_scale, float("-inf"))
+        m = tl.max(s, 0)
+        e = tl.math.exp2(s - m)
+        z = tl.sum(e, 0)
+        tl.store(p_row + cols, (e / z).to(P.dtype.element_ty), mask=mask)
+    else:
+        # online per lane, then across lanes: every lane sees a valid column in the first block
+        m_lane = tl.full([BLOCK_L], float("-inf"), dtype=tl.float32)
+        z_lane = tl.zeros([BLOCK_L], dtype=tl.float32)
+        for start in range(0, L, BLOCK_L):
+            offs = start + cols
+            valid = offs < L
+            s = tl.where(valid, tl.load(s_row + offs, mask=valid, other=0.0) * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_lane, s)
+            z_lane = z_lane * tl.math.exp2(m_lane - m_new) + tl.math.exp2(s - m_new)
+            m_lane = m_new
+        m = tl.max(m_lane, 0)
+        z = tl.sum(z_lane * tl.math.exp2(m_lane - m), 0)
+        for start in range(0, L, BLOCK_L):
+            offs = start + cols
+            mask = offs < L
+            s = tl.load(s_row + offs, mask=mask, other=0.0) * qk_scale
+            tl.store(p_row + offs, (tl.math.exp2(s - m) / z).to(P.dtype.element_ty), mask=mask)
+    tl.store(M + row, m)
+    tl.store(Z + row, z)
+
+
+@triton.jit
+def _softmax_rows_bwd(S, DP, M, Z, DELTA, P, DS, stride_s, stride_dp, stride_p, stride_ds, L,
+                      qk_scale, sm_scale, BLOCK_L: tl.constexpr):
+    """Grid (rows,): P = exp2(qk_scale * S - M) / Z and dS = sm_scale * P * (dP - DELTA) per row."""
+    row = tl.program_id(0).to(tl.int64)
+    m = tl.load(M + row)
+    z = tl.load(Z + row)
+    delta = tl.load(DELTA + row)
+    cols = tl.arange(0, BLOCK_L)
+    for start in range(0, L, BLOCK_L):
+        offs = start + cols
+        mask = offs < L
+        s = tl.load(S + row * stride_s + offs, mask=mask, other=0.0)
+        dp = tl.load(DP + row * stride_dp + offs, mask=mask, other=0.0)
+        p = tl.math.exp2(s * qk_scale - m) / z
+        ds = (p * (dp - delta)) * sm_scale
+        tl.store(P + row * stride_p + offs, p.to(P.dtype.element_ty), mask=mask)
+        tl.store(DS + row * stride_ds + offs, ds.to(DS.dtype.element_ty), mask=mask)
+
+
+KERNELS = {"rows_fwd": _softmax_rows_fwd, "rows_bwd": _softmax_rows_bwd}
+
+
+def _warps(block_l: int) -> int:
+    return 4 if block_l <= 2048 else (8 if block_l <= 8192 else 16)
+
+
+def fwd_meta(seq_len: int) -> dict:
+    """BLOCK_L, ONE_PASS and num_warps of ``_softmax_rows_fwd`` at L = seq_len."""
+    one_pass = seq_len <= ONE_PASS_MAX
+    block = max(16, triton.next_power_of_2(seq_len)) if one_pass else BLOCK_COLS
+    return {"BLOCK_L": block, "ONE_PASS": one_pass, "num_warps": _warps(block)}
+
+
+def bwd_meta(seq_len: int) -> dict:
+    """BLOCK_L and num_warps of ``_softmax_rows_bwd`` at L = seq_len (a streaming kernel)."""
+    block = min(BLOCK_COLS, max(16, triton.next_power_of_2(seq_len)))
+    return {"BLOCK_L": block, "num_warps": _warps(block)}
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[B, R, L] tile with unit column stride as a [B * R, L] view."""
+    if t.stride(-1) != 1 or (t.shape[0] > 1 and t.stride(0) != t.shape[1] * t.stride(1)):
+        raise ValueError("score tiles must be row-major [B, R, L] tensors")
+    return t.view(-1, t.shape[-1])
+
+
+def softmax_rows(s: torch.Tensor, scale: float, out_dtype: torch.dtype):
+    """s: unscaled float32 scores [B, R, L] -> (P [B, R, L] in out_dtype, M [B, R], Z [B, R] fp32)."""
+    B, R, L = s.shape
+    s2 = _rows(s)
+    p = torch.empty((B, R, L), device=s.device, dtype=out_dtype)
+    m = torch.empty((B, R), device=s.device, dtype=torch.float32)
+    z = torch.empty_like(m)
+    meta = fwd_meta(L)
+    _softmax_rows_fwd[(B * R,)](s2, p, m, z, s2.stride(0), L, L, float(scale) * LOG2E,
+                                BLOCK_L=meta["BLOCK_L"], ONE_PASS=meta["ONE_PASS"], num_warps=meta["num_warps"])
+    return p, m, z
+
+
+def softmax_grad_rows(s: torch.Tensor, dp: torch.Tensor, m: torch.Tensor, z: torch.Tensor, delta: torch.Tensor,
+                      scale: float, out_dtype: torch.dtype):
+    """Recomputed P and ``dS = scale * P * (dP - delta)``, both [B, R, L] in out_dtype, from the
+    unscaled float32 scores s, dP = dO V^T (float32), the forward's M, Z and delta [B, R]."""
+    B, R, L = s.shape
+    s2, dp2 = _rows(s), _rows(dp)
+    p = torch.empty((B, R, L), device=s.device, dtype=out_dtype)
+    ds = torch.empty_like(p)
+    meta = bwd_meta(L)
+    _softmax_rows_bwd[(B * R,)](s2, dp2, m.contiguous(), z.contiguous(), delta.contiguous(), p, ds,
+                                s2.stride(0), dp2.stride(0), L, L, L, float(scale) * LOG2E, float(scale),
+                                BLOCK_L=meta["BLOCK_L"], num_warps=meta["num_warps"])
+    return p, ds

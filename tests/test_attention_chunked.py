@@ -1,0 +1,211 @@
+"""The chunked attention engine (``backend="chunked"``: Triton row kernels; ``"torch"``: PyTorch
+row ops) against float64, its tile plan, and the cost table that ``auto`` reads.
+
+Accuracy rule (FlashAttention's): each engine's max error against float64 is at most twice the
+error of the plain path in the same dtype (``backend="plain"``: bmm, softmax, bmm in that
+dtype) on the same inputs, for out, dq, dk and dv; plus one float32 rounding of the largest
+value for outputs the plain path gets exactly (dq at L=1).
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from fastnl import attention_chunked, attention_engines, ops
+from fastnl._paths import import_kernels
+
+rows = import_kernels().softmax_rows
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def make_qkv(B, L, D, dtype, layout, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "channel_first":
+        x = torch.randn(B, 3 * D, L, generator=gen)
+        return [t.transpose(1, 2) for t in x.to(DEVICE, dtype).chunk(3, dim=1)]
+    return [torch.randn(B, L, D, generator=gen).to(DEVICE, dtype) for _ in range(3)]
+
+
+def run(fn, q, k, v, grad):
+    q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(q, k, v)
+    out.backward(grad.to(out.dtype))
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def check_within_twice_plain(fn, q, k, v, scale, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(q.device)
+    ref = run(lambda a, b, c: ops.nl_attention(a, b, c, scale=scale, backend="reference"),
+              q.double(), k.double(), v.double(), grad)
+    plain = run(lambda a, b, c: ops.nl_attention(a, b, c, scale=scale, backend="plain"), q, k, v, grad)
+    got = run(fn, q, k, v, grad)
+    eps = torch.finfo(torch.float32).eps
+    for name, g, p, r in zip(("out", "dq", "dk", "dv"), got, plain, ref):
+        assert g.dtype == q.dtype and g.shape == q.shape, name
+        assert torch.isfinite(g).all(), name
+        err = (g.double() - r).abs().max().item()
+        plain_err = (p.double() - r).abs().max().item()
+        tol = 2 * plain_err + eps * max(r.abs().max().item(), ref[0].abs().max().item())
+        assert err <= tol, f"{name}: error {err:.3g} > {tol:.3g} (plain {q.dtype} error {plain_err:.3g})"
+
+
+def engine(backend, scale, block=None):
+    if block is None:
+        return lambda q, k, v: ops.nl_attention(q, k, v, scale=scale, backend=backend)
+    rowwise = "triton" if backend == "chunked" else "torch"
+    return lambda q, k, v: attention_chunked.nl_attention_chunked(q, k, v, scale, block=block, rowwise=rowwise)
+
+
+# L not a multiple of the block, batch 1 and 3, both layouts, every dtype, head dims 16..1024,
+# logits scaled x10 (scale 10 / sqrt(D) on unit-variance inputs)
+CASES = [
+    (1, 1, 16, F32, "channel_first", 1.0, None),
+    (3, 7, 48, BF16, "contiguous", 0.5, None),
+    (1, 130, 64, F32, "channel_first", 0.125, 64),
+    (3, 100, 32, F16, "channel_first", 0.25, 48),
+    (1, 300, 16, F32, "channel_first", 2.5, 64),
+    (1, 300, 16, F32, "contiguous", 2.5, 128),
+    (2, 90, 64, BF16, "channel_first", 10 / 8, 64),
+    (1, 70, 512, BF16, "channel_first", 512 ** -0.5, 32),
+    (3, 20, 1024, BF16, "contiguous", 1024 ** -0.5, None),
+]
+
+
+def _id(case):
+    B, L, D, dtype, layout, scale, block = case
+    return f"B{B}-L{L}-D{D}-{str(dtype).split('.')[-1]}-{layout}-s{scale:.3g}-blk{block}"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_chunked_engine_within_twice_the_plain_error(backend, case):
+    B, L, D, dtype, layout, scale, block = case
+    q, k, v = make_qkv(B, L, D, dtype, layout)
+    check_within_twice_plain(engine(backend, scale, block), q, k, v, scale)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_torch_rows_fp32_extreme_logits_over_seeds(seed):
+    """The case where a log-sum-exp recomputation lost accuracy: fp32, D=16, logits x10."""
+    q, k, v = make_qkv(1, 300, 16, F32, "channel_first", seed=seed)
+    check_within_twice_plain(engine("torch", 2.5, 64), q, k, v, 2.5, seed=seed + 100)
+
+
+def test_float64_runs_in_float64_and_passes_gradcheck():
+    q, k, v = [t.double().requires_grad_() for t in make_qkv(2, 5, 3, F32, "channel_first")]
+    fn = lambda a, b, c: attention_chunked.nl_attention_chunked(a, b, c, 0.7, block=2, clips=1)  # noqa: E731
+    assert fn(q, k, v).dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.triton
+def test_backward_recomputes_the_forward_probabilities_bit_for_bit():
+    gen = torch.Generator().manual_seed(3)
+    s = (torch.randn(2, 5, 77, generator=gen) * 30).to(DEVICE)
+    p, m, z = rows.softmax_rows(s, 0.7, BF16)
+    p2, ds = rows.softmax_grad_rows(s, torch.zeros_like(s), m, z, torch.ones(2, 5, device=DEVICE), 0.7, BF16)
+    assert torch.equal(p, p2)
+    torch.testing.assert_close(p.double(), torch.softmax(0.7 * s.double(), -1).to(BF16).double(), atol=1e-6, rtol=0.01)
+    # dS = scale * P * (dP - delta) with dP = 0, delta = 1
+    torch.testing.assert_close(ds.float(), (-0.7 * p.float()).to(BF16).float(), atol=1e-6, rtol=0.01)
+    assert torch.allclose(p.float().sum(-1), torch.ones(2, 5, device=DEVICE), atol=0.02)
+
+
+@pytest.mark.triton
+def test_long_rows_take_the_two_pass_softmax(monkeypatch):
+    monkeypatch.setattr(rows, "ONE_PASS_MAX", 64)
+    monkeypatch.setattr(rows, "BLOCK_COLS", 32)
+    assert rows.fwd_meta(200) == {"BLOCK_L": 32, "ONE_PASS": False, "num_warps": 4}
+    gen = torch.Generator().manual_seed(4)
+    s = (torch.randn(3, 2, 200, generator=gen) * 20).to(DEVICE)
+    s[0, 0, 150] = 500.0  # the maximum in a late column block
+    p, m, z = rows.softmax_rows(s, -0.9, F32)  # a negative scale too
+    expected = torch.softmax(-0.9 * s.double(), -1)
+    torch.testing.assert_close(p.double(), expected, atol=1e-6, rtol=1e-5)
+    lse = (m.double() + torch.log2(z.double())) * math.log(2.0)
+    torch.testing.assert_close(lse, torch.logsumexp(-0.9 * s.double(), -1), atol=1e-4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("L, B, device, plan", [
+    (1024, 1, "cpu", (1, 1024)), (4096, 1, "cpu", (1, 1024)), (8192, 1, "cpu", (1, 512)),
+    (16384, 1, "cpu", (1, 256)), (1 << 20, 1, "cpu", (1, 64)), (1024, 8, "cpu", (4, 1024)),
+    (100, 3, "cpu", (3, 128)),
+    (1024, 8, "cuda", (8, 1024)), (1024, 32, "cuda", (16, 1024)), (8192, 8, "cuda", (1, 2048)),
+    (256, 32, "cuda", (32, 256)), (16384, 32, "cuda", (1, 1024)),
+])
+def test_plan_spends_the_tile_budget_on_long_blocks_first(L, B, device, plan):
+    clips, block = attention_chunked.plan(L, B, device)
+    assert (clips, block) == plan
+    assert clips * block * L <= attention_chunked.TILE_ELEMENTS[device] or block == attention_chunked.MIN_BLOCK
+
+
+def test_plain_backend_computes_like_autocast():
+    q, k, v = [t.cpu() for t in make_qkv(1, 33, 16, F32, "channel_first")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.nl_attention(q, k, v, scale=0.5, backend="plain")
+        ref = ops.nl_attention(q, k, v, scale=0.5, backend="reference")
+    assert out.dtype == torch.bfloat16 and ref.dtype == torch.float32
+    s = torch.bmm(q.to(BF16), k.to(BF16).transpose(1, 2)) * 0.5
+    expected = torch.bmm(torch.softmax(s.float(), -1).to(BF16), v.to(BF16))
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Executed work and the engine table
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("D, fwd, bwd", [(512, 1.5, 3.8), (1024, 2.5, 7.0), (128, 1.0, 1.4)])
+def test_flash_defaults_execute_the_reviewed_flops(D, fwd, bwd):
+    counts = attention_engines.executed_flops("triton", 1024, D)
+    assert counts["fwd_ratio"] == pytest.approx(fwd) and counts["bwd_ratio"] == pytest.approx(bwd)
+    assert counts["fwd_useful"] == 4 * 1024 * 1024 * D and counts["bwd_useful"] == 10 * 1024 * 1024 * D
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16, F32])
+@pytest.mark.parametrize("D, L", [(512, 1024), (512, 8192), (1024, 256), (1024, 2048), (512, 32768)])
+def test_auto_at_the_model_head_dims_executes_at_most_1_25x_the_useful_flops(dtype, D, L):
+    engine, why = attention_engines.choose(dtype, D, L, capability=(9, 0))
+    counts = attention_engines.executed_flops(engine, L, D)
+    assert counts["fwd_ratio"] <= 1.25 and counts["bwd_ratio"] <= 1.25, (engine, why)
+    assert f"D={D}" in why and engine in why
+
+
+def test_committed_engine_table_is_the_cost_model():
+    committed = json.loads(attention_engines.TABLE_PATH.read_text())
+    assert committed == json.loads(json.dumps(attention_engines.cost_model_table()))
+
+
+def test_cost_model_prefers_flash_at_small_head_dims_and_chunked_at_large():
+    table = {(e["dtype"], e["D"], e["L"]): e["engine"] for e in attention_engines.cost_model_table()["entries"]}
+    assert table[("bf16", 64, 4096)] == "triton"
+    assert table[("bf16", 512, 4096)] == "chunked" and table[("bf16", 1024, 1024)] == "chunked"
+
+
+def test_engine_table_from_a_file(tmp_path, monkeypatch):
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"source": "measured on X", "capability": [9, 0], "entries": [
+        {"dtype": "bf16", "D": 512, "L": 1024, "engine": "triton", "measured_ms": {"triton": 0.5, "chunked": 0.7}},
+        {"dtype": "bf16", "D": 512, "L": 8192, "engine": "chunked"}]}))
+    monkeypatch.setenv("FASTNL_ENGINE_TABLE", str(path))
+    engine, why = attention_engines.choose(BF16, 512, 2000, capability=(8, 0))
+    assert engine == "triton" and "measured on X" in why and "capability (9, 0)" in why and "(8, 0)" in why
+    assert attention_engines.choose(BF16, 512, 6000)[0] == "chunked"
+    path.write_text(json.dumps({"entries": [{"dtype": "bf16", "D": 512, "L": 1, "engine": "fast"}]}))
+    monkeypatch.setenv("FASTNL_ENGINE_TABLE", str(tmp_path / "other.json"))
+    with pytest.raises(ValueError, match="other.json is unusable"):
+        attention_engines.choose(BF16, 512, 1024)
+    (tmp_path / "other.json").write_text(path.read_text())
+    attention_engines._TABLES.clear()
+    with pytest.raises(ValueError, match=r"unknown engines \['fast'\]"):
+        attention_engines.choose(BF16, 512, 1024)
+
+
+def test_auto_on_cpu_is_the_torch_engine_and_says_why():
+    backend, why = ops.explain_auto_backend("cpu", F32, 512, 1024)
+    assert backend == "torch" and "cpu" in why
+    assert ops.explain_auto_backend("cuda", torch.float64, 512, 1024)[0] == "torch"
