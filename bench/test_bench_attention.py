@@ -1,5 +1,6 @@
-"""pytest-benchmark of the NLAM attention on CPU (small shapes): the chunked torch path against
-the reference, forward+backward, through the functions ``fastnl bench`` calls."""
+"""pytest-benchmark of the NLAM attention on CPU (small shapes): the chunked torch engine against
+the plain PyTorch baseline, forward+backward, through the functions ``fastnl bench`` calls; and
+the bookkeeping that turns timed rows into speed-ups and an engine table."""
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from fastnl.benchmarks import attention
 pytest.importorskip("pytest_benchmark")
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "plain"])
 @pytest.mark.parametrize("L", [256, 1024])
 def test_attention_forward_backward_cpu(benchmark, backend, L):
     result = benchmark.pedantic(attention.time_attention,
@@ -16,10 +17,42 @@ def test_attention_forward_backward_cpu(benchmark, backend, L):
                                       torch.device("cpu"), 1),
                                 rounds=3, iterations=1)
     assert result["fwd_s"] > 0 and result["fwd_bwd_s"] > 0
-    assert result["fwd_bwd_tflops"] > 0
 
 
-def test_run_quick_cpu_reports_both_backends():
+def test_run_quick_cpu_reports_the_engine_and_its_baseline():
     rows = attention.run("cpu", quick=True)
-    assert {(r["backend"], r["L"]) for r in rows} == {(b, L) for b in ("torch", "reference") for L in (256, 1024)}
-    assert all("refused" not in r and r["fwd_bwd_s"] > 0 for r in rows)
+    assert {(r["backend"], r["role"], r["L"]) for r in rows} == \
+        {(b, role, L) for b, role in (("torch", "engine"), ("plain", "baseline")) for L in (256, 1024)}
+    assert all("refused" not in r and r["fwd_bwd_vs"] == "plain" for r in rows)
+
+
+def _row(backend, role, ms, B=8, L=1024, D=512, **extra):
+    return {"kind": "attention", "backend": backend, "role": role, "B": B, "L": L, "D": D, "dtype": "bf16",
+            "fwd_s": ms / 2e3, "fwd_bwd_s": ms / 1e3, **extra}
+
+
+def test_speedups_are_over_the_fastest_baseline_that_ran():
+    rows = [_row("chunked", "engine", 2.0, fwd_bwd_peak_extra_mb=10.0),
+            _row("plain", "baseline", 3.0, fwd_bwd_peak_extra_mb=200.0),
+            _row("sdpa-math", "baseline", 5.0),
+            {"kind": "attention", "backend": "sdpa-flash", "role": "baseline", "B": 8, "L": 1024, "D": 512,
+             "dtype": "bf16", "refused": "no kernel"},
+            _row("sdpa-cudnn", "baseline", 2.5),
+            _row("triton", "engine", 1.0, L=256)]  # another shape: no baseline there
+    attention.compare_to_baselines(rows)
+    chunked, plain, math_row, _, cudnn, triton = rows
+    assert chunked["fwd_bwd_vs"] == "sdpa-cudnn" and chunked["fwd_bwd_speedup"] == pytest.approx(1.25)
+    assert plain["fwd_bwd_speedup"] == pytest.approx(2.5 / 3.0) and math_row["fwd_bwd_speedup"] == pytest.approx(0.5)
+    assert chunked["memory_vs_plain"] == pytest.approx(0.05)
+    assert "fwd_bwd_speedup" not in triton and "fwd_bwd_speedup" not in rows[3]
+
+
+def test_measured_engine_table_takes_the_fastest_engine_at_the_largest_batch():
+    rows = [_row("chunked", "engine", 2.0, B=8), _row("triton", "engine", 1.5, B=8),
+            _row("chunked", "engine", 6.0, B=32), _row("triton", "engine", 7.0, B=32),
+            _row("plain", "baseline", 0.1, B=32), _row("triton", "engine", 0.3, B=8, L=256, D=64)]
+    table = attention.measured_engine_table(rows, {"device_name": "GPU X"})
+    entries = {(e["D"], e["L"]): e for e in table["entries"]}
+    assert entries[(512, 1024)]["engine"] == "chunked" and entries[(512, 1024)]["B"] == 32
+    assert entries[(512, 1024)]["measured_ms"] == {"chunked": 6.0, "triton": 7.0}
+    assert entries[(64, 256)]["engine"] == "triton" and "GPU X" in table["source"]

@@ -1,12 +1,20 @@
-"""Benchmark of the NLAM spatial attention: time and peak memory per backend and shape.
+"""Benchmark of the NLAM spatial attention: time and peak memory per engine and shape, beside
+what a user would otherwise run.
 
-GPU (bf16, B=1, L in {1024, 4096, 8192, 16384}, D in {512, 1024}): backends triton / torch /
-reference of :func:`fastnl.ops.nl_attention` and every PyTorch SDPA backend on [B, 1, L, D]
-(refusals are reported) and the bf16 dense-matmul throughput of the same run. CPU (fp32,
-D=512, L up to 8192): the chunked torch path against the reference. TFLOP/s: 4*B*L*L*D
-forward, 10*B*L*L*D backward. ``run_configs`` (suite ``configs``) times every Triton
-configuration the autotuner may pick; ``kernel_resources`` gives their sm_90 registers, stack
-and shared memory.
+Engines (``fastnl.ops.nl_attention`` backends): ``triton`` (flash), ``chunked`` (tensor-core
+GEMMs + Triton row kernels), ``torch`` (the chunked engine in PyTorch ops), and ``auto``'s
+choice with its reason. Fair baselines: ``plain`` (bmm, softmax, bmm as written in PyTorch,
+under autocast in the input dtype) and ``sdpa-<backend>`` (``F.scaled_dot_product_attention``
+restricted to one backend, on contiguous [B, 1, L, D] copies made inside the timed function:
+its fused backends refuse the conv's channel-first views; "refused" where a backend refuses).
+The float32 ``reference`` is the numerics ground truth and is not timed. Every speed-up is an
+engine's time over the fastest fair baseline that ran at that shape, side by side in one run.
+
+GPU (bf16, channel-first q/k/v): the model's shapes (L, D) = (1024, 512), (256, 1024) at
+batch 8 and 32, and (8192, 512) at batch 8. CPU (fp32, D=512, L up to 8192): the torch engine
+against plain. TFLOP/s count the useful flops: 4*B*L*L*D forward, 14*B*L*L*D forward + backward.
+``run_configs`` (suite ``configs``) times every Triton configuration the autotuner may pick;
+``kernel_resources`` gives their sm_90 registers, stack and shared memory.
 """
 from __future__ import annotations
 
@@ -20,30 +28,41 @@ import torch
 
 from fastnl import ops
 
-GPU_LENGTHS = (1024, 4096, 8192, 16384)
-GPU_HEAD_DIMS = (512, 1024)
+# (B, L, D): the model's attention at N=8 frames after layer3 and layer4, at batch 8 and 32,
+# and a 64-frame clip after layer3
+GPU_SHAPES = ((8, 1024, 512), (32, 1024, 512), (8, 256, 1024), (32, 256, 1024), (8, 8192, 512))
+QUICK_GPU_SHAPES = ((8, 1024, 512), (8, 256, 1024))
 CPU_LENGTHS = (1024, 2048, 4096, 8192)
-FASTNL_BACKENDS = ("triton", "torch", "reference")
+ENGINES = ("triton", "chunked", "torch")
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
+                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 
 
 def _sdpa_backends():
     from torch.nn.attention import SDPBackend
 
-    names = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-    return [(f"sdpa_{n.lower()}", getattr(SDPBackend, n)) for n in names if hasattr(SDPBackend, n)]
+    return [(name, getattr(SDPBackend, member)) for name, member in SDPA_BACKENDS.items()
+            if hasattr(SDPBackend, member)]
 
 
 def _attention_fn(backend: str, sdpa_backend=None):
-    """f(q, k, v) for q, k, v [B, L, D]."""
+    """f(q, k, v) for q, k, v [B, L, D]: an ``nl_attention`` backend ("plain" under autocast in
+    q's dtype), or SDPA restricted to ``sdpa_backend`` on contiguous [B, 1, L, D] copies."""
     if sdpa_backend is None:
-        return lambda q, k, v: ops.nl_attention(q, k, v, scale=1.0 / q.shape[-1] ** 0.5, backend=backend)
+        def engine(q, k, v):
+            scale = 1.0 / q.shape[-1] ** 0.5
+            if backend != "plain" or q.dtype == torch.float32:
+                return ops.nl_attention(q, k, v, scale=scale, backend=backend)
+            with torch.autocast(q.device.type, dtype=q.dtype):
+                return ops.nl_attention(q, k, v, scale=scale, backend="plain")
+        return engine
 
     def sdpa(q, k, v):
         from torch.nn.attention import sdpa_kernel
 
         with sdpa_kernel(sdpa_backend):
             out = torch.nn.functional.scaled_dot_product_attention(
-                q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0 / q.shape[-1] ** 0.5)
+                *(t.unsqueeze(1).contiguous() for t in (q, k, v)), scale=1.0 / q.shape[-1] ** 0.5)
         return out.squeeze(1)
 
     return sdpa
@@ -112,7 +131,7 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 / statistics.median(measure(lambda: torch.mm(a, b)) for _ in range(reps)) / 1e12
 
 
-def kernel_resources(head_dims=GPU_HEAD_DIMS) -> list[dict]:
+def kernel_resources(head_dims=(512, 1024)) -> list[dict]:
     """REG / STACK / shared of every Triton configuration compiled for sm_90 (in a subprocess)."""
     import json
 
@@ -152,36 +171,106 @@ print(peak_rss_mb() - base)
     return float(out.split()[-1])
 
 
+def _log(row: dict) -> None:
+    if "refused" in row:
+        text = f"refused ({row['refused']})"
+    else:
+        text = f"fwd {1e3 * row['fwd_s']:.3f} ms, fwd+bwd {1e3 * row['fwd_bwd_s']:.3f} ms"
+    print(f"  attention {row['backend']} B={row['B']} L={row['L']} D={row['D']}: {text}", file=sys.stderr, flush=True)
+
+
+def compare_to_baselines(rows: list[dict]) -> None:
+    """Per shape: the fastest fair baseline (``vs`` names it), each row's speed-up over it
+    (forward and forward+backward; > 1: faster) and its peak extra memory over plain's."""
+    shapes = {(r["B"], r["L"], r["D"], r["dtype"]) for r in rows if r.get("kind") == "attention"}
+    for shape in shapes:
+        group = [r for r in rows if r.get("kind") == "attention" and (r["B"], r["L"], r["D"], r["dtype"]) == shape]
+        ran = [r for r in group if r.get("role") == "baseline" and "refused" not in r]
+        plain = next((r for r in ran if r["backend"] == "plain"), None)
+        for mode in ("fwd", "fwd_bwd"):
+            timed = [r for r in ran if f"{mode}_s" in r]
+            if not timed:
+                continue
+            best = min(timed, key=lambda r: r[f"{mode}_s"])
+            for r in group:
+                if f"{mode}_s" in r:
+                    r[f"{mode}_vs"] = best["backend"]
+                    r[f"{mode}_speedup"] = best[f"{mode}_s"] / r[f"{mode}_s"]
+        for r in group:
+            key = "fwd_bwd_peak_extra_mb"
+            if plain and plain.get(key) and r.get(key) is not None:
+                r["memory_vs_plain"] = r[key] / plain[key]
+
+
 def run(device, quick: bool = False) -> list[dict]:
-    """One dict per (backend, L, D): seconds, TFLOP/s, peak memory, or the reason it was refused."""
+    """One dict per (backend, shape): seconds, TFLOP/s, peak memory, speed-up over the fastest
+    fair baseline, or the reason it was refused; and one ``auto`` row per shape (its choice and why)."""
     device = torch.device(device)
     rows = []
     if device.type == "cuda":
-        lengths = GPU_LENGTHS[:2] if quick else GPU_LENGTHS
         rows.append({"kind": "matmul", "dtype": "bf16", "tflops": matmul_tflops(device)})
-        for D in GPU_HEAD_DIMS:
-            for L in lengths:
-                cases = [(b, _attention_fn(b)) for b in FASTNL_BACKENDS]
-                cases += [(name, _attention_fn("sdpa", sb)) for name, sb in _sdpa_backends()]
-                for name, fn in cases:
-                    label = {"kind": "attention", "backend": name, "B": 1, "L": L, "D": D, "dtype": "bf16"}
-                    rows.append(_run_case(fn, label, 1, L, D, torch.bfloat16, device, 3 if quick else 10))
-                    row = rows[-1]
-                    print(f"  attention {name} L={L} D={D}: " + (
-                        f"refused ({row['refused']})" if "refused" in row else
-                        f"fwd {1e3 * row['fwd_s']:.3f} ms, fwd+bwd {1e3 * row['fwd_bwd_s']:.3f} ms"),
-                        file=sys.stderr, flush=True)
+        reps = 3 if quick else 10
+        for B, L, D in (QUICK_GPU_SHAPES if quick else GPU_SHAPES):
+            chosen, why = ops.explain_auto_backend("cuda", torch.bfloat16, D, L, device)
+            rows.append({"kind": "auto", "B": B, "L": L, "D": D, "dtype": "bf16", "backend": chosen, "why": why})
+            print(f"  auto at B={B} L={L} D={D}: {chosen} ({why})", file=sys.stderr, flush=True)
+            cases = [(b, "engine", _attention_fn(b)) for b in ENGINES]
+            cases += [("plain", "baseline", _attention_fn("plain"))]
+            cases += [(name, "baseline", _attention_fn("sdpa", sb)) for name, sb in _sdpa_backends()]
+            for name, role, fn in cases:
+                label = {"kind": "attention", "backend": name, "role": role, "B": B, "L": L, "D": D, "dtype": "bf16"}
+                rows.append(_run_case(fn, label, B, L, D, torch.bfloat16, device, reps))
+                _log(rows[-1])
+        compare_to_baselines(rows)
         return rows
     lengths = (256, 1024) if quick else CPU_LENGTHS
     D = 128 if quick else 512
     for L in lengths:
-        for backend in ("torch", "reference"):
-            label = {"kind": "attention", "backend": backend, "B": 1, "L": L, "D": D, "dtype": "fp32"}
+        for backend, role in (("torch", "engine"), ("plain", "baseline")):
+            label = {"kind": "attention", "backend": backend, "role": role, "B": 1, "L": L, "D": D, "dtype": "fp32"}
             row = _run_case(_attention_fn(backend), label, 1, L, D, torch.float32, device, 1 if quick else 3)
             if not quick:
                 row["peak_rss_growth_mb"] = cpu_peak_rss_mb(backend, L, D)
             rows.append(row)
+    compare_to_baselines(rows)
     return rows
+
+
+def measured_engine_table(rows: list[dict], environment: dict | None = None) -> dict:
+    """An engine table for ``auto`` (``FASTNL_ENGINE_TABLE``) from GPU attention rows: per (dtype,
+    D, L) the engine fastest at forward + backward (at the largest batch measured there)."""
+    best: dict = {}
+    for r in rows:
+        if r.get("kind") != "attention" or r.get("role") != "engine" or "fwd_bwd_s" not in r:
+            continue
+        key = (r["dtype"], r["D"], r["L"])
+        if key in best and best[key]["B"] > r["B"]:
+            continue
+        entry = best.setdefault(key, {"dtype": r["dtype"], "D": r["D"], "L": r["L"], "B": r["B"], "measured_ms": {}})
+        if entry["B"] < r["B"]:
+            entry.update(B=r["B"], measured_ms={})
+        entry["measured_ms"][r["backend"]] = round(1e3 * r["fwd_bwd_s"], 4)
+    entries = []
+    for entry in best.values():
+        entry["engine"] = min(entry["measured_ms"], key=entry["measured_ms"].get)
+        entries.append(entry)
+    env = environment or {}
+    capability = list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+    return {"source": f"measured on {env.get('device_name', 'this GPU')} (fastnl bench attention, forward + backward)",
+            "capability": capability, "entries": sorted(entries, key=lambda e: (e["dtype"], e["D"], e["L"]))}
+
+
+def format_table(rows: list[dict]) -> str:
+    from fastnl.commands.bench import generic_table
+
+    lines = [f"auto at B={r['B']} L={r['L']} D={r['D']}: {r['backend']} ({r['why']})" for r in rows if r["kind"] == "auto"]
+    columns = ["backend", "role", "B", "L", "D", "dtype", "fwd_s", "fwd_bwd_s", "fwd_bwd_tflops",
+               "fwd_bwd_peak_extra_mb", "fwd_bwd_vs", "fwd_speedup", "fwd_bwd_speedup", "memory_vs_plain",
+               "peak_rss_growth_mb", "refused"]
+    table = [r for r in rows if r["kind"] == "attention"]
+    present = [c for c in columns if any(c in r for r in table)]
+    extra = [generic_table([r]) for r in rows if r["kind"] == "matmul"]
+    return "\n".join(extra + lines + [generic_table(table, present)])
 
 
 # The model's attention shapes at the paper's N=8 (after layer3: L = 128 N, D = 512; after

@@ -23,6 +23,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--json", metavar="FILE", default=None, help="write every row as JSON to FILE")
+    parser.add_argument("--engine-table", metavar="FILE", default=None,
+                        help="after the attention suite on a GPU, write the engine table measured there "
+                             "(the fastest engine per dtype, D, L); FASTNL_ENGINE_TABLE=FILE makes 'auto' use it")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="folder for the capacity search's JSON and PNG (default: the current folder)")
     cap = parser.add_argument_group("capacity search")
@@ -147,6 +150,11 @@ def run(args) -> int:
         rows = suite(device, quick=args.quick)
         report["suites"][name] = rows
         print(format_rows(name, rows), flush=True)
+        if name == "attention" and args.engine_table and device.startswith("cuda"):
+            from fastnl.benchmarks.attention import measured_engine_table
+
+            _write_json(args.engine_table, measured_engine_table(rows, report["environment"]))
+            print(f"wrote the measured engine table {args.engine_table}", flush=True)
         if args.json:  # after every suite: a later one that runs out of time loses only itself
             _write_json(args.json, report)
     if "capacity" in what:
