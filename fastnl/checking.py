@@ -190,7 +190,7 @@ def attention_check(backend: str, batch: int, length: int, dim: int, device: str
         g = _grads(outs, {"qkv": base}, seed)["qkv"]
         return outs, {"dq": g[:, :dim], "dk": g[:, dim:2 * dim], "dv": g[:, 2 * dim:]}
 
-    available = (lambda: _triton_reason(device)) if backend == "triton" else (lambda: None)
+    available = (lambda: _triton_reason(device)) if backend in ("triton", "chunked") else (lambda: None)
     return Check(f"nl_attention[{backend}]", f"B={batch} L={length} D={dim}", run, available)
 
 
@@ -316,11 +316,11 @@ def build_checks(device: str, size: str, ops: tuple = OPS) -> list[Check]:
         if size == "real":
             # N=8 after layer3 and layer4, and a 32-frame clip after layer3 (several key blocks)
             real = [(2, 8 * 16 * 8, 512), (2, 8 * 8 * 4, 1024), (1, 32 * 16 * 8, 512)]
-            shapes = {"triton": real, "torch": real}
+            shapes = {"triton": real, "chunked": real, "torch": real}
         elif size == "small":  # the interpreter runs ~1e6 times slower than a GPU: keep it tiny
-            shapes = {"triton": [(1, 96, 32)], "torch": [(1, 1280, 64)]}
+            shapes = {"triton": [(1, 96, 32)], "chunked": [(1, 160, 32)], "torch": [(1, 1280, 64)]}
         else:
-            shapes = {"triton": [(1, 40, 16)], "torch": [(1, 48, 16)]}
+            shapes = {"triton": [(1, 40, 16)], "chunked": [(1, 40, 16)], "torch": [(1, 48, 16)]}
         for backend, dims in shapes.items():
             checks += [attention_check(backend, *d, device) for d in dims]
     if "channel" in ops:

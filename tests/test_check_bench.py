@@ -17,7 +17,8 @@ def test_check_passes_on_tiny_shapes(tmp_path, capsys):
     assert code == 0, text
     rows = json.loads(out.read_text())["rows"]
     ops_seen = {r["op"].split(" ")[0] for r in rows}
-    assert ops_seen == {"nl_attention[triton]", "nl_attention[torch]", "channel_attention[extension]",
+    assert ops_seen == {"nl_attention[triton]", "nl_attention[chunked]", "nl_attention[torch]",
+                        "channel_attention[extension]",
                         "NLAM[fused]", "model[fused]"}
     assert all(r["status"] == "PASS" for r in rows), text
     assert all(0 <= r["max_abs"] <= r["tol"] for r in rows)
@@ -37,7 +38,7 @@ def test_check_fails_on_a_broken_op(monkeypatch, capsys):
     text = capsys.readouterr().out
     assert code == 1
     fails = [line for line in text.splitlines() if "FAIL" in line]
-    assert len(fails) == 4 and all(line.startswith("nl_attention[") for line in fails)
+    assert len(fails) == 6 and all(line.startswith("nl_attention[") for line in fails)
 
 
 def test_check_shows_unavailable_backends_as_skip(monkeypatch):
@@ -48,6 +49,7 @@ def test_check_shows_unavailable_backends_as_skip(monkeypatch):
     assert by_op["channel_attention[extension] fwd"].status == "SKIP"
     assert "no compiler" in by_op["channel_attention[extension] fwd"].note
     assert by_op["nl_attention[triton] grad"].status == "SKIP"
+    assert by_op["nl_attention[chunked] grad"].status == "SKIP"
     assert by_op["nl_attention[torch] grad"].status == "PASS"
 
 
