@@ -70,7 +70,8 @@ def executed_flops(engine: str, L: int, D: int, configs: dict | None = None) -> 
     (the backward's recomputation of the scores included), beside the useful ones (forward
     4 L^2 D, backward 10 L^2 D). For ``triton``, ``configs`` maps "fwd", "dkdv", "dq" to the
     BLOCK_DV of each kernel (default: their default configurations): a program grid of chunk
-    width BLOCK_DV computes each score tile ceil(D / BLOCK_DV) times."""
+    width BLOCK_DV computes each score tile ceil(D / BLOCK_DV) times
+    (``fastnl.kernels.nl_attention.executed_flops``)."""
     unit = L * L * D
     useful = {"fwd": 4 * unit, "bwd": 10 * unit}
     if engine in ("chunked", "torch"):
@@ -79,13 +80,7 @@ def executed_flops(engine: str, L: int, D: int, configs: dict | None = None) -> 
         # autograd keeps P: no recomputation in the backward (dV, dP, dQ, dK)
         executed = {"fwd": 4 * unit, "bwd": 8 * unit}
     elif engine == "triton":
-        if configs is None:
-            nla = _flash_kernels()
-            configs = {k: nla.default_config(k, D).kwargs["BLOCK_DV"] for k in ("fwd", "dkdv", "dq")}
-        r_fwd, r_kv, r_q = (math.ceil(D / min(configs[k], D)) for k in ("fwd", "dkdv", "dq"))
-        # forward: S once per chunk, P V once; dK/dV kernel: S and dP per chunk, dV and dK once;
-        # dQ kernel: S and dP per chunk, dQ once
-        executed = {"fwd": (2 * r_fwd + 2) * unit, "bwd": (4 * r_kv + 4 + 4 * r_q + 2) * unit}
+        return _flash_kernels().executed_flops(L, D, configs)
     else:
         raise ValueError(f"no flop count for engine {engine!r}")
     return {"fwd": executed["fwd"], "bwd": executed["bwd"], "fwd_useful": useful["fwd"],

@@ -23,7 +23,9 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from .nl_attention import KERNELS, PREPROCESS_BLOCK_M, candidate_configs, default_config, dk_block
+from . import softmax_rows
+from .nl_attention import (KERNELS, PREPROCESS_BLOCK_M, candidate_configs, default_config, dk_block,
+                           executed_flops)
 
 H100_SHARED_BYTES = 232448  # 227 KB of shared memory per block on sm_90
 _TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
@@ -31,8 +33,8 @@ _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 # Layout compiled: q, k, v channel-first ([B, C', L] transposed: stride over L is 1), every
 # output and dO contiguous [B, L, D]; strides and L divisible by 16, as in the model.
 _UNIT_STRIDES = {"stride_qm", "stride_kn", "stride_vn", "stride_od", "stride_dod", "stride_gd"}
-_FP32_POINTERS = {"LSE", "DELTA"}
-_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"} | _FP32_POINTERS
+_FP32_POINTERS = {"LSE", "DELTA", "S", "DP", "M", "Z"}
+_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "P", "DS"} | _FP32_POINTERS
 
 
 def cuobjdump_path() -> Path:
@@ -56,13 +58,22 @@ def _signature(fn, dtype: str, constants: dict):
     return signature, attrs
 
 
-def res_usage(cubin: bytes) -> dict:
-    """{"reg", "stack", "local"} of the (single) function in ``cubin``, from cuobjdump -res-usage."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(cuobjdump_path()), "-res-usage", f.name], check=True,
-                              capture_output=True, text=True).stdout
+        return subprocess.run([str(cuobjdump_path()), flag, f.name], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def uses_hgmma(cubin: bytes) -> bool:
+    """Whether the SASS of ``cubin`` holds Hopper warpgroup MMA instructions (HGMMA)."""
+    return "HGMMA" in _cuobjdump(cubin, "-sass")
+
+
+def res_usage(cubin: bytes) -> dict:
+    """{"reg", "stack", "local"} of the (single) function in ``cubin``, from cuobjdump -res-usage."""
+    text = _cuobjdump(cubin, "-res-usage")
     usage = {}
     for field in ("REG", "STACK", "LOCAL"):
         match = re.search(rf"\b{field}:(\d+)", text)
@@ -72,15 +83,12 @@ def res_usage(cubin: bytes) -> dict:
     return usage
 
 
-def compile_config(kernel: str, head_dim: int, dtype: str, meta: dict, num_warps: int, num_stages: int,
-                   arch: int = 90) -> dict:
-    """Compile ``kernel`` ("fwd", "dkdv", "dq", "preprocess") for ``sm_<arch>``; returns its resources."""
+def _compile(fn, dtype: str, constants: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+    """Compile ``fn`` with these constexprs for ``sm_<arch>``: shared memory, registers, spill
+    stack, whether it uses HGMMA, compile seconds."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET=0 before triton is imported")
-    fn = KERNELS[kernel]
-    constants = {"HEAD_DIM": head_dim, "BLOCK_DK": dk_block(head_dim), **meta}
-    if kernel != "preprocess":
-        constants.update(PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+    constants = dict(constants)
     for name in _UNIT_STRIDES & set(fn.arg_names):
         constants[name] = 1
     signature, attrs = _signature(fn, dtype, constants)
@@ -91,9 +99,47 @@ def compile_config(kernel: str, head_dim: int, dtype: str, meta: dict, num_warps
     start = time.perf_counter()
     compiled = triton.compile(src, target=target, options=options.__dict__)
     seconds = time.perf_counter() - start
-    return {"kernel": kernel, "head_dim": head_dim, "dtype": dtype, **meta, "num_warps": num_warps,
-            "num_stages": num_stages, "arch": arch, "shared": compiled.metadata.shared,
-            **res_usage(compiled.asm["cubin"]), "compile_s": round(seconds, 2)}
+    cubin = compiled.asm["cubin"]
+    return {"shared": compiled.metadata.shared, **res_usage(cubin), "hgmma": uses_hgmma(cubin),
+            "compile_s": round(seconds, 2)}
+
+
+# The sequence length at which a configuration's executed work is reported (the ratios do not
+# depend on it: the kernels tile every L the same way).
+_FLOPS_SEQ_LEN = 1024
+
+
+def compile_config(kernel: str, head_dim: int, dtype: str, meta: dict, num_warps: int, num_stages: int,
+                   arch: int = 90) -> dict:
+    """Compile ``kernel`` ("fwd", "dkdv", "dq", "preprocess") for ``sm_<arch>``; returns its resources
+    and, for fwd / dkdv / dq, the executed over useful flops of the pass it belongs to (forward, or
+    backward with the other backward kernel at its default) as ``executed_over_useful``."""
+    fn = KERNELS[kernel]
+    constants = {"HEAD_DIM": head_dim, "BLOCK_DK": dk_block(head_dim), **meta}
+    if kernel != "preprocess":
+        constants.update(PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+    result = {"kernel": kernel, "head_dim": head_dim, "dtype": dtype, **meta, "num_warps": num_warps,
+              "num_stages": num_stages, "arch": arch, **_compile(fn, dtype, constants, num_warps, num_stages, arch)}
+    if kernel != "preprocess":
+        flops = executed_flops(_FLOPS_SEQ_LEN, head_dim, {kernel: meta["BLOCK_DV"]})
+        result["executed_over_useful"] = flops["fwd_ratio" if kernel == "fwd" else "bwd_ratio"]
+    return result
+
+
+ROW_SEQ_LENS = (256, 1024, 8192, 32768)  # the model's L at N = 8 (layer4, layer3), 64 and 256 frames
+
+
+def compile_rows(seq_len: int, dtype: str = "bf16", arch: int = 90) -> list[dict]:
+    """Compile the chunked engine's two row kernels (``softmax_rows``) at L = seq_len for
+    ``sm_<arch>``, P and dS in ``dtype``; they do no matmuls (no HGMMA expected)."""
+    out = []
+    for kernel, meta in (("rows_fwd", softmax_rows.fwd_meta(seq_len)), ("rows_bwd", softmax_rows.bwd_meta(seq_len))):
+        meta = dict(meta)
+        warps = meta.pop("num_warps")
+        res = _compile(softmax_rows.KERNELS[kernel], dtype, meta, warps, 1, arch)
+        out.append({"kernel": kernel, "seq_len": seq_len, "dtype": dtype, **meta, "num_warps": warps,
+                    "num_stages": 1, "arch": arch, **res})
+    return out
 
 
 def configurations(head_dim: int, dtype: str = "bf16") -> list[tuple[str, dict, int, int]]:
@@ -120,12 +166,18 @@ def compile_all(head_dims=(512, 1024), dtypes=("bf16",), arch: int = 90):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Compile the attention kernels ahead of time; one JSON line each")
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--head-dims", type=int, nargs="*", default=[512, 1024])
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(_TYPES))
+    parser.add_argument("--rows", type=int, nargs="*", default=[], metavar="L",
+                        help="also the chunked engine's row kernels at these sequence lengths")
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args(argv)
     for result in compile_all(args.head_dims, args.dtypes, args.arch):
         print(json.dumps(result), flush=True)
+    for seq_len in args.rows:
+        for dtype in args.dtypes:
+            for result in compile_rows(seq_len, dtype, args.arch):
+                print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,21 @@ def recompute_factor(head_dim: int, block_dv: int) -> int:
     return triton.cdiv(head_dim, block_dv)
 
 
+def executed_flops(seq_len: int, head_dim: int, block_dv: dict | None = None) -> dict:
+    """Flops the kernels execute for one clip (L = seq_len, D = head_dim) and the useful ones
+    (forward 4 L^2 D; backward 10 L^2 D, the recomputation of the scores included), with the
+    chunk width BLOCK_DV of each kernel ("fwd", "dkdv", "dq"; default: the defaults' for bf16).
+    The forward computes S once per chunk and P V once; the dK/dV kernel S and dP once per
+    chunk, dV and dK once; the dQ kernel S and dP once per chunk and dQ once."""
+    widths = {k: default_config(k, head_dim).kwargs["BLOCK_DV"] for k in ("fwd", "dkdv", "dq")}
+    widths.update(block_dv or {})
+    r_fwd, r_kv, r_q = (recompute_factor(head_dim, widths[k]) for k in ("fwd", "dkdv", "dq"))
+    unit = seq_len * seq_len * head_dim
+    fwd, bwd = (2 * r_fwd + 2) * unit, (4 * r_kv + 4 + 4 * r_q + 2) * unit
+    return {"fwd": fwd, "bwd": bwd, "fwd_useful": 4 * unit, "bwd_useful": 10 * unit,
+            "fwd_ratio": fwd / (4 * unit), "bwd_ratio": bwd / (10 * unit)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------

@@ -24,9 +24,11 @@ importlib.import_module("fastnl.kernels.aot").main(sys.argv[1:])
 """
 
 
-def compile_ahead_of_time(head_dim: int, dtype: str) -> list[dict]:
+def compile_ahead_of_time(head_dim, dtype: str, rows=()) -> list[dict]:
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, "--head-dims", str(head_dim), "--dtypes", dtype],
+    dims = [] if head_dim is None else [str(head_dim)]
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, "--head-dims", *dims, "--dtypes", dtype,
+                           "--rows", *map(str, rows)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -56,3 +58,26 @@ def test_every_configuration_compiles_for_sm90_without_spills(head_dim, dtype):
         assert r["shared"] <= H100_SHARED_BYTES, label
         assert r["stack"] == 0 and r["local"] == 0, f"spills: {r}"
         assert 0 < r["reg"] <= 255, label
+        if r["kernel"] != "preprocess":
+            # tensor cores (Hopper warpgroup MMA) for half-precision inputs; fp32 multiplies in fp32
+            assert r["hgmma"] == (dtype != "fp32"), label
+            flops = nla.executed_flops(1024, head_dim, {r["kernel"]: r["BLOCK_DV"]})
+            assert r["executed_over_useful"] == flops["fwd_ratio" if r["kernel"] == "fwd" else "bwd_ratio"] >= 1
+    defaults = [r for r in results if r["kernel"] == "fwd" and r["BLOCK_DV"] == nla.default_config(
+        "fwd", head_dim, torch_dtype).kwargs["BLOCK_DV"]]
+    assert defaults, "the default forward configuration was compiled"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_row_kernels_of_the_chunked_engine_compile_without_spills(dtype):
+    from fastnl._paths import import_kernels
+
+    rows = import_kernels().softmax_rows
+    lengths = (256, 1024, 8192, 16384, 32768)  # one pass up to 16384 columns, two passes beyond
+    results = compile_ahead_of_time(None, dtype, rows=lengths)
+    assert [(r["kernel"], r["seq_len"]) for r in results] == [(k, L) for L in lengths for k in ("rows_fwd", "rows_bwd")]
+    for r in results:
+        assert r["stack"] == 0 and r["local"] == 0, f"spills: {r}"
+        assert r["shared"] <= H100_SHARED_BYTES and 0 < r["reg"] <= 255 and not r["hgmma"], r
+        if r["kernel"] == "rows_fwd":
+            assert r["ONE_PASS"] == (r["seq_len"] <= rows.ONE_PASS_MAX), r
