@@ -33,7 +33,7 @@ _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 # Layout compiled: q, k, v channel-first ([B, C', L] transposed: stride over L is 1), every
 # output and dO contiguous [B, L, D]; strides and L divisible by 16, as in the model.
 _UNIT_STRIDES = {"stride_qm", "stride_kn", "stride_vn", "stride_od", "stride_dod", "stride_gd"}
-_FP32_POINTERS = {"LSE", "DELTA", "S", "DP", "M", "Z"}
+_FP32_POINTERS = {"MZ", "DELTA", "S", "DP", "M", "Z"}
 _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "P", "DS"} | _FP32_POINTERS
 
 

@@ -8,9 +8,12 @@ fp32 accumulator stays in registers without spilling. When ``BLOCK_DV`` covers D
 are computed once per tile; narrower chunks recompute them once per chunk (see
 ``recompute_factor``), and the autotuner picks between both among the spill-free configs.
 
-The forward saves only O and the row log-sum-exp (base 2, ``log2(e)`` folded into the scale);
-the backward recomputes the probabilities: ``_nl_attn_bwd_preprocess`` (delta = rowsum(dO * O)),
-``_nl_attn_bwd_dkdv`` (one program per key block and column chunk) and ``_nl_attn_bwd_dq``.
+The forward saves only O and, per row, the maximum M of the scaled scores (base 2, ``log2(e)``
+folded into the scale) and the softmax sum Z; the backward recomputes the probabilities as
+``exp2(s - M) / Z``, rounded as the forward normalised them (a saved log-sum-exp ``M + log2 Z``
+adds its own rounding at large logits, which float32 gradients showed). Backward kernels:
+``_nl_attn_bwd_preprocess`` (delta = rowsum(dO * O)), ``_nl_attn_bwd_dkdv`` (one program per
+key block and column chunk) and ``_nl_attn_bwd_dq``.
 The running row maximum keeps every exponent <= 0, so scales far from 1 neither overflow nor
 produce NaN.
 """
@@ -134,13 +137,14 @@ def _nl_attn_fwd_inner(acc, m_i, l_i, q_base, k_base, v_base, offs_m, offs_dv,
 
 
 @triton.jit
-def _nl_attn_fwd(Q, K, V, O, LSE,
+def _nl_attn_fwd(Q, K, V, O, MZ,
                  stride_qb, stride_qm, stride_qd, stride_kb, stride_kn, stride_kd,
                  stride_vb, stride_vn, stride_vd, stride_ob, stride_om, stride_od,
                  L, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Grid (cdiv(L, BLOCK_M), cdiv(D, BLOCK_DV), B): O[b, m-block, chunk] and LSE[b, m-block] (log2)."""
+    """Grid (cdiv(L, BLOCK_M), cdiv(D, BLOCK_DV), B): O[b, m-block, chunk], and per row the scaled
+    score maximum M = MZ[b, 0] (log2 units) and the softmax sum Z = MZ[b, 1] of exp2(s - M)."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -157,7 +161,8 @@ def _nl_attn_fwd(Q, K, V, O, LSE,
     o_ptr = O + b * stride_ob + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM))
     if pid_c == 0:
-        tl.store(LSE + b * L + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < L)
+        tl.store(MZ + b * 2 * L + offs_m, m_i, mask=offs_m < L)
+        tl.store(MZ + b * 2 * L + L + offs_m, l_i, mask=offs_m < L)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ def _nl_attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_om, stride_od, strid
 
 
 @triton.jit
-def _nl_attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _nl_attn_bwd_dkdv(Q, K, V, DO, MZ, DELTA, DK, DV,
                       stride_qb, stride_qm, stride_qd, stride_kb, stride_kn, stride_kd,
                       stride_vb, stride_vn, stride_vd, stride_dob, stride_dom, stride_dod,
                       stride_gb, stride_gn, stride_gd,
@@ -192,7 +197,8 @@ def _nl_attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     """Grid (cdiv(L, BLOCK_N), cdiv(D, BLOCK_DV), B): dK and dV of one key block, one column chunk.
 
     dV = P^T dO, dK = scale * dS^T Q with dS = P * (dO V^T - delta); P^T is recomputed from the
-    saved LSE. DK and DV share the strides (stride_gb, stride_gn, stride_gd).
+    saved row maximum and sum as exp2(s - M) / Z, as the forward normalised it. DK and DV share
+    the strides (stride_gb, stride_gn, stride_gd).
     """
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -210,8 +216,9 @@ def _nl_attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         valid_m = offs_m < L
         st = _dot_rows(k_base, stride_kn, stride_kd, offs_n, q_base, stride_qm, stride_qd, offs_m, L,
                        HEAD_DIM, BLOCK_N, BLOCK_M, BLOCK_DK, PRECISION, UPCAST)
-        lse = tl.load(LSE + b * L + offs_m, mask=valid_m, other=0.0)
-        pt = tl.where(valid_m[None, :], tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
+        m_row = tl.load(MZ + b * 2 * L + offs_m, mask=valid_m, other=0.0)
+        z_row = tl.load(MZ + b * 2 * L + L + offs_m, mask=valid_m, other=1.0)
+        pt = tl.where(valid_m[None, :], tl.math.exp2(st * qk_scale - m_row[None, :]) / z_row[None, :], 0.0)
         do = _load_rows(do_base, offs_m, offs_dv, stride_dom, stride_dod, L, HEAD_DIM)
         dv = _mma(pt.to(do.dtype), do, dv, PRECISION, UPCAST)
         dpt = _dot_rows(v_base, stride_vn, stride_vd, offs_n, do_base, stride_dom, stride_dod, offs_m, L,
@@ -227,7 +234,7 @@ def _nl_attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _nl_attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+def _nl_attn_bwd_dq(Q, K, V, DO, MZ, DELTA, DQ,
                     stride_qb, stride_qm, stride_qd, stride_kb, stride_kn, stride_kd,
                     stride_vb, stride_vn, stride_vd, stride_dob, stride_dom, stride_dod,
                     stride_gb, stride_gm, stride_gd,
@@ -245,14 +252,15 @@ def _nl_attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = pid_c * BLOCK_DV + tl.arange(0, BLOCK_DV)
     valid_m = offs_m < L
-    lse = tl.load(LSE + b * L + offs_m, mask=valid_m, other=0.0)
+    m_row = tl.load(MZ + b * 2 * L + offs_m, mask=valid_m, other=0.0)
+    z_row = tl.load(MZ + b * 2 * L + L + offs_m, mask=valid_m, other=1.0)
     delta = tl.load(DELTA + b * L + offs_m, mask=valid_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s = _dot_rows(q_base, stride_qm, stride_qd, offs_m, k_base, stride_kn, stride_kd, offs_n, L,
                       HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
-        p = tl.where(offs_n[None, :] < L, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        p = tl.where(offs_n[None, :] < L, tl.math.exp2(s * qk_scale - m_row[:, None]) / z_row[:, None], 0.0)
         dp = _dot_rows(do_base, stride_dom, stride_dod, offs_m, v_base, stride_vn, stride_vd, offs_n, L,
                        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -412,18 +420,20 @@ def _constants(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def nl_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """Forward: q, k, v [B, L, D] (any strides) -> (O [B, L, D] in q's dtype, LSE [B, L] fp32, log2 units)."""
+    """Forward: q, k, v [B, L, D] (any strides) -> (O [B, L, D] in q's dtype, MZ [B, 2, L] fp32:
+    the row maximum of the scaled scores in log2 units and the softmax sum; the row log-sum-exp
+    is ``(M + log2 Z) * ln 2``)."""
     B, L, D = q.shape
     out = torch.empty((B, L, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, L), device=q.device, dtype=torch.float32)
-    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), L, float(scale) * LOG2E)
+    mz = torch.empty((B, 2, L), device=q.device, dtype=torch.float32)
+    args = (q, k, v, out, mz, *q.stride(), *k.stride(), *v.stride(), *out.stride(), L, float(scale) * LOG2E)
     _launch("fwd", lambda bm, bn, bdv: (triton.cdiv(L, bm), triton.cdiv(D, bdv), B), args,
             _constants(D, q.dtype), D, q.dtype)
-    return out, lse
+    return out, mz
 
 
-def nl_attention_bwd(q, k, v, out, lse, grad_out, scale: float):
-    """Backward: returns (dQ, dK, dV), each [B, L, D] in q's dtype, from the saved O and LSE."""
+def nl_attention_bwd(q, k, v, out, mz, grad_out, scale: float):
+    """Backward: returns (dQ, dK, dV), each [B, L, D] in q's dtype, from the saved O and MZ."""
     B, L, D = q.shape
     delta = torch.empty((B, L), device=q.device, dtype=torch.float32)
     _nl_attn_bwd_preprocess[(triton.cdiv(L, PREPROCESS_BLOCK_M), B)](
@@ -436,26 +446,26 @@ def nl_attention_bwd(q, k, v, out, lse, grad_out, scale: float):
     scales = (L, float(scale) * LOG2E, float(scale))
     constants = _constants(D, q.dtype)
     _launch("dkdv", lambda bm, bn, bdv: (triton.cdiv(L, bn), triton.cdiv(D, bdv), B),
-            (q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *scales), constants, D, q.dtype)
+            (q, k, v, grad_out, mz, delta, dk, dv, *common, *dk.stride(), *scales), constants, D, q.dtype)
     _launch("dq", lambda bm, bn, bdv: (triton.cdiv(L, bm), triton.cdiv(D, bdv), B),
-            (q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(), *scales), constants, D, q.dtype)
+            (q, k, v, grad_out, mz, delta, dq, *common, *dq.stride(), *scales), constants, D, q.dtype)
     return dq, dk, dv
 
 
 class NLAttention(torch.autograd.Function):
-    """``softmax(scale * q k^T) v`` on [B, L, D] tensors; saves q, k, v, O and the row LSE."""
+    """``softmax(scale * q k^T) v`` on [B, L, D] tensors; saves q, k, v, O and the row M and Z."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float):
-        out, lse = nl_attention_fwd(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, mz = nl_attention_fwd(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, mz)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = nl_attention_bwd(q, k, v, out, lse, grad_out, ctx.scale)
+        q, k, v, out, mz = ctx.saved_tensors
+        dq, dk, dv = nl_attention_bwd(q, k, v, out, mz, grad_out, ctx.scale)
         return dq, dk, dv, None
 
 
