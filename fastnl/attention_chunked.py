@@ -97,6 +97,10 @@ class _TorchRows:
     """Softmax rows and their gradient in PyTorch ops (in place on the score tile)."""
 
     @staticmethod
+    def backward_from_probs(p, dp, delta, scale):
+        return dp.sub_(delta.unsqueeze(-1)).mul_(p).mul_(scale).to(p.dtype)
+
+    @staticmethod
     def forward(s, scale, out_dtype):
         s.mul_(scale)
         m = s.amax(dim=-1)
@@ -129,6 +133,10 @@ class _TritonRows:
     def backward(cls, s, dp, m, z, delta, scale, out_dtype):
         return cls._kernels().softmax_grad_rows(s, dp, m, z, delta, scale, out_dtype)
 
+    @classmethod
+    def backward_from_probs(cls, p, dp, delta, scale):
+        return cls._kernels().softmax_grad_from_probs(p, dp, delta, scale)
+
 
 def _rows_impl(rowwise: str, compute_dtype: torch.dtype):
     # the Triton row kernels take float32 tiles; float64 inputs use the PyTorch ops
@@ -145,6 +153,10 @@ class _ChunkedAttention(torch.autograd.Function):
         out = torch.empty(B, L, D, device=q.device, dtype=q.dtype)
         m = torch.empty(B, L, device=q.device, dtype=acc_dtype)
         z = torch.empty_like(m)
+        # when the whole [B, L, L] score matrix fits one tile, the backward gets P from the forward
+        # instead of recomputing S (the memory stays within the tile budget)
+        keep = clips >= B and block >= L and any(ctx.needs_input_grad[:3])
+        kept = None
         for b0 in range(0, B, clips):
             cb = slice(b0, min(b0 + clips, B))
             kt, vb = kc[cb].transpose(1, 2), vc[cb]
@@ -154,13 +166,14 @@ class _ChunkedAttention(torch.autograd.Function):
                 p, m[cb, rb], z[cb, rb] = rows.forward(s, scale, vc.dtype)
                 del s
                 out[cb, rb] = torch.bmm(p, vb)
-        ctx.save_for_backward(q, k, v, out, m, z)
+                kept = p if keep else None
+        ctx.save_for_backward(q, k, v, out, m, z, kept)
         ctx.scale, ctx.clips, ctx.block, ctx.rowwise = scale, clips, block, rowwise
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, m, z = ctx.saved_tensors
+        q, k, v, out, m, z, kept = ctx.saved_tensors
         scale, clips, block = ctx.scale, ctx.clips, ctx.block
         acc_dtype = m.dtype
         rows = _rows_impl(ctx.rowwise, acc_dtype)
@@ -179,10 +192,14 @@ class _ChunkedAttention(torch.autograd.Function):
                 rb = slice(start, min(start + block, L))
                 qb, dob = qc[cb, rb], doc[cb, rb]
                 delta = (grad_out[cb, rb].to(acc_dtype) * out[cb, rb].to(acc_dtype)).sum(-1)
-                s = _mm(qb, kt)
                 dp = _mm(dob, vt)
-                p, ds = rows.backward(s, dp, m[cb, rb], z[cb, rb], delta, scale, vc.dtype)
-                del s, dp
+                if kept is not None:
+                    p, ds = kept, rows.backward_from_probs(kept, dp, delta, scale)
+                else:
+                    s = _mm(qb, kt)
+                    p, ds = rows.backward(s, dp, m[cb, rb], z[cb, rb], delta, scale, vc.dtype)
+                    del s
+                del dp
                 _mm_acc(dv_acc, p.transpose(1, 2), dob)
                 del p
                 dq[cb, rb] = torch.bmm(ds, kb)  # ds carries the factor scale

@@ -65,17 +65,19 @@ def _flash_kernels():
     return import_kernels().nl_attention
 
 
-def executed_flops(engine: str, L: int, D: int, configs: dict | None = None) -> dict:
+def executed_flops(engine: str, L: int, D: int, configs: dict | None = None, batch: int = 1,
+                   device_type: str = "cuda") -> dict:
     """Flops ``engine`` executes for one clip of L positions and head dim D, forward and backward
     (the backward's recomputation of the scores included), beside the useful ones (forward
     4 L^2 D, backward 10 L^2 D). For ``triton``, ``configs`` maps "fwd", "dkdv", "dq" to the
     BLOCK_DV of each kernel (default: their default configurations): a program grid of chunk
     width BLOCK_DV computes each score tile ceil(D / BLOCK_DV) times
-    (``fastnl.kernels.nl_attention.executed_flops``)."""
+    (``fastnl.kernels.nl_attention.executed_flops``). The chunked engines skip the backward's
+    recomputation of S where ``batch`` clips fit one tile on ``device_type``."""
     unit = L * L * D
     useful = {"fwd": 4 * unit, "bwd": 10 * unit}
     if engine in ("chunked", "torch"):
-        executed = dict(useful)
+        executed = {"fwd": 4 * unit, "bwd": (8 if _keeps_probs(L, batch, device_type) else 10) * unit}
     elif engine in ("plain", "reference"):
         # autograd keeps P: no recomputation in the backward (dV, dP, dQ, dK)
         executed = {"fwd": 4 * unit, "bwd": 8 * unit}
@@ -86,6 +88,14 @@ def executed_flops(engine: str, L: int, D: int, configs: dict | None = None) -> 
     return {"fwd": executed["fwd"], "bwd": executed["bwd"], "fwd_useful": useful["fwd"],
             "bwd_useful": useful["bwd"], "fwd_ratio": executed["fwd"] / useful["fwd"],
             "bwd_ratio": executed["bwd"] / useful["bwd"]}
+
+
+def _keeps_probs(L: int, B: int, device_type: str = "cuda") -> bool:
+    """Whether the chunked engine's forward keeps P (the whole score matrix fits one tile)."""
+    from fastnl.attention_chunked import plan
+
+    clips, block = plan(L, B, device_type)
+    return clips >= B and block >= L
 
 
 def _chunk_steps(L: int, B: int) -> tuple[int, int]:
@@ -104,7 +114,7 @@ def predict_ms(engine: str, dtype: str, B: int, L: int, D: int, gpu: GPU = HOPPE
     peak = (gpu.tensor_tflops if dtype != "fp32" else gpu.fp32_tflops) * 1e12
     bw = gpu.bandwidth_tbs * 1e12
     tiles = B * L * L  # score elements of one pass
-    flops = executed_flops(engine, L, D)
+    flops = executed_flops(engine, L, D, batch=B)
     launch = gpu.launch_us * 1e-6
     if engine == "triton":
         fwd = B * flops["fwd"] / (peak * gpu.flash_efficiency) + launch
@@ -112,9 +122,11 @@ def predict_ms(engine: str, dtype: str, B: int, L: int, D: int, gpu: GPU = HOPPE
     elif engine in ("chunked", "torch", "plain"):
         gemm = peak * gpu.gemm_efficiency
         steps, per_clip = _chunk_steps(L, B)
+        keeps = _keeps_probs(L, B)
         if engine == "chunked":
             two_pass = 4 if L > 16384 else 0
-            fwd_bytes, bwd_bytes = 4 + e + two_pass, 8 + 2 * e  # row kernels: read S (dP), write P (dS)
+            # row kernels: read S, write P; read S and dP, write P and dS (or read the kept P)
+            fwd_bytes, bwd_bytes = 4 + e + two_pass, (4 + 2 * e) if keeps else (8 + 2 * e)
             fwd_launches, bwd_launches = 3 * steps, 7 * steps
             acc_bytes = per_clip * 2 * 2 * B * L * D * 4  # dK and dV read and written per block
         elif engine == "torch":

@@ -133,7 +133,10 @@ def compile_rows(seq_len: int, dtype: str = "bf16", arch: int = 90) -> list[dict
     """Compile the chunked engine's two row kernels (``softmax_rows``) at L = seq_len for
     ``sm_<arch>``, P and dS in ``dtype``; they do no matmuls (no HGMMA expected)."""
     out = []
-    for kernel, meta in (("rows_fwd", softmax_rows.fwd_meta(seq_len)), ("rows_bwd", softmax_rows.bwd_meta(seq_len))):
+    variants = (("rows_fwd", softmax_rows.fwd_meta(seq_len)),
+                ("rows_bwd", {**softmax_rows.bwd_meta(seq_len), "FROM_P": False}),
+                ("rows_bwd", {**softmax_rows.bwd_meta(seq_len), "FROM_P": True}))
+    for kernel, meta in variants:
         meta = dict(meta)
         warps = meta.pop("num_warps")
         res = _compile(softmax_rows.KERNELS[kernel], dtype, meta, warps, 1, arch)

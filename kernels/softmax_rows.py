@@ -4,7 +4,8 @@ gradient, each in one pass over the tile (:mod:`fastnl.attention_chunked` runs t
 The scores ``S = Q_blk K^T`` arrive unscaled in float32 (a tensor-core GEMM with float32
 output). ``softmax_rows`` writes ``P = softmax(scale * S)`` in the matmul dtype and the row
 maximum ``M`` (log2 units, ``log2(e)`` folded into the scale) and the row sum ``Z`` of
-``exp2(scale * S - M)``; ``softmax_grad_rows`` recomputes ``P = exp2(scale * S - M) / Z`` from
+``exp2(scale * S - M)``; ``softmax_grad_from_probs`` gives dS from a P the forward kept (when
+the whole score matrix fits one tile); ``softmax_grad_rows`` recomputes ``P = exp2(scale * S - M) / Z`` from
 the same S (the backward's GEMM gives the same bits as the forward's), so the backward's
 probabilities round exactly like the forward's, and writes ``dS = scale * P * (dP - delta)``.
 A row of up to ``ONE_PASS_MAX`` columns is held in registers (one read of S); longer rows are
@@ -60,21 +61,26 @@ def _softmax_rows_fwd(S, P, M, Z, stride_s, stride_p, L, qk_scale,
 
 @triton.jit
 def _softmax_rows_bwd(S, DP, M, Z, DELTA, P, DS, stride_s, stride_dp, stride_p, stride_ds, L,
-                      qk_scale, sm_scale, BLOCK_L: tl.constexpr):
-    """Grid (rows,): P = exp2(qk_scale * S - M) / Z and dS = sm_scale * P * (dP - DELTA) per row."""
+                      qk_scale, sm_scale, BLOCK_L: tl.constexpr, FROM_P: tl.constexpr):
+    """Grid (rows,): dS = sm_scale * P * (dP - DELTA) per row, with P = exp2(qk_scale * S - M) / Z
+    recomputed and written to P, or (FROM_P) read from the P the forward kept (S, M, Z unused)."""
     row = tl.program_id(0).to(tl.int64)
-    m = tl.load(M + row)
-    z = tl.load(Z + row)
     delta = tl.load(DELTA + row)
+    if not FROM_P:
+        m = tl.load(M + row)
+        z = tl.load(Z + row)
     cols = tl.arange(0, BLOCK_L)
     for start in range(0, L, BLOCK_L):
         offs = start + cols
         mask = offs < L
-        s = tl.load(S + row * stride_s + offs, mask=mask, other=0.0)
         dp = tl.load(DP + row * stride_dp + offs, mask=mask, other=0.0)
-        p = tl.math.exp2(s * qk_scale - m) / z
+        if FROM_P:
+            p = tl.load(P + row * stride_p + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(S + row * stride_s + offs, mask=mask, other=0.0)
+            p = tl.math.exp2(s * qk_scale - m) / z
+            tl.store(P + row * stride_p + offs, p.to(P.dtype.element_ty), mask=mask)
         ds = (p * (dp - delta)) * sm_scale
-        tl.store(P + row * stride_p + offs, p.to(P.dtype.element_ty), mask=mask)
         tl.store(DS + row * stride_ds + offs, ds.to(DS.dtype.element_ty), mask=mask)
 
 
@@ -129,5 +135,18 @@ def softmax_grad_rows(s: torch.Tensor, dp: torch.Tensor, m: torch.Tensor, z: tor
     meta = bwd_meta(L)
     _softmax_rows_bwd[(B * R,)](s2, dp2, m.contiguous(), z.contiguous(), delta.contiguous(), p, ds,
                                 s2.stride(0), dp2.stride(0), L, L, L, float(scale) * LOG2E, float(scale),
-                                BLOCK_L=meta["BLOCK_L"], num_warps=meta["num_warps"])
+                                BLOCK_L=meta["BLOCK_L"], FROM_P=False, num_warps=meta["num_warps"])
     return p, ds
+
+
+def softmax_grad_from_probs(p: torch.Tensor, dp: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """``dS = scale * P * (dP - delta)`` [B, R, L] in p's dtype from the probabilities the forward
+    kept (p, row-major) and dP (float32)."""
+    B, R, L = p.shape
+    p2, dp2 = _rows(p), _rows(dp)
+    ds = torch.empty_like(p)
+    meta = bwd_meta(L)
+    _softmax_rows_bwd[(B * R,)](dp2, dp2, delta, delta, delta.contiguous(), p2, ds,
+                                dp2.stride(0), dp2.stride(0), p2.stride(0), L, L, 1.0, float(scale),
+                                BLOCK_L=meta["BLOCK_L"], FROM_P=True, num_warps=meta["num_warps"])
+    return ds

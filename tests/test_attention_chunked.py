@@ -209,3 +209,25 @@ def test_auto_on_cpu_is_the_torch_engine_and_says_why():
     backend, why = ops.explain_auto_backend("cpu", F32, 512, 1024)
     assert backend == "torch" and "cpu" in why
     assert ops.explain_auto_backend("cuda", torch.float64, 512, 1024)[0] == "torch"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_one_tile_keeps_p_and_skips_the_recomputation(backend):
+    """Where every clip's whole score matrix fits one tile, the forward keeps P for the backward;
+    both paths agree and stay within twice the plain error."""
+    rowwise = "triton" if backend == "chunked" else "torch"
+    q, k, v = [t.detach().requires_grad_() for t in make_qkv(2, 40, 32, BF16, "channel_first")]
+    one_tile = attention_chunked.nl_attention_chunked(q, k, v, 0.3, rowwise=rowwise)
+    kept = one_tile.grad_fn.saved_tensors[-1]
+    assert kept is not None and kept.shape == (2, 40, 40) and kept.dtype == attention_chunked._operands(v).dtype
+    blocked = attention_chunked.nl_attention_chunked(q, k, v, 0.3, block=16, rowwise=rowwise)
+    assert blocked.grad_fn.saved_tensors[-1] is None
+    grad = torch.randn(one_tile.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, BF16)
+    g1 = torch.autograd.grad(one_tile, (q, k, v), grad)
+    g2 = torch.autograd.grad(blocked, (q, k, v), grad)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    counts = attention_engines.executed_flops(backend, 40, 32, batch=2, device_type=DEVICE.type)
+    assert counts["bwd_ratio"] == pytest.approx(0.8) and counts["fwd_ratio"] == 1.0
+    check_within_twice_plain(engine(backend, 0.3), *make_qkv(2, 40, 32, BF16, "channel_first"), 0.3)
