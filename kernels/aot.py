@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 
 from . import softmax_rows
 from .nl_attention import (KERNELS, PREPROCESS_BLOCK_M, candidate_configs, default_config, dk_block,
-                           executed_flops)
+                           executed_flops, fuses_dq)
 
 H100_SHARED_BYTES = 232448  # 227 KB of shared memory per block on sm_90
 _TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
@@ -33,7 +33,7 @@ _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 # Layout compiled: q, k, v channel-first ([B, C', L] transposed: stride over L is 1), every
 # output and dO contiguous [B, L, D]; strides and L divisible by 16, as in the model.
 _UNIT_STRIDES = {"stride_qm", "stride_kn", "stride_vn", "stride_od", "stride_dod", "stride_gd"}
-_FP32_POINTERS = {"MZ", "DELTA", "S", "DP", "M", "Z"}
+_FP32_POINTERS = {"MZ", "DELTA", "DQACC", "S", "DP", "M", "Z"}
 _POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "P", "DS"} | _FP32_POINTERS
 
 
@@ -118,6 +118,8 @@ def compile_config(kernel: str, head_dim: int, dtype: str, meta: dict, num_warps
     constants = {"HEAD_DIM": head_dim, "BLOCK_DK": dk_block(head_dim), **meta}
     if kernel != "preprocess":
         constants.update(PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+    if kernel == "dkdv":
+        constants["FUSE_DQ"] = fuses_dq(head_dim)
     result = {"kernel": kernel, "head_dim": head_dim, "dtype": dtype, **meta, "num_warps": num_warps,
               "num_stages": num_stages, "arch": arch, **_compile(fn, dtype, constants, num_warps, num_stages, arch)}
     if kernel != "preprocess":

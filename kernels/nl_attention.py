@@ -50,6 +50,16 @@ def _chunk_cap(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+# Up to this head dim one output chunk covers D in the dK/dV kernel, which then also adds dQ
+# with float32 atomics (FUSE_DQ): no separate dQ kernel recomputing S and dP.
+FUSED_DQ_MAX_HEAD_DIM = 128
+
+
+def fuses_dq(head_dim: int) -> bool:
+    """Whether the backward computes dQ inside the dK/dV kernel (atomics) at this head dim."""
+    return head_dim <= FUSED_DQ_MAX_HEAD_DIM
+
+
 def recompute_factor(head_dim: int, block_dv: int) -> int:
     """How many times a program grid of this chunk width computes each score tile."""
     return triton.cdiv(head_dim, block_dv)
@@ -60,12 +70,14 @@ def executed_flops(seq_len: int, head_dim: int, block_dv: dict | None = None) ->
     (forward 4 L^2 D; backward 10 L^2 D, the recomputation of the scores included), with the
     chunk width BLOCK_DV of each kernel ("fwd", "dkdv", "dq"; default: the defaults' for bf16).
     The forward computes S once per chunk and P V once; the dK/dV kernel S and dP once per
-    chunk, dV and dK once; the dQ kernel S and dP once per chunk and dQ once."""
+    chunk, dV and dK once; the dQ kernel S and dP once per chunk and dQ once (or, where
+    ``fuses_dq``, the dK/dV kernel adds dQ from its own S and dP: 10 L^2 D in all)."""
     widths = {k: default_config(k, head_dim).kwargs["BLOCK_DV"] for k in ("fwd", "dkdv", "dq")}
     widths.update(block_dv or {})
     r_fwd, r_kv, r_q = (recompute_factor(head_dim, widths[k]) for k in ("fwd", "dkdv", "dq"))
     unit = seq_len * seq_len * head_dim
-    fwd, bwd = (2 * r_fwd + 2) * unit, (4 * r_kv + 4 + 4 * r_q + 2) * unit
+    fwd = (2 * r_fwd + 2) * unit
+    bwd = (4 * r_kv + 6 if fuses_dq(head_dim) else 4 * r_kv + 4 + 4 * r_q + 2) * unit
     return {"fwd": fwd, "bwd": bwd, "fwd_useful": 4 * unit, "bwd_useful": 10 * unit,
             "fwd_ratio": fwd / (4 * unit), "bwd_ratio": bwd / (10 * unit)}
 
@@ -187,18 +199,21 @@ def _nl_attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_om, stride_od, strid
 
 
 @triton.jit
-def _nl_attn_bwd_dkdv(Q, K, V, DO, MZ, DELTA, DK, DV,
+def _nl_attn_bwd_dkdv(Q, K, V, DO, MZ, DELTA, DK, DV, DQACC,
                       stride_qb, stride_qm, stride_qd, stride_kb, stride_kn, stride_kd,
                       stride_vb, stride_vn, stride_vd, stride_dob, stride_dom, stride_dod,
                       stride_gb, stride_gn, stride_gd,
                       L, qk_scale, sm_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                      FUSE_DQ: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Grid (cdiv(L, BLOCK_N), cdiv(D, BLOCK_DV), B): dK and dV of one key block, one column chunk.
 
     dV = P^T dO, dK = scale * dS^T Q with dS = P * (dO V^T - delta); P^T is recomputed from the
     saved row maximum and sum as exp2(s - M) / Z, as the forward normalised it. DK and DV share
-    the strides (stride_gb, stride_gn, stride_gd).
+    the strides (stride_gb, stride_gn, stride_gd). FUSE_DQ (one chunk covers D): the program also
+    adds its key block's share dS K of dQ (unscaled) into the float32 [B, L, D] DQACC with atomics,
+    so S and dP are computed once per tile in the whole backward (FlashAttention-2's scheme).
     """
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -211,6 +226,9 @@ def _nl_attn_bwd_dkdv(Q, K, V, DO, MZ, DELTA, DK, DV,
     offs_dv = pid_c * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if FUSE_DQ:
+        tl.static_assert(BLOCK_DV >= HEAD_DIM)
+        k_rows = _load_rows(k_base, offs_n, offs_dv, stride_kn, stride_kd, L, HEAD_DIM)
     for start_m in range(0, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         valid_m = offs_m < L
@@ -227,6 +245,11 @@ def _nl_attn_bwd_dkdv(Q, K, V, DO, MZ, DELTA, DK, DV,
         dst = pt * (dpt - delta[None, :])
         q = _load_rows(q_base, offs_m, offs_dv, stride_qm, stride_qd, L, HEAD_DIM)
         dk = _mma(dst.to(q.dtype), q, dk, PRECISION, UPCAST)
+        if FUSE_DQ:
+            dq = _mma(tl.trans(dst.to(k_rows.dtype)), k_rows,
+                      tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32), PRECISION, UPCAST)
+            dq_ptr = DQACC + b * L * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_dv[None, :]
+            tl.atomic_add(dq_ptr, dq, mask=valid_m[:, None] & (offs_dv[None, :] < HEAD_DIM))
     mask = (offs_n[:, None] < L) & (offs_dv[None, :] < HEAD_DIM)
     offs = b * stride_gb + offs_n[:, None] * stride_gn + offs_dv[None, :] * stride_gd
     tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
@@ -345,6 +368,8 @@ def candidate_configs(kernel: str, head_dim: int, seq_len: int | None = None,
         if spec not in specs:
             specs.append(spec)
     configs = [_make_config(s) for s in specs]
+    if kernel == "dkdv" and fuses_dq(head_dim):  # one chunk must cover D
+        configs = [c for c in configs if c.kwargs["BLOCK_DV"] >= head_dim]
     return [c for c in configs if seq_len is None or keep(kernel, c, seq_len)]
 
 
@@ -445,8 +470,13 @@ def nl_attention_bwd(q, k, v, out, mz, grad_out, scale: float):
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scales = (L, float(scale) * LOG2E, float(scale))
     constants = _constants(D, q.dtype)
+    fused = fuses_dq(D)
+    dq_acc = torch.zeros((B, L, D), device=q.device, dtype=torch.float32) if fused else delta
     _launch("dkdv", lambda bm, bn, bdv: (triton.cdiv(L, bn), triton.cdiv(D, bdv), B),
-            (q, k, v, grad_out, mz, delta, dk, dv, *common, *dk.stride(), *scales), constants, D, q.dtype)
+            (q, k, v, grad_out, mz, delta, dk, dv, dq_acc, *common, *dk.stride(), *scales),
+            {**constants, "FUSE_DQ": fused}, D, q.dtype)
+    if fused:
+        return dq_acc.mul_(scale).to(q.dtype), dk, dv
     _launch("dq", lambda bm, bn, bdv: (triton.cdiv(L, bm), triton.cdiv(D, bdv), B),
             (q, k, v, grad_out, mz, delta, dq, *common, *dq.stride(), *scales), constants, D, q.dtype)
     return dq, dk, dv
