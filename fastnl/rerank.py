@@ -65,7 +65,8 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6,
     dev = torch.device(device) if device is not None else _default_device()
 
     # d = (D^2 scaled per column)^T, float32 like the reference code.
-    full = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float32)
+    full = np.empty((n, n), dtype=np.float32)  # filled block by block: no float64 N x N copy
+    full[:nq, :nq], full[:nq, nq:], full[nq:, :nq], full[nq:, nq:] = q_q, q_g, q_g.T, g_g
     dist = torch.from_numpy(full).to(dev)
     del full
     dist.pow_(2)
