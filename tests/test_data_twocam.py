@@ -182,3 +182,12 @@ def test_synthetic_two_camera_trees(tmp_path, fmt):
     else:  # tracklets of 20..40 frames: the 27-frame rule drops some of the 8 persons
         assert 2 <= kept < 8 and len(d.query) == kept // 2
         assert all(len(p) >= 27 for split in (d.train, d.query, d.gallery) for p, _, _ in split)
+
+
+def test_synthetic_two_camera_limits(tmp_path):
+    from fastnl.errors import UserError
+
+    with pytest.raises(UserError, match="ilidsvid has exactly 2 cameras: --cams must be 2, got 4"):
+        write_dataset(tmp_path / "a", fmt="ilidsvid", cams=4)
+    with pytest.raises(UserError, match="--ids must be at most 200 for prid2011, got 201"):
+        write_dataset(tmp_path / "b", fmt="prid2011", ids=201)
