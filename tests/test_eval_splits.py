@@ -66,3 +66,11 @@ def test_eval_split_on_a_single_split_dataset(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(
         "fastnl eval: error: mars has one fixed train/test split: --split-id, --split-ids and "
         "--splits-file apply to ilidsvid and prid2011 only")
+
+
+def test_eval_splits_seed_is_for_prid_only(ilids, tmp_path, capsys):
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--dataset", "ilidsvid",
+                     "--root", str(ilids), "--splits-seed", "3"]) == 2
+    assert capsys.readouterr().err == ("fastnl eval: error: --splits-seed applies to prid2011 only "
+                                       "(its splits are made from a seed when no splits file is "
+                                       "given)\n")

@@ -44,6 +44,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--splits-file", metavar="PATH",
                         help="prid2011: splits in torchreid's splits_prid2011.json format (default: "
                         "ROOT/splits_prid2011.json when present, else 10 seeded random splits)")
+    parser.add_argument("--splits-seed", type=int, metavar="SEED",
+                        help="prid2011 without a splits file: the seed of its 10 random half/half "
+                        "splits (default: 0)")
     parser.add_argument("--rerank", action="store_true",
                         help="also rank with k-reciprocal re-ranking (Zhong et al. 2017; k1=20, "
                         "k2=6, lambda=0.3) and print both tables")
@@ -104,6 +107,11 @@ def run(args) -> int:
                           else "cpu")
     reader = resolve_name(args.dataset, args.root)
     extra = {"splits": args.splits_file} if args.splits_file and reader == "prid2011" else {}
+    if args.splits_seed is not None:
+        if reader != "prid2011":
+            raise UserError("--splits-seed applies to prid2011 only (its splits are made from a "
+                            "seed when no splits file is given)")
+        extra["seed"] = args.splits_seed
 
     def load(split_id):
         return get_dataset(args.dataset, args.root, split_id=split_id, verify=args.verify, **extra)
