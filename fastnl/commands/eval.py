@@ -54,9 +54,8 @@ def add_arguments(parser) -> None:
 
 def _split_ids(args, name: str, num_splits: int | None) -> list[int] | None:
     """The split ids asked for (None for a dataset with one fixed split)."""
-    from fastnl.errors import UserError
-
     from fastnl.data.datasets import SPLIT_DATASETS
+    from fastnl.errors import UserError
 
     asked = args.split_id is not None or args.split_ids is not None
     if name not in SPLIT_DATASETS:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetError, Tracklet, VideoDataset, list_frames, relabel, require_dir
+from .base import DatasetError, VideoDataset, list_frames, relabel, require_dir
 from .mars import load_mat
 
 PERSON = re.compile(r"^person(\d+)$")
