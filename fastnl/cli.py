@@ -18,6 +18,8 @@ COMMANDS = (
     "fastnl.commands.demo",
     "fastnl.commands.train",
     "fastnl.commands.eval",
+    "fastnl.commands.extract",
+    "fastnl.commands.search",
     "fastnl.commands.synth",
     "fastnl.commands.bench",
     "fastnl.commands.check",

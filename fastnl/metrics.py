@@ -86,3 +86,6 @@ def chance_rank(q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, trials: 
     runs = [evaluate_rank(rng.random((len(q_pids), len(g_pids))), q_pids, g_pids, q_camids, g_camids, max_rank)
             for _ in range(trials)]
     return np.mean([c for c, _ in runs], axis=0), float(np.mean([m for _, m in runs]))
+
+
+from fastnl.rerank import re_ranking  # noqa: E402  (k-reciprocal re-ranking, part of this API)

@@ -253,7 +253,7 @@ def test_duke_missing_root_and_verify(tmp_path):
 
 
 def test_registry(tmp_path):
-    assert DATASETS == ("mars", "dukevideo", "synthetic")
+    assert DATASETS == ("mars", "dukevideo", "ilidsvid", "prid2011", "synthetic")
     mars = make_mars(tmp_path / "m")
     duke = make_duke(tmp_path / "d")
     with warnings.catch_warnings():
@@ -265,7 +265,7 @@ def test_registry(tmp_path):
     with pytest.raises(DatasetError, match="unknown dataset 'market'"):
         get_dataset("market", mars)
     (tmp_path / "e").mkdir()
-    with pytest.raises(DatasetError, match="neither a MARS folder"):
+    with pytest.raises(DatasetError, match="is not a MARS folder"):
         detect_format(tmp_path / "e")
     with pytest.raises(DatasetError, match="dataset folder not found"):
         get_dataset("synthetic", tmp_path / "none")
@@ -345,3 +345,11 @@ def test_synth_command(tmp_path, capsys):
     assert cli_main(["synth", "--out", str(tmp_path / "m"), "--cams", "9"]) == 2
     assert capsys.readouterr().err == ("fastnl synth: error: --cams must lie in 2..6 for mars, "
                                        "got 9\n")
+
+
+def test_synthetic_mars_tables_are_integers_like_the_release(tmp_path):
+    root = write_dataset(tmp_path / "m", fmt="mars", ids=4, cams=2, seed=0, size=(16, 8))
+    for name, key in (("tracks_train_info", "track_train_info"),
+                      ("tracks_test_info", "track_test_info"), ("query_IDX", "query_IDX")):
+        table = scipy.io.loadmat(str(root / "info" / f"{name}.mat"))[key]
+        assert table.dtype == np.int32, name  # float tables break readers that index with them

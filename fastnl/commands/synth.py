@@ -5,21 +5,26 @@ import time
 import warnings
 
 NAME = "synth"
-HELP = ("write a synthetic video re-ID dataset (real JPEGs and .mat files) in the MARS or "
-        "DukeMTMC-VideoReID layout")
+HELP = ("write a synthetic video re-ID dataset (real JPEG/PNG frames and .mat files) in the MARS, "
+        "DukeMTMC-VideoReID, iLIDS-VID or PRID-2011 layout")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--format", choices=("mars", "dukevideo"), default="mars",
-                        help="on-disk layout to write")
+    parser.add_argument("--format", choices=("mars", "dukevideo", "ilidsvid", "prid2011"),
+                        default="mars", help="on-disk layout to write")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
-    parser.add_argument("--ids", type=int, default=40, help="identities (half train, half test)")
-    parser.add_argument("--cams", type=int, default=4, help="cameras")
+    parser.add_argument("--ids", type=int, default=40,
+                        help="identities (half train, half test; for ilidsvid and prid2011 the "
+                        "persons seen by both cameras, split 10 times)")
+    parser.add_argument("--cams", type=int,
+                        help="cameras (default: 4; ilidsvid and prid2011 have 2)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--height", type=int, default=128, help="frame height")
     parser.add_argument("--width", type=int, default=64, help="frame width")
-    parser.add_argument("--min-frames", type=int, default=4, help="shortest tracklet")
-    parser.add_argument("--max-frames", type=int, default=16, help="longest tracklet")
+    parser.add_argument("--min-frames", type=int,
+                        help="shortest tracklet (default: 4; 20 for prid2011)")
+    parser.add_argument("--max-frames", type=int,
+                        help="longest tracklet (default: 16; 40 for prid2011)")
 
 
 def run(args) -> int:

@@ -1,5 +1,6 @@
-"""A small synthetic video re-ID dataset written in the official MARS or DukeMTMC-VideoReID
-layout (real JPEGs, real .mat files), used by the demo and the tests.
+"""A small synthetic video re-ID dataset written in the official MARS, DukeMTMC-VideoReID,
+iLIDS-VID or PRID-2011 layout (real JPEG/PNG frames, real .mat files), used by the demo and
+the tests.
 
 Each identity is a figure with its own clothing colours, pattern and build; each camera has
 its own background, light level and tint; each tracklet walks (legs swing, body bobs and
@@ -8,7 +9,11 @@ the background alone. Half the ids are train ids, the other half test ids; every
 seen by at least two cameras and has one query tracklet, the rest of its tracklets form the
 gallery. As in the real releases, the MARS test split also holds distractor tracklets
 (pid 0) and junk tracklets (pid -1, bad detections), and the Duke gallery holds distractor
-ids that no query shares.
+ids that no query shares. iLIDS-VID and PRID-2011 trees have two cameras and one sequence
+per person and camera, in PNG: iLIDS-VID with its 10-split table (``ls_set``), PRID-2011 with
+persons 1..ids seen by both cameras, others (numbered from 201, as in the release) seen by one
+camera only, and tracklets of 20 to 40 frames by default, so the reader's 27-frame rule drops
+some persons.
 """
 from __future__ import annotations
 
@@ -24,8 +29,12 @@ from PIL import Image
 
 from fastnl.errors import UserError
 
-FORMATS = ("mars", "dukevideo")
-MAX_CAMS = {"mars": 6, "dukevideo": 8}
+FORMATS = ("mars", "dukevideo", "ilidsvid", "prid2011")
+MAX_CAMS = {"mars": 6, "dukevideo": 8, "ilidsvid": 2, "prid2011": 2}
+DEFAULT_CAMS = {"mars": 4, "dukevideo": 4, "ilidsvid": 2, "prid2011": 2}
+DEFAULT_FRAMES = {"mars": (4, 16), "dukevideo": (4, 16), "ilidsvid": (4, 16), "prid2011": (20, 40)}
+MAX_IDS = {"ilidsvid": 900, "prid2011": 200}
+NUM_SPLITS = 10
 MARKER = "synth.json"
 
 
@@ -92,7 +101,7 @@ class _Renderer:
         return (self.xx >= x0) & (self.xx < x1) & (self.yy >= y0) & (self.yy < y1)
 
     def frame(self, rng, look: _Look | None, cam: _Camera, cx: float, phase: float,
-              visible: float = 1.0) -> bytes:
+              visible: float = 1.0, fmt: str = "JPEG") -> bytes:
         img = cam.background.copy()
         if look is not None:
             bob = 0.01 * np.sin(2 * phase)
@@ -118,18 +127,22 @@ class _Renderer:
                 img[self.yy > visible] = cam.background[self.yy > visible]
         img = img * cam.gain + rng.normal(0, 8, size=img.shape).astype(np.float32)
         buf = io.BytesIO()
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG",
-                                                                    quality=self.quality)
+        image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+        if fmt == "PNG":
+            image.save(buf, "PNG", compress_level=1)
+        else:
+            image.save(buf, "JPEG", quality=self.quality)
         return buf.getvalue()
 
-    def tracklet(self, rng, look, cam, length: int, junk: bool = False) -> list[bytes]:
+    def tracklet(self, rng, look, cam, length: int, junk: bool = False,
+                 fmt: str = "JPEG") -> list[bytes]:
         cx = rng.uniform(0.4, 0.6)
         drift = rng.uniform(-0.01, 0.01)
         phase, step = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 0.9)
         visible = rng.uniform(0.25, 0.5) if junk else 1.0
         if junk:
             cx += rng.choice([-0.35, 0.35])
-        return [self.frame(rng, look, cam, cx + drift * f, phase + step * f, visible)
+        return [self.frame(rng, look, cam, cx + drift * f, phase + step * f, visible, fmt)
                 for f in range(length)]
 
 
@@ -158,20 +171,30 @@ def _plan_ids(rng, ids: int, cams: int, num_pids: int):
     return plan
 
 
-def write_dataset(out, *, fmt: str = "mars", ids: int = 40, cams: int = 4, seed: int = 0,
-                  size: tuple[int, int] = (128, 64), min_frames: int = 4, max_frames: int = 16,
-                  quality: int = 90) -> Path:
+def write_dataset(out, *, fmt: str = "mars", ids: int = 40, cams: int | None = None,
+                  seed: int = 0, size: tuple[int, int] = (128, 64), min_frames: int | None = None,
+                  max_frames: int | None = None, quality: int = 90) -> Path:
     """Write a synthetic dataset under ``out`` in the ``fmt`` layout and return its path.
 
-    ``ids`` identities (half train, half test), ``cams`` cameras, frames of ``size`` (h, w),
-    tracklets of ``min_frames`` to ``max_frames`` frames; fully determined by ``seed``.
+    ``ids`` identities (half train, half test; for iLIDS-VID and PRID-2011 the persons seen by
+    both cameras, split by the split table), ``cams`` cameras (default 4; 2 for the two-camera
+    sets), frames of ``size`` (h, w), tracklets of ``min_frames`` to ``max_frames`` frames
+    (default 4..16; 20..40 for PRID-2011); fully determined by ``seed``.
     If ``out`` already holds a dataset written with the same arguments it is kept as is; any
     other non-empty ``out`` is refused.
     """
     if fmt not in FORMATS:
-        raise UserError(f"unknown synthetic format {fmt!r}: choose mars or dukevideo")
+        raise UserError(f"unknown synthetic format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    cams = DEFAULT_CAMS[fmt] if cams is None else cams
+    lo, hi = DEFAULT_FRAMES[fmt]
+    min_frames = lo if min_frames is None else min_frames
+    max_frames = max(hi, min_frames) if max_frames is None else max_frames
     if ids < 4:
         raise UserError(f"--ids must be at least 4 (2 train and 2 test ids), got {ids}")
+    if ids > MAX_IDS.get(fmt, ids):
+        raise UserError(f"--ids must be at most {MAX_IDS[fmt]} for {fmt}, got {ids}")
+    if MAX_CAMS[fmt] == 2 and cams != 2:
+        raise UserError(f"{fmt} has exactly 2 cameras: --cams must be 2, got {cams}")
     if not 2 <= cams <= MAX_CAMS[fmt]:
         raise UserError(f"--cams must lie in 2..{MAX_CAMS[fmt]} for {fmt}, got {cams}")
     if not 1 <= min_frames <= max_frames <= 999:
@@ -200,6 +223,10 @@ def write_dataset(out, *, fmt: str = "mars", ids: int = 40, cams: int = 4, seed:
 
     rng = np.random.default_rng(seed)
     render = _Renderer(h, w, quality)
+    if fmt in ("ilidsvid", "prid2011"):
+        _write_two_camera(out, rng, render, fmt, ids, min_frames, max_frames)
+        (out / MARKER).write_text(json.dumps(params, indent=1) + "\n")
+        return out
     hues = (np.arange(ids * 2) * 0.6180339887 + rng.random()) % 1.0
     cameras = {c: _camera(rng, h, w) for c in range(1, MAX_CAMS[fmt] + 1)}
     extra = max(2, (ids - ids // 2) // 4)
@@ -263,10 +290,11 @@ def _write_mars(out, rng, render, plan, looks, cameras, train_pids, test_pids, e
         info_dir = out / "info"
         info_dir.mkdir(exist_ok=True)
         (info_dir / f"{split}_name.txt").write_text("\n".join(names) + "\n")
+        # Integers, as in the official release (int32): torchreid slices and indexes with them.
         _savemat(info_dir / f"tracks_{split}_info.mat", f"track_{split}_info",
-                 np.array(info, dtype=np.float64))
+                 np.array(info, dtype=np.int32))
         if split == "test":
-            _savemat(info_dir / "query_IDX.mat", "query_IDX", np.array([query], dtype=np.float64))
+            _savemat(info_dir / "query_IDX.mat", "query_IDX", np.array([query], dtype=np.int32))
 
 
 def _write_duke(out, rng, render, plan, looks, cameras, train_pids, test_pids, distractor_pids,
@@ -298,3 +326,41 @@ def _write_duke(out, rng, render, plan, looks, cameras, train_pids, test_pids, d
                 write_tracklet("query" if is_query else "gallery", pid, number, cam)
     for split in ("train", "query", "gallery"):
         os.makedirs(out / split, exist_ok=True)
+
+
+def _write_two_camera(out, rng, render, fmt, ids, min_frames, max_frames):
+    """iLIDS-VID or PRID-2011 layout: one PNG sequence per person and camera."""
+    cameras = [_camera(rng, render.h, render.w) for _ in range(2)]
+    hues = (np.arange(ids * 2) * 0.6180339887 + rng.random()) % 1.0
+    length = lambda: int(rng.integers(min_frames, max_frames + 1))  # noqa: E731
+
+    def sequence(folder: Path, look, cam, name):
+        for f, data in enumerate(render.tracklet(rng, look, cameras[cam], length(), fmt="PNG")):
+            _write(folder / name(f), data)
+
+    if fmt == "ilidsvid":
+        # Person numbers with gaps (the release numbers its 300 persons up to 319).
+        numbers = np.sort(rng.choice(np.arange(1, ids + ids // 15 + 2), size=ids, replace=False))
+        seq = out / "i-LIDS-VID" / "sequences"
+        for i, num in enumerate(numbers):
+            look = _look(rng, hues[i])
+            for cam in (0, 1):
+                start = int(rng.integers(1, 900))
+                sequence(seq / f"cam{cam + 1}" / f"person{num:03d}", look, cam,
+                         lambda f, c=cam, n=num, s=start: f"cam{c + 1}_person{n:03d}_{s + f:05d}.png")
+        table = np.stack([rng.permutation(ids) + 1 for _ in range(NUM_SPLITS)]).astype(np.float64)
+        splits_dir = out / "train-test people splits"
+        splits_dir.mkdir(parents=True)
+        _savemat(splits_dir / "train_test_splits_ilidsvid.mat", "ls_set", table)
+    else:
+        base = out / "prid_2011" / "multi_shot"
+        only = {"cam_a": max(2, ids // 4), "cam_b": max(3, ids // 2)}
+        for i in range(ids):
+            look = _look(rng, hues[i])
+            for cam, cam_name in enumerate(("cam_a", "cam_b")):
+                sequence(base / cam_name / f"person_{i + 1:04d}", look, cam,
+                         lambda f: f"{f + 1:04d}.png")
+        for cam, cam_name in enumerate(("cam_a", "cam_b")):  # persons seen by one camera only
+            for j in range(only[cam_name]):
+                sequence(base / cam_name / f"person_{201 + j:04d}", _look(rng, rng.random()), cam,
+                         lambda f: f"{f + 1:04d}.png")

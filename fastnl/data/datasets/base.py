@@ -43,6 +43,20 @@ def relabel(tracklets: Sequence[Tracklet]) -> list[Tracklet]:
     return [(paths, label[pid], camid) for paths, pid, camid in tracklets]
 
 
+def list_frames(folder: Path, ext: str) -> tuple[list[str], int]:
+    """(sorted paths of the ``ext`` files in ``folder``, count of other files there)."""
+    frames, other = [], 0
+    for entry in os.scandir(folder):
+        if not entry.is_file():
+            continue
+        if entry.name.lower().endswith(ext):
+            frames.append(entry.path)
+        else:
+            other += 1
+    frames.sort()
+    return frames, other
+
+
 class FolderIndex:
     """Listings of frame folders, each read once, to check that listed frames exist."""
 

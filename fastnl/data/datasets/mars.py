@@ -43,9 +43,9 @@ def read_names(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_mat(path: Path, key: str) -> np.ndarray:
+def load_mat(path: Path, key: str, what: str = "MARS info file") -> np.ndarray:
     """The array ``key`` from a MATLAB file, with a clear error when absent or unreadable."""
-    require_file(path, "MARS info file")
+    require_file(path, what)
     try:
         mat = scipy.io.loadmat(str(path))
     except Exception as err:  # scipy raises several types for a malformed file
