@@ -105,6 +105,11 @@ at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
   return t.to(acc);
 }
 
+// The shared MLP and everything between the pooling and the rescaling work on [B, N, C] and
+// [C, R] tensors, tiny next to x: they run in float64 on every device, so that their rounding
+// stays far below that of the passes over x (which accumulate in float32, float64 for double).
+constexpr at::ScalarType kMlp = at::kDouble;
+
 // The shared MLP on both branches at once: P = [GMP; GAP] as [2*B*N, C],
 // H = tanh(P W1^T + b1) [2*B*N, R], M = H W2^T + b2 [2*B*N, C].
 struct Mlp {
@@ -150,9 +155,10 @@ at::Tensor channel_attention_impl(const at::Tensor& x, const at::Tensor& w1,
   at::Tensor gap = at::empty({l.B, l.N, l.C}, opts);
   k.pool(xn, l, gmp, gap);
 
-  Mlp mlp = mlp_forward(gmp, gap, as_acc(w1, acc), opt_as_acc(b1, acc), as_acc(w2, acc), opt_as_acc(b2, acc));
+  Mlp mlp = mlp_forward(gmp.to(kMlp), gap.to(kMlp), as_acc(w1, kMlp), opt_as_acc(b1, kMlp), as_acc(w2, kMlp),
+                        opt_as_acc(b2, kMlp));
   at::Tensor M = mlp.M.view({2, l.B, l.N, l.C});
-  at::Tensor w = at::sigmoid(std::get<0>(M[0].max(1)) + M[1].mean(1)).contiguous();  // [B, C]
+  at::Tensor w = at::sigmoid(std::get<0>(M[0].max(1)) + M[1].mean(1)).to(acc).contiguous();  // [B, C]
 
   at::Tensor out = at::empty_like(x);
   at::Tensor target = kernel_output(out, xn);
@@ -181,15 +187,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
   at::Tensor argmax = at::empty({B, N, C}, opts.dtype(at::kLong));
   k.pool_stats(g, xn, l, gmp, gap, argmax, dot);
 
-  at::Tensor w1a = as_acc(w1, acc), w2a = as_acc(w2, acc);
-  Mlp mlp = mlp_forward(gmp, gap, w1a, opt_as_acc(b1, acc), w2a, opt_as_acc(b2, acc));
+  at::Tensor w1a = as_acc(w1, kMlp), w2a = as_acc(w2, kMlp);
+  Mlp mlp = mlp_forward(gmp.to(kMlp), gap.to(kMlp), w1a, opt_as_acc(b1, kMlp), w2a, opt_as_acc(b2, kMlp));
   at::Tensor M = mlp.M.view({2, B, N, C});
   auto [m_max, winner] = M[0].max(1);  // [B, C]: the frame whose GMP branch wins
   at::Tensor w = at::sigmoid(m_max + M[1].mean(1));
 
   // d loss / d z for z = max_n m_n + mean_n a_n, where out = x * sigmoid(z).
-  at::Tensor dz = dot.sum(1) * w * (1 - w);
-  at::Tensor dM = at::zeros({2, B, N, C}, opts);
+  at::Tensor dz = dot.to(kMlp).sum(1) * w * (1 - w);
+  at::Tensor dM = at::zeros({2, B, N, C}, opts.dtype(kMlp));
   dM[0].scatter_(1, winner.unsqueeze(1), dz.unsqueeze(1));
   dM[1].copy_((dz / static_cast<double>(N)).unsqueeze(1).expand({B, N, C}));
   at::Tensor dMf = dM.view({2 * B * N, C});
@@ -200,12 +206,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
   at::Tensor gw1 = dpre.t().mm(mlp.P);
   at::Tensor gb1 = dpre.sum(0);
   at::Tensor dP = dpre.mm(w1a);
-  at::Tensor dgmp = dP.narrow(0, 0, B * N).reshape({B, N, C}).contiguous();
-  at::Tensor dgap = (dP.narrow(0, B * N, B * N) / static_cast<double>(l.HW)).reshape({B, N, C}).contiguous();
+  at::Tensor dgmp = dP.narrow(0, 0, B * N).reshape({B, N, C}).to(acc).contiguous();
+  at::Tensor dgap = (dP.narrow(0, B * N, B * N) / static_cast<double>(l.HW)).reshape({B, N, C}).to(acc).contiguous();
 
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor target = kernel_output(grad_x, xn);
-  k.grad_input(g, w.contiguous(), dgmp, dgap, argmax, l, target);
+  k.grad_input(g, w.to(acc).contiguous(), dgmp, dgap, argmax, l, target);
   if (!target.is_same(grad_x)) {
     grad_x.copy_(target);
   }

@@ -5,7 +5,8 @@ built (e.g. a machine whose Python ships its own torch), it compiles csrc/ once 
 ``torch.utils.cpp_extension.load`` into ``$FASTNL_BUILD_DIR`` (default ``~/.cache/fastnl``),
 CUDA kernels included when CUDA is available. Set ``FASTNL_NO_JIT=1`` to skip that build.
 
-Operators (x: [B, N, C, H, W]; pooled and weights in float32, float64 for float64 x):
+Operators (x: [B, N, C, H, W]; the passes over x accumulate in float32, float64 for float64 x;
+the shared MLP between them, on [B, N, C] pooled values, runs in float64 on every device):
 
 - ``fastnl::channel_pool(x) -> (gmp, gap)``: [B, N, C] max and mean over H*W, one read of x.
 - ``fastnl::channel_attention(x, w1, b1, w2, b2) -> out``: out = x * sigmoid(max_n m_n +
