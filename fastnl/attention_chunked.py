@@ -68,11 +68,25 @@ def _operands(t: torch.Tensor) -> torch.Tensor:
     return t.float()
 
 
+_OUT_DTYPE_FAILED: list = []
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with a float32 (float64 for float64) result, batched."""
+    """a @ b with a float32 (float64 for float64) result, batched. Should torch refuse the
+    half-precision GEMM with float32 output, the operands are upcast (no tensor cores; warned once)."""
     if a.dtype in (torch.float32, torch.float64):
         return torch.bmm(a, b)
-    return torch.bmm(a, b, out_dtype=torch.float32)
+    if not _OUT_DTYPE_FAILED:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except RuntimeError as err:
+            import warnings
+
+            _OUT_DTYPE_FAILED.append(str(err))
+            warnings.warn("fastnl chunked attention: torch.bmm(..., out_dtype=torch.float32) failed "
+                          f"({str(err).splitlines()[0][:160]}); multiplying in float32 instead (no tensor cores)",
+                          RuntimeWarning, stacklevel=2)
+    return torch.bmm(a.float(), b.float())
 
 
 _ACC_IN_PLACE = {"ok": True}
@@ -90,7 +104,7 @@ def _mm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             return
         except RuntimeError:
             _ACC_IN_PLACE["ok"] = False
-    acc.add_(torch.bmm(a, b, out_dtype=acc.dtype))
+    acc.add_(_mm(a, b))
 
 
 class _TorchRows:
