@@ -232,3 +232,19 @@ def test_one_tile_keeps_p_and_skips_the_recomputation(backend):
     counts = attention_engines.executed_flops(backend, 40, 32, batch=2, device_type=DEVICE.type)
     assert counts["bwd_ratio"] == pytest.approx(0.8) and counts["fwd_ratio"] == 1.0
     check_within_twice_plain(engine(backend, 0.3), *make_qkv(2, 40, 32, BF16, "channel_first"), 0.3)
+
+
+def test_gemm_falls_back_to_float32_where_out_dtype_is_refused(monkeypatch):
+    """On a CPU torch has no half-precision bmm with float32 output: the GEMM warns once and
+    multiplies upcast operands."""
+    monkeypatch.setattr(attention_chunked, "_OUT_DTYPE_FAILED", [])
+    monkeypatch.setattr(attention_chunked, "_ACC_IN_PLACE", {"ok": True})
+    gen = torch.Generator().manual_seed(6)
+    a, b = (torch.randn(2, 5, 16, generator=gen).to(BF16), torch.randn(2, 16, 7, generator=gen).to(BF16))
+    with pytest.warns(RuntimeWarning, match="out_dtype=torch.float32.*failed"):
+        out = attention_chunked._mm(a, b)
+    assert out.dtype == torch.float32 and attention_chunked._OUT_DTYPE_FAILED
+    torch.testing.assert_close(out, torch.bmm(a.float(), b.float()), atol=0, rtol=0)
+    acc = torch.zeros(2, 5, 7)
+    attention_chunked._mm_acc(acc, a, b)  # no second warning: the fallback is remembered
+    torch.testing.assert_close(acc, out, atol=0, rtol=0)
