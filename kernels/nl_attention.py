@@ -418,9 +418,42 @@ class forced_configs:
         return False
 
 
-def _launch(kernel: str, grid_of, args, constants, head_dim: int, dtype: torch.dtype) -> None:
-    """Launch ``kernel`` autotuned, or with its default configuration when autotuning is off."""
-    config = _FORCED.get(kernel)
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_TUNED_FILES: dict = {}
+
+
+def tuned_config(kernel: str, head_dim: int, seq_len: int, dtype: torch.dtype) -> triton.Config | None:
+    """The configuration that the file FASTNL_TUNED_CONFIGS names (the GPU suite's
+    ``tuned-configs.json``: the fastest measured configuration per kernel, dtype, D and L) holds
+    for this kernel, dtype and D at the L nearest to ``seq_len`` (log scale); None without one.
+    A configuration the file names that is not among ``candidate_configs`` is ignored."""
+    import json
+    import math
+
+    path = os.environ.get("FASTNL_TUNED_CONFIGS")
+    if not path:
+        return None
+    if path not in _TUNED_FILES:
+        try:
+            with open(path) as f:
+                _TUNED_FILES[path] = json.load(f)["configs"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"FASTNL_TUNED_CONFIGS={path} is unusable: {err}") from err
+    entries = [e for e in _TUNED_FILES[path] if e.get("kernel") == kernel and e.get("D") == head_dim
+               and e.get("dtype") == _DTYPE_NAMES.get(dtype)]
+    if not entries:
+        return None
+    best = min(entries, key=lambda e: abs(math.log2(max(e.get("L", 1), 1) / max(seq_len, 1))))
+    spec = (best["BLOCK_M"], best["BLOCK_N"], best["BLOCK_DV"], best["num_warps"], best["num_stages"])
+    allowed = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_DV"], c.num_warps, c.num_stages)
+               for c in candidate_configs(kernel, head_dim, dtype=dtype)}
+    return _make_config(spec) if spec in allowed else None
+
+
+def _launch(kernel: str, grid_of, args, constants, head_dim: int, dtype: torch.dtype, seq_len: int = 0) -> None:
+    """Launch ``kernel`` with a forced configuration, else the tuned one (FASTNL_TUNED_CONFIGS),
+    else autotuned, or with its default configuration when autotuning is off."""
+    config = _FORCED.get(kernel) or tuned_config(kernel, head_dim, seq_len, dtype)
     if config is None and autotune_enabled():
         _TUNED[kernel][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_DV"])](*args, **constants)
         return
@@ -453,7 +486,7 @@ def nl_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     mz = torch.empty((B, 2, L), device=q.device, dtype=torch.float32)
     args = (q, k, v, out, mz, *q.stride(), *k.stride(), *v.stride(), *out.stride(), L, float(scale) * LOG2E)
     _launch("fwd", lambda bm, bn, bdv: (triton.cdiv(L, bm), triton.cdiv(D, bdv), B), args,
-            _constants(D, q.dtype), D, q.dtype)
+            _constants(D, q.dtype), D, q.dtype, L)
     return out, mz
 
 
@@ -474,11 +507,11 @@ def nl_attention_bwd(q, k, v, out, mz, grad_out, scale: float):
     dq_acc = torch.zeros((B, L, D), device=q.device, dtype=torch.float32) if fused else delta
     _launch("dkdv", lambda bm, bn, bdv: (triton.cdiv(L, bn), triton.cdiv(D, bdv), B),
             (q, k, v, grad_out, mz, delta, dk, dv, dq_acc, *common, *dk.stride(), *scales),
-            {**constants, "FUSE_DQ": fused}, D, q.dtype)
+            {**constants, "FUSE_DQ": fused}, D, q.dtype, L)
     if fused:
         return dq_acc.mul_(scale).to(q.dtype), dk, dv
     _launch("dq", lambda bm, bn, bdv: (triton.cdiv(L, bm), triton.cdiv(D, bdv), B),
-            (q, k, v, grad_out, mz, delta, dq, *common, *dq.stride(), *scales), constants, D, q.dtype)
+            (q, k, v, grad_out, mz, delta, dq, *common, *dq.stride(), *scales), constants, D, q.dtype, L)
     return dq, dk, dv
 
 

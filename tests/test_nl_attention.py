@@ -265,3 +265,29 @@ def test_triton_fp32_gradients_at_extreme_logits_within_twice_plain(seed):
 
     q, k, v = make_qkv(1, 300, 16, F32, "channel_first", seed=seed)
     check_within_twice_plain(triton_fn(2.5), q, k, v, 2.5, seed=seed + 100)
+
+
+def test_tuned_configs_file_picks_the_nearest_length(tmp_path, monkeypatch):
+    """The GPU suite's tuned-configs.json: per kernel, dtype and D the entry at the nearest L; a
+    configuration outside the candidates, another D or dtype, or no file: None."""
+    fast, slow = nla.candidate_configs("fwd", 512)[1], nla.candidate_configs("fwd", 512)[2]
+
+    def entry(config, L, dtype="bf16", D=512):
+        return {"kernel": "fwd", "dtype": dtype, "L": L, "D": D, **config.kwargs,
+                "num_warps": config.num_warps, "num_stages": config.num_stages, "ms": 1.0}
+
+    path = tmp_path / "tuned-configs.json"
+    bogus = {"kernel": "fwd", "dtype": "bf16", "L": 100, "D": 512, "BLOCK_M": 8, "BLOCK_N": 8, "BLOCK_DV": 8,
+             "num_warps": 1, "num_stages": 1}
+    path.write_text(__import__("json").dumps({"configs": [entry(fast, 1024), entry(slow, 8192), bogus]}))
+    monkeypatch.delenv("FASTNL_TUNED_CONFIGS", raising=False)
+    assert nla.tuned_config("fwd", 512, 1024, BF16) is None
+    monkeypatch.setenv("FASTNL_TUNED_CONFIGS", str(path))
+    assert nla.tuned_config("fwd", 512, 2000, BF16).kwargs == fast.kwargs
+    assert nla.tuned_config("fwd", 512, 6000, BF16).kwargs == slow.kwargs
+    assert nla.tuned_config("fwd", 512, 90, BF16) is None  # nearest is the bogus entry
+    assert nla.tuned_config("fwd", 1024, 1024, BF16) is None and nla.tuned_config("dq", 512, 1024, BF16) is None
+    assert nla.tuned_config("fwd", 512, 1024, F32) is None
+    monkeypatch.setenv("FASTNL_TUNED_CONFIGS", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="missing.json is unusable"):
+        nla.tuned_config("fwd", 512, 1024, BF16)
