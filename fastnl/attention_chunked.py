@@ -196,12 +196,17 @@ class _ChunkedAttention(torch.autograd.Function):
         dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+        direct = k.dtype == acc_dtype and v.dtype == acc_dtype
         for b0 in range(0, B, clips):
             cb = slice(b0, min(b0 + clips, B))
             kb, kt, vt = kc[cb], kc[cb].transpose(1, 2), vc[cb].transpose(1, 2)
-            # dK and dV sum over the query blocks of a clip: accumulated in float32 (float64)
-            dk_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
-            dv_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
+            # dK and dV sum over the query blocks of a clip: accumulated in float32 (float64), in
+            # the outputs themselves when they have that dtype
+            if direct:
+                dk_acc, dv_acc = dk[cb].zero_(), dv[cb].zero_()
+            else:
+                dk_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
+                dv_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
             for start in range(0, L, block):
                 rb = slice(start, min(start + block, L))
                 qb, dob = qc[cb, rb], doc[cb, rb]
@@ -218,7 +223,8 @@ class _ChunkedAttention(torch.autograd.Function):
                 del p
                 dq[cb, rb] = torch.bmm(ds, kb)  # ds carries the factor scale
                 _mm_acc(dk_acc, ds.transpose(1, 2), qb)
-            dk[cb], dv[cb] = dk_acc, dv_acc
+            if not direct:
+                dk[cb], dv[cb] = dk_acc, dv_acc
         return dq, dk, dv, None, None, None, None
 
 
