@@ -64,7 +64,8 @@ def evaluate(model, dataset, *, frames: int, height: int, width: int, batch_size
              amp_dtype=None, backend: str = "torch", workers: int = 2, progress: bool = True,
              max_rank: int = 50) -> dict:
     """CMC (``rank1`` ... ``rank20``, ``cmc``) and ``mAP`` of ``model`` on the dataset's query and
-    gallery, in [0, 1], with the same numbers for random rankings under ``chance``. The distance
+    gallery, in [0, 1], with the same numbers for random rankings under ``chance``. Ranks above
+    the gallery size are left out (a gallery of 13 tracklets has no rank 20). The distance
     matrix and the id/camera arrays are returned too (for :func:`visualize_ranks`)."""
     kw = dict(frames=frames, height=height, width=width, batch_size=batch_size, device=device,
               amp_dtype=amp_dtype, backend=backend, workers=workers, progress=progress)
@@ -80,8 +81,8 @@ def evaluate(model, dataset, *, frames: int, height: int, width: int, batch_size
         raise UserError(f"cannot evaluate: {err}") from None
     chance_cmc, chance_map = chance_rank(q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
 
-    def summary(c, m):
-        return {"mAP": float(m), **{f"rank{r}": float(c[min(r, max_rank) - 1]) for r in RANKS},
+    def summary(c, m):  # a gallery of G entries has no rank above G: those are left out
+        return {"mAP": float(m), **{f"rank{r}": float(c[r - 1]) for r in RANKS if r <= max_rank},
                 "cmc": [float(x) for x in c]}
 
     return {**summary(cmc, mAP), "chance": summary(chance_cmc, chance_map),
@@ -94,10 +95,15 @@ def results_table(results: dict) -> str:
     chance = results.get("chance")
     lines = [f"{'metric':<8}{'model':>9}" + (f"{'chance':>9}" if chance else "")]
     for key in ("mAP",) + tuple(f"rank{r}" for r in RANKS):
+        if key not in results:
+            continue
         line = f"{key:<8}{100 * results[key]:>8.1f}%"
         if chance:
             line += f"{100 * chance[key]:>8.1f}%"
         lines.append(line)
+    missing = [f"rank{r}" for r in RANKS if f"rank{r}" not in results]
+    if missing and "num_gallery" in results:
+        lines.append(f"({', '.join(missing)} not shown: the gallery has {results['num_gallery']} tracklets)")
     return "\n".join(lines)
 
 
