@@ -213,6 +213,9 @@ def test_verify_finds_garbled_frames_pillow_decodes_silently(tmp_path):
     for frame, data in zip(frames[:3], garbled):
         frame.write_bytes(data)
     assert check_jpeg(str(frames[3])) is None  # clean frames pass
+    png = tmp_path / "png.jpg"  # a PNG named .jpg decodes (Pillow reads it), libjpeg is not run on it
+    Image.fromarray(np.zeros((8, 4, 3), np.uint8)).save(png, "PNG")
+    assert check_jpeg(str(png)) is None
     assert check_jpeg(str(frames[0])).startswith("Corrupt JPEG data: ")
     with pytest.raises(DatasetError, match=f"unreadable frame: {frames[0]}: Corrupt JPEG data: .*"
                                            r"\(2 more bad frames\)"):

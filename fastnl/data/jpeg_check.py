@@ -122,12 +122,39 @@ def available() -> str | None:
     return _state["reason"]
 
 
+# SOF markers of the Huffman- and arithmetic-coded DCT processes (baseline, extended,
+# progressive), the ones jpeg_read_coefficients reads; lossless and hierarchical JPEGs are left
+# alone (coefficient access is not supported for them: libjpeg would raise a fatal error).
+_DCT_SOF = {0xC0, 0xC1, 0xC2, 0xC9, 0xCA}
+
+
+def _frame_type(data: bytes) -> int | None:
+    """The SOF marker (0xC0..0xCF) of a JPEG's frame header, found by walking the marker
+    segments from SOI; None when ``data`` is no JPEG or the header cannot be walked."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
 def corrupt_data(data: bytes) -> str | None:
     """The first "Corrupt JPEG data" warning libjpeg gives while decoding ``data`` (the
-    whole entropy-coded stream), or None: no warning, or the check is unavailable here.
-    ``data`` must be a JPEG that Pillow has decoded without an error."""
+    whole entropy-coded stream), or None: no warning, not a DCT-coded JPEG, or the check is
+    unavailable here. ``data`` must be an image that Pillow has decoded without an error."""
     lib = _library()
-    if lib is None or not data:
+    if lib is None or _frame_type(data) not in _DCT_SOF:
         return None
     err = ctypes.create_string_buffer(_ERROR_MGR_SIZE + _MSG_LENGTH)
     cinfo = ctypes.create_string_buffer(_DECOMPRESS_SIZE)
