@@ -312,15 +312,20 @@ class _StopRequest:
 
 
 def _first_nonfinite(model: torch.nn.Module, optimizer) -> str | None:
-    """The name of the first model tensor or optimizer state holding a NaN or an Inf, or None."""
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            return f"the model's {name}"
-    for group, st in enumerate(optimizer.state.values()):
-        for key, v in st.items():
-            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
-                return f"the optimizer's {key}"
-    return None
+    """The name of the first model tensor or optimizer state holding a NaN or an Inf, or None.
+    One pass over each tensor (its min and max are finite iff all of it is), one sync."""
+    named = [(f"the model's {name}", t) for name, t in model.state_dict().items()]
+    named += [(f"the optimizer's {key}", v) for st in optimizer.state.values() for key, v in st.items()
+              if torch.is_tensor(v)]
+    named = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    with torch.no_grad():
+        extremes = torch.stack([torch.stack(torch.aminmax(t.detach())).float().to(named[0][1].device)
+                                for _, t in named])
+        finite = torch.isfinite(extremes).all(dim=1).cpu()
+    bad = (~finite).nonzero()
+    return named[int(bad[0])][0] if len(bad) else None
 
 
 def _nan_remedy(cfg: TrainConfig, out: Path, ckpt_path: Path, saved_step, failed_step: int, amp_dtype) -> str:

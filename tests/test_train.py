@@ -152,6 +152,7 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     assert (killed / "training_curve.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_nan_loss_names_a_good_checkpoint_and_resuming_with_a_lower_lr_gets_past_it(
         data, tmp_path, monkeypatch, capsys):
     from fastnl.commands.train import resolve_config
@@ -167,7 +168,7 @@ def test_nan_loss_names_a_good_checkpoint_and_resuming_with_a_lower_lr_gets_past
     monkeypatch.setattr(ReIDLoss, "forward", forward)
     run = tmp_path / "run"
     cfg = TrainConfig(dataset="synthetic", root=str(data), out=str(run), epochs=2, save_every=1, lr=1e-3,
-                      impl="reference", **TINY)
+                      impl="reference", nlam_blocks=(), **TINY)  # no NLAM: smaller checkpoints, same loop
     # the checkpoint of step 3 gave a finite loss at step 4: it is good
     with pytest.raises(UserError, match=rf"loss is nan at step 5 \(epoch 2, batch 2\); last good checkpoint: "
                                         rf"{run / 'checkpoint.pt'} \(step 3\): continue with --resume {run} "
@@ -198,10 +199,11 @@ def test_nan_loss_names_a_good_checkpoint_and_resuming_with_a_lower_lr_gets_past
                                             ("5", "0.0001"), ("6", "0.0001")]
 
 
+@pytest.mark.slow
 def test_a_too_high_lr_names_the_real_remedy_and_no_checkpoint_is_non_finite(data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     cfg = TrainConfig(dataset="synthetic", root=str(data), out=str(run), epochs=1, save_every_steps=1, lr=1e30,
-                      impl="reference", **TINY)
+                      impl="reference", nlam_blocks=(), **TINY)
     # the step-1 checkpoint holds the exploded weights that give the NaN at step 2: not "good"
     with pytest.raises(UserError, match=rf"loss is nan at step 2 .*the last checkpoint, {run / 'checkpoint.pt'} "
                                         r"\(step 1\), holds the weights that gave it, so resuming it with any "
