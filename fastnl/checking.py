@@ -124,7 +124,7 @@ def compare(fused: dict, lowp: dict, ref64: dict, dtype: torch.dtype) -> Compari
     at the scale of its siblings, not at its own. The norm-wise measure divides by the larger of
     the tensor's norm and the norm it would have at its group's RMS magnitude, for the same reason.
     """
-    worst, worst_ratio = None, -1.0
+    worst, worst_ratio = Comparison(True, 0.0, 0.0, 0.0, "", 0.0, 0.0), -1.0
     group_scale: dict = {}
     group_sq: dict = {}
     for name, exact in ref64.items():
