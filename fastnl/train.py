@@ -115,7 +115,10 @@ class TrainConfig:
             elif kind == "float":
                 ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
                 if ok:
-                    value = float(value)
+                    try:
+                        value = float(value)
+                    except OverflowError:  # an integer beyond the float range
+                        value = math.inf
                     ok, expected = math.isfinite(value), "a finite number"
             elif kind == "str":
                 value = "" if value is None and f.default == "" else value  # `pretrained:` in YAML
