@@ -10,8 +10,18 @@ reference's own error in that dtype (as in the flash-attention tests):
 for the forward outputs and, separately, for the gradients of every input and parameter under a
 fixed random upstream gradient. ``max |ref64|`` is taken over the tensor's group (the inputs of
 an op, the parameters of one module), so a gradient that is zero in exact arithmetic is judged
-at the scale of its siblings. A row reports the tensor with the worst error/tolerance ratio;
-``max rel err`` is that error divided by the same scale.
+at the scale of its siblings.
+
+An element-wise maximum alone says little about a whole tensor (one near-zero gradient entry
+divided by itself gives a "relative error" of 1e7), so every tensor is also measured norm-wise,
+with its tolerance from the same measure:
+
+    ||fused - ref64|| / n  <=  FACTOR * ||ref_lowp - ref64|| / n + FLOOR_ULPS * eps(dtype)
+
+where n = max(||ref64||, the norm a tensor of its size has at its group's RMS magnitude). A
+tensor passes when both inequalities hold. A row reports the tensor with the worst
+error/tolerance ratio (of either measure): its max abs error and tolerance, and its norm-wise
+relative error and tolerance.
 
 For the attention the low-precision reference is the plain computation kept in the tested dtype
 (as flash-attention's tests do); for the other ops it is ``fastnl.reference`` itself. For NLAM
@@ -47,8 +57,10 @@ class Result:
     dtype: str
     status: str  # PASS, FAIL or SKIP
     max_abs: float = float("nan")
-    max_rel: float = float("nan")
-    tol: float = float("nan")
+    max_rel: float = float("nan")  # max_abs over the group's max |float64| (not shown in the table)
+    tol: float = float("nan")  # the tolerance of max_abs
+    norm_rel: float = float("nan")  # ||fused - float64|| / ||float64||, of the same tensor
+    norm_tol: float = float("nan")  # its tolerance
     worst: str = ""  # which output or gradient gave the row's numbers
     note: str = ""
 
@@ -83,34 +95,73 @@ def _group(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
-def compare(fused: dict, lowp: dict, ref64: dict, dtype: torch.dtype) -> tuple[bool, float, float, float, str]:
-    """(passed, max abs err, max rel err, tolerance, name) of the worst tensor of ``fused``.
+@dataclass
+class Comparison:
+    """The worst tensor of a comparison: element-wise (``max_abs`` vs ``tol``) and norm-wise
+    (``norm_rel`` vs ``norm_tol``) errors against float64; ``max_rel`` is ``max_abs`` over the
+    group's max |ref64|."""
+
+    passed: bool
+    max_abs: float
+    max_rel: float
+    tol: float
+    worst: str
+    norm_rel: float
+    norm_tol: float
+
+
+def norm_tolerance(ref_rel: float, dtype: torch.dtype) -> float:
+    """The allowed norm-wise relative error when the reference in ``dtype`` has ``ref_rel``."""
+    return FACTOR * ref_rel + FLOOR_ULPS * torch.finfo(dtype).eps
+
+
+def compare(fused: dict, lowp: dict, ref64: dict, dtype: torch.dtype) -> Comparison:
+    """The worst tensor of ``fused`` against ``ref64``, with tolerances from ``lowp``'s error.
 
     The floor of a tensor's tolerance scales with the largest magnitude among the tensors of its
     group (the parameters of one module, e.g. a conv's weight and bias; the inputs of an op): a
     gradient that is zero in exact arithmetic (a bias followed by a BatchNorm) is rounding noise
-    at the scale of its siblings, not at its own.
+    at the scale of its siblings, not at its own. The norm-wise measure divides by the larger of
+    the tensor's norm and the norm it would have at its group's RMS magnitude, for the same reason.
     """
-    worst = (-1.0, True, 0.0, 0.0, 0.0, "")
+    worst, worst_ratio = Comparison(True, 0.0, 0.0, 0.0, "", 0.0, 0.0), -1.0
     group_scale: dict = {}
+    group_sq: dict = {}
     for name, exact in ref64.items():
-        top = exact.detach().abs().max().item() if exact.numel() else 0.0
-        group_scale[_group(name)] = max(group_scale.get(_group(name), 0.0), top)
+        g = _group(name)
+        exact = exact.detach().double()
+        top = exact.abs().max().item() if exact.numel() else 0.0
+        group_scale[g] = max(group_scale.get(g, 0.0), top)
+        sq, n = group_sq.get(g, (0.0, 0))
+        group_sq[g] = (sq + exact.square().sum().item(), n + exact.numel())
     for name, exact in ref64.items():
         exact = exact.detach().double()
         got = fused[name].detach().double()
         base = lowp[name].detach().double()
-        scale = group_scale[_group(name)]
+        g = _group(name)
+        scale = group_scale[g]
         if not torch.isfinite(got).all():
-            return False, float("inf"), float("inf"), tolerance(0.0, scale, dtype), name
+            return Comparison(False, float("inf"), float("inf"), tolerance(0.0, scale, dtype), name,
+                              float("inf"), norm_tolerance(0.0, dtype))
         err = (got - exact).abs().max().item() if exact.numel() else 0.0
         ref_err = (base - exact).abs().max().item() if exact.numel() else 0.0
         tol = tolerance(ref_err, scale, dtype)
-        ratio = err / tol if tol > 0 else (0.0 if err == 0 else float("inf"))
-        if ratio > worst[0]:
-            worst = (ratio, err <= tol, err, err / scale if scale > 0 else 0.0, tol, name)
-    _, passed, err, rel, tol, name = worst
-    return passed, err, rel, tol, name
+        sq, n = group_sq[g]
+        rms = math.sqrt(sq / n) if n else 0.0
+        denom = max(exact.norm().item(), rms * math.sqrt(exact.numel()))
+        if denom > 0:
+            norm_rel = (got - exact).norm().item() / denom
+            ref_rel = (base - exact).norm().item() / denom
+        else:  # every tensor of the group is exactly zero
+            norm_rel = 0.0 if err == 0 else float("inf")
+            ref_rel = 0.0
+        norm_tol = norm_tolerance(ref_rel, dtype)
+        ratio = max(err / tol if tol > 0 else (0.0 if err == 0 else float("inf")), norm_rel / norm_tol)
+        if ratio > worst_ratio:
+            worst_ratio = ratio
+            worst = Comparison(err <= tol and norm_rel <= norm_tol, err, err / scale if scale > 0 else 0.0, tol,
+                               name, norm_rel, norm_tol)
+    return worst
 
 
 def _grads(outputs: dict, inputs: dict, seed: int) -> dict:
@@ -355,8 +406,9 @@ def run_check(check: Check, dtype: torch.dtype, seed: int = 0) -> list[Result]:
         return [Result(op, check.shape, dname, "FAIL", note=msg) for op in rows]
     results, note = [], check.note()
     for op, part in zip(rows, range(2)):
-        passed, err, rel, tol, worst = compare(fused[part], lowp[part], exact[part], dtype)
-        results.append(Result(op, check.shape, dname, "PASS" if passed else "FAIL", err, rel, tol, worst, note))
+        c = compare(fused[part], lowp[part], exact[part], dtype)
+        results.append(Result(op, check.shape, dname, "PASS" if c.passed else "FAIL", c.max_abs, c.max_rel, c.tol,
+                              c.norm_rel, c.norm_tol, c.worst, note))
     return results
 
 
@@ -375,7 +427,8 @@ def run_all(device: str, dtypes, size: str, ops: tuple = OPS, seed: int = 0,
 
 
 COLUMNS = (("op", "op", 34), ("shape", "shape", 34), ("dtype", "dtype", 8), ("max_abs", "max abs err", 11),
-           ("max_rel", "max rel err", 11), ("tol", "tolerance", 10), ("status", "result", 6))
+           ("tol", "tolerance", 10), ("norm_rel", "norm rel err", 12), ("norm_tol", "tolerance", 10),
+           ("status", "result", 6))
 
 
 def _fmt(value) -> str:
@@ -390,7 +443,7 @@ def format_header() -> str:
 
 def format_row(r: Result) -> str:
     line = "  ".join(_fmt(getattr(r, key)).ljust(width) for key, _, width in COLUMNS)
-    extra = [f"worst: {r.worst}"] if r.status == "FAIL" and r.worst else []
+    extra = [f"worst: {r.worst}"] if r.worst else []
     extra += [r.note] if r.note else []
     return f"{line}  {'; '.join(extra)}".rstrip()
 

@@ -65,7 +65,8 @@ def evaluate(model, dataset, *, frames: int, height: int, width: int, batch_size
              amp_dtype=None, backend: str = "torch", workers: int = 2, progress: bool = True,
              max_rank: int = 50, rerank: bool = False) -> dict:
     """CMC (``rank1`` ... ``rank20``, ``cmc``) and ``mAP`` of ``model`` on the dataset's query and
-    gallery, in [0, 1], with the same numbers for random rankings under ``chance``. The distance
+    gallery, in [0, 1], with the same numbers for random rankings under ``chance``. Ranks above
+    the gallery size are left out (a gallery of 13 tracklets has no rank 20). The distance
     matrix and the id/camera arrays are returned too (for :func:`visualize_ranks`). With
     ``rerank``, the same figures after k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3) are
     under ``reranked``."""
@@ -83,8 +84,8 @@ def evaluate(model, dataset, *, frames: int, height: int, width: int, batch_size
         raise UserError(f"cannot evaluate: {err}") from None
     chance_cmc, chance_map = chance_rank(q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
 
-    def summary(c, m):
-        return {"mAP": float(m), **{f"rank{r}": float(c[min(r, max_rank) - 1]) for r in RANKS},
+    def summary(c, m):  # a gallery of G entries has no rank above G: those are left out
+        return {"mAP": float(m), **{f"rank{r}": float(c[r - 1]) for r in RANKS if r <= max_rank},
                 "cmc": [float(x) for x in c]}
 
     out = {**summary(cmc, mAP), "chance": summary(chance_cmc, chance_map),
@@ -115,7 +116,7 @@ def rerank_and_rank(q, g, q_pids, g_pids, q_cams, g_cams, max_rank: int, *, devi
 
 def average_splits(per_split: list[dict]) -> dict:
     """The mean over splits of ``mAP`` and the CMC ranks (and of ``reranked`` when present)."""
-    keys = ("mAP",) + tuple(f"rank{r}" for r in RANKS)
+    keys = ("mAP",) + tuple(f"rank{r}" for r in RANKS if all(f"rank{r}" in s for s in per_split))
     out = {k: float(np.mean([r[k] for r in per_split])) for k in keys}
     out["std"] = {k: float(np.std([r[k] for r in per_split])) for k in keys}
     if all("reranked" in r for r in per_split):
@@ -126,8 +127,8 @@ def average_splits(per_split: list[dict]) -> dict:
 def splits_table(per_split: list[dict], split_ids, *, key: str | None = None) -> str:
     """One row per split (mAP and the CMC ranks, in percent) and their mean and standard
     deviation; ``key="reranked"`` tabulates the re-ranked figures."""
-    cols = ("mAP",) + tuple(f"rank{r}" for r in RANKS)
     rows = [r[key] if key else r for r in per_split]
+    cols = ("mAP",) + tuple(f"rank{r}" for r in RANKS if all(f"rank{r}" in s for s in rows))
     lines = [f"{'split':<8}" + "".join(f"{c:>9}" for c in cols)]
     for sid, r in zip(split_ids, rows):
         lines.append(f"{sid:<8}" + "".join(f"{100 * r[c]:>8.1f}%" for c in cols))
@@ -142,10 +143,15 @@ def results_table(results: dict) -> str:
     chance = results.get("chance")
     lines = [f"{'metric':<8}{'model':>9}" + (f"{'chance':>9}" if chance else "")]
     for key in ("mAP",) + tuple(f"rank{r}" for r in RANKS):
+        if key not in results:
+            continue
         line = f"{key:<8}{100 * results[key]:>8.1f}%"
         if chance:
             line += f"{100 * chance[key]:>8.1f}%"
         lines.append(line)
+    missing = [f"rank{r}" for r in RANKS if f"rank{r}" not in results]
+    if missing and "num_gallery" in results:
+        lines.append(f"({', '.join(missing)} not shown: the gallery has {results['num_gallery']} tracklets)")
     return "\n".join(lines)
 
 

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fastnl.checkpoint import load_checkpoint, save_checkpoint
+from fastnl.checkpoint import load_checkpoint, one_line, remove_stale_temp_files, save_checkpoint
+from fastnl.data.sampling import SAMPLING_MODES
 from fastnl.errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -61,7 +62,7 @@ class TrainConfig:
     p: int = _opt(8, "identities per batch (P)", aliases=("--ids-per-batch",))
     k: int = _opt(4, "tracklets per identity (K); each process takes P x K clips per step",
                   aliases=("--tracklets-per-id",))
-    sampling: str = _opt("restricted", "frame sampling of the data loader")
+    sampling: str = _opt("restricted", "frame sampling of the data loader", choices=SAMPLING_MODES)
     flip: bool = _opt(True, "random horizontal flips")
     loader: str = _opt("torch", "data loading backend", choices=("torch", "dali"))
     workers: int = _opt(4, "data loading workers per process")
@@ -98,26 +99,74 @@ class TrainConfig:
     tensorboard: bool = _opt(True, "write TensorBoard logs when tensorboard is installed")
     progress: bool = _opt(True, "show a progress bar")
 
-    def validate(self) -> None:
+    def check_values(self, key=None) -> None:
+        """Every value has its field's type (a YAML ``flip: "no"`` is a string, not false;
+        ``frames: 2.7`` is not an integer) and lies in its range; a number given for a float
+        field becomes a float, a list of blocks a tuple. Raises :class:`UserError` naming the
+        option (as ``key(name)`` gives it: by default its flag), the value and what is expected."""
+        key = key or _key
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            if kind == "bool":
+                ok, expected = isinstance(value, bool), "true or false"
+            elif kind == "int":
+                ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif kind == "float":
+                ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+                if ok:
+                    try:
+                        value = float(value)
+                    except OverflowError:  # an integer beyond the float range
+                        value = math.inf
+                    ok, expected = math.isfinite(value), "a finite number"
+            elif kind == "str":
+                value = "" if value is None and f.default == "" else value  # `pretrained:` in YAML
+                ok, expected = isinstance(value, str), "a string"
+            elif kind == "tuple":  # nlam_blocks
+                value = () if value is None else value
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(b, int) and not isinstance(b, bool) for b in value)
+                expected = "a list of integers"
+                if ok:
+                    value = tuple(value)
+            else:  # a field type this check does not know: keep the value as it is
+                ok, expected = True, ""
+            if not ok:
+                raise UserError(f"{key(f.name)} must be {expected}, got {value!r} ({type(value).__name__})")
+            object.__setattr__(self, f.name, value)
+
         positive = ("frames", "height", "width", "p", "k", "epochs", "lr_step", "save_every", "nlam_reduction")
         for name in positive:
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "save_every_steps", "max_minutes", "weight_decay", "margin", "label_smoothing"):
+                raise UserError(f"{key(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("workers", "save_every_steps", "seed", "max_minutes", "weight_decay", "margin",
+                     "label_smoothing"):
             if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
+                raise UserError(f"{key(name)} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UserError(f"{key('lr')} must be a positive number, got {self.lr}")
+        if not 0 < self.lr_gamma <= 1:
+            raise UserError(f"{key('lr_gamma')} must be in (0, 1] (the learning rate is multiplied by it "
+                            f"every lr_step epochs), got {self.lr_gamma}")
+        if not self.label_smoothing <= 1:
+            raise UserError(f"{key('label_smoothing')} must be in [0, 1], got {self.label_smoothing}")
+        if not self.nlam_scale > 0:
+            raise UserError(f"{key('nlam_scale')} must be a positive number, got {self.nlam_scale}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                raise UserError(f"{key(f.name)} must be one of {', '.join(choices)}, "
                                 f"got {getattr(self, f.name)!r}")
         bad = [b for b in self.nlam_blocks if b not in (1, 2, 3, 4, 5)]
-        if bad:
-            raise UserError(f"--nlam-blocks must be among 1 2 3 4 5, got {list(self.nlam_blocks)}")
+        if bad or len(set(self.nlam_blocks)) != len(self.nlam_blocks):
+            raise UserError(f"{key('nlam_blocks')} must be distinct blocks among 1 2 3 4 5, got {list(self.nlam_blocks)}")
         if self.k < 2:
-            raise UserError(f"--k must be >= 2: the triplet loss needs two tracklets per identity, got {self.k}")
+            raise UserError(f"{key('k')} must be >= 2: the triplet loss needs two tracklets per identity, got {self.k}")
+
+    def validate(self) -> None:
+        """:meth:`check_values`, and the options a run needs (``root``, ``out``)."""
+        self.check_values()
         if not self.root:
             raise UserError("--root is required: the dataset folder")
         if not self.out:
@@ -129,15 +178,28 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, *, source: str = "config") -> TrainConfig:
+    def from_dict(cls, d: dict, *, source: str = "options") -> TrainConfig:
+        """The config of the option values ``d``, checked; ``source`` is "options" or the file
+        they come from (messages then name its keys)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        d = dict(d)
-        if "nlam_blocks" in d:
-            d["nlam_blocks"] = tuple(int(b) for b in (d["nlam_blocks"] or ()))
-        return cls(**d)
+        cfg = cls(**d)
+        if source == "options":
+            cfg.check_values()
+        else:  # a file: name its keys
+            try:
+                cfg.check_values(key=lambda name: name)
+            except UserError as err:
+                raise UserError(f"{source}: {err}") from None
+        return cfg
+
+
+def _key(name: str) -> str:
+    """How an option is named in messages: its flag, and its config-file key when that differs."""
+    flag = "--" + name.replace("_", "-")
+    return flag if "_" not in name else f"{flag} ({name})"
 
 
 @dataclass
@@ -252,6 +314,74 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _first_nonfinite(model: torch.nn.Module, optimizer) -> str | None:
+    """The name of the first model tensor or optimizer state holding a NaN or an Inf, or None.
+    One pass over each tensor (its min and max are finite iff all of it is), one sync."""
+    named = [(f"the model's {name}", t) for name, t in model.state_dict().items()]
+    named += [(f"the optimizer's {key}", v) for st in optimizer.state.values() for key, v in st.items()
+              if torch.is_tensor(v)]
+    named = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    with torch.no_grad():
+        extremes = torch.stack([torch.stack(torch.aminmax(t.detach())).float().to(named[0][1].device)
+                                for _, t in named])
+        finite = torch.isfinite(extremes).all(dim=1).cpu()
+    bad = (~finite).nonzero()
+    return named[int(bad[0])][0] if len(bad) else None
+
+
+def _nan_remedy(cfg: TrainConfig, out: Path, ckpt_path: Path, saved_step, failed_step: int, amp_dtype) -> str:
+    """What to do after a non-finite loss (or weights) at ``failed_step``, given the step of the
+    checkpoint on disk (None: none). A checkpoint is "good" when a later step computed a finite
+    loss from its weights; the one written right before the failing step holds the very weights
+    that failed, so resuming it with any --lr repeats the failure (another --amp may not)."""
+    lower = f"--lr {cfg.lr / 10:g}"
+    amp = {torch.float16: "--amp bf16 or --amp off", torch.bfloat16: "--amp off"}.get(amp_dtype)
+    if saved_step is not None and saved_step < failed_step - 1:
+        return (f"last good checkpoint: {ckpt_path} (step {saved_step}): continue with --resume {out} "
+                f"{lower}" + (f" (or {amp})" if amp else "") + " (a resumed run may change --lr and --amp)")
+    fresh = f"start again with a lower --lr (another --out, or remove {out})"
+    if saved_step is None:
+        return "no checkpoint was written before it: " + fresh + (f", or use {amp}" if amp else "")
+    return (f"the last checkpoint, {ckpt_path} (step {saved_step}), holds the weights that gave it, so "
+            "resuming it with any --lr repeats it: " + fresh
+            + (f"; or --resume {out} with {amp}" if amp else ""))
+
+
+def _load_run_state(state: dict, ckpt_path: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler,
+                    master: bool) -> None:
+    """Load a checkpoint into a freshly built run; a checkpoint that does not fit the run's config is
+    one line. --lr and --amp may differ from the checkpoint's: the new base learning rate takes
+    over from the current epoch's point of the schedule, and the change is printed."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") or not scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])  # a scaler enabled by a change to --amp fp16 starts afresh
+        set_rng_state(state["rng"])
+        for key in ("step", "epoch", "batch"):
+            int(state[key])
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise UserError(f"checkpoint {ckpt_path} does not fit the run's {CONFIG_FILE} ({one_line(err)}); "
+                        "resume it with the config it was written with, or start a new run with another "
+                        "--out") from None
+    old = state.get("config") or {}
+    if "lr" in old and float(old["lr"]) != cfg.lr:
+        factor = cfg.lr_gamma ** (int(state["epoch"]) // cfg.lr_step)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * factor
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        if master:
+            print(f"resuming with --lr {cfg.lr:g} (was {float(old['lr']):g}): learning rate now "
+                  f"{optimizer.param_groups[0]['lr']:g}; recorded in {CONFIG_FILE}")
+    if "amp" in old and old["amp"] != cfg.amp and master:
+        print(f"resuming with --amp {cfg.amp} (was {old['amp']}); recorded in {CONFIG_FILE}")
+
+
 def _open_log(out: Path, resume_step: int):
     """The CSV log, with any rows past ``resume_step`` (written after the last checkpoint) dropped."""
     path = out / LOG_FILE
@@ -340,11 +470,6 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         except ValueError as err:  # e.g. fewer training ids than P
             raise UserError(f"cannot build the training batches: {err}") from None
         batches = len(loader)
-        if master:
-            out.mkdir(parents=True, exist_ok=True)
-            import yaml
-
-            (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
         if device.type == "cpu":
             # Denormal floats (e.g. Adam's second moments of tiny gradients) slow CPU math ~10x.
@@ -366,20 +491,27 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
         step, epoch, start_batch = 0, 0, 0
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
+            _load_run_state(state, ckpt_path, cfg, model, optimizer, scheduler, scaler, master)
             step, epoch, start_batch = state["step"], state["epoch"], state["batch"]
+        if master:  # everything checked: now the run folder is written
+            out.mkdir(parents=True, exist_ok=True)
+            for tmp in remove_stale_temp_files(ckpt_path):
+                print(f"removed {tmp}, left by a checkpoint write that was interrupted")
+            import yaml
+
+            (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         raw_model = model
         if env.enabled:
             model = DDP(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
 
-        last_saved = f"{ckpt_path} (step {step})" if state is not None else None
+        saved_step = step if state is not None else None  # the step of the checkpoint on disk
 
         def save(next_epoch: int, next_batch: int) -> None:
-            nonlocal last_saved
+            nonlocal saved_step
+            bad = _first_nonfinite(raw_model, optimizer)
+            if bad is not None:
+                raise UserError(f"step {step} left non-finite values in {bad}: the checkpoint was not written; "
+                                + _nan_remedy(cfg, out, ckpt_path, saved_step, step + 1, amp_dtype))
             if master:
                 log_file.flush()  # the log is never behind the checkpoint
                 save_checkpoint({
@@ -389,7 +521,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                     "config": cfg.to_dict(), "num_classes": dataset.num_train_pids,
                     "world_size": env.world_size,
                 }, ckpt_path)
-            last_saved = f"{ckpt_path} (step {step})"
+            saved_step = step
 
         if master:
             print(f"training on {device} x {env.world_size} process(es), amp={amp_dtype or 'off'}, "
@@ -431,11 +563,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                     loss_value, ce, tri, stop_flag = stats.tolist()
                     stopping = stop_flag > 0
                     if not math.isfinite(loss_value):
-                        where = (f"{last_saved}, continue with --resume {out}" if last_saved
-                                 else "none (no checkpoint was written yet)")
                         raise UserError(f"loss is {loss_value} at step {step} (epoch {epoch + 1}, batch "
-                                        f"{batch + 1}); last good checkpoint: {where}. Try a lower --lr, "
-                                        "--amp bf16 instead of fp16, or --amp off")
+                                        f"{batch + 1}); " + _nan_remedy(cfg, out, ckpt_path, saved_step, step,
+                                                                        amp_dtype))
                     dt = time.perf_counter() - t0
                     lr = optimizer.param_groups[0]["lr"]
                     clips_per_s = clips.shape[0] * env.world_size / dt

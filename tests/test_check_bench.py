@@ -21,7 +21,8 @@ def test_check_passes_on_tiny_shapes(tmp_path, capsys):
                         "channel_attention[extension]",
                         "NLAM[fused]", "model[fused]"}
     assert all(r["status"] == "PASS" for r in rows), text
-    assert all(0 <= r["max_abs"] <= r["tol"] for r in rows)
+    assert all(0 <= r["max_abs"] <= r["tol"] and 0 <= r["norm_rel"] <= r["norm_tol"] < 0.1 for r in rows)
+    assert "norm rel err" in text.splitlines()[3] and "max rel err" not in text
     assert "0 failed" in text
 
 
@@ -58,11 +59,33 @@ def test_tolerance_comes_from_the_reference_error():
              "a.bias": torch.tensor([1e-15], dtype=torch.float64)}  # zero in exact arithmetic
     lowp = {"a.weight": exact["a.weight"] + 1e-3, "a.bias": torch.tensor([2e-4], dtype=torch.float64)}
     good = {"a.weight": exact["a.weight"] - 3e-3, "a.bias": torch.tensor([-5e-4], dtype=torch.float64)}
-    passed, err, rel, tol, worst = checking.compare(good, lowp, exact, torch.float32)
-    assert passed and err == pytest.approx(3e-3) and tol == pytest.approx(4e-3 + 2 * 2 * 1.1920929e-07)
+    c = checking.compare(good, lowp, exact, torch.float32)
+    assert c.passed and c.max_abs == pytest.approx(3e-3) and c.tol == pytest.approx(4e-3 + 2 * 2 * 1.1920929e-07)
+    # norm-wise: ||err|| / max(||exact||, group RMS x sqrt(numel)), tolerance from the same measure
+    assert c.worst == "a.weight" and c.norm_rel == pytest.approx(3e-3 * 2 ** 0.5 / 5 ** 0.5)
+    assert c.norm_tol == pytest.approx(4 * 1e-3 * 2 ** 0.5 / 5 ** 0.5 + 2 * 1.1920929e-07)
     bad = dict(good, **{"a.weight": exact["a.weight"] * 1.01})
-    passed, err, rel, tol, worst = checking.compare(bad, lowp, exact, torch.float32)
-    assert not passed and worst == "a.weight" and rel == pytest.approx(0.01)
+    c = checking.compare(bad, lowp, exact, torch.float32)
+    assert not c.passed and c.worst == "a.weight" and c.max_rel == pytest.approx(0.01)
+    assert c.norm_rel == pytest.approx(0.01 * 5 ** 0.5 / 5 ** 0.5)
+
+
+def test_a_near_zero_gradient_is_judged_norm_wise_at_its_group_scale():
+    """One near-zero entry: element-wise relative to itself the error is 1e7, norm-wise it is what
+    it is at the scale of the tensor and its group; a larger norm-wise error fails."""
+    exact = {"m.weight": torch.tensor([1.0, -1.0, 1e-9, 0.5], dtype=torch.float64)}
+    lowp = {"m.weight": exact["m.weight"] + torch.tensor([4e-3, -4e-3, 1e-2, 2e-3], dtype=torch.float64)}
+    close = {"m.weight": exact["m.weight"] + torch.tensor([-3e-3, 3e-3, -8e-3, 1e-3], dtype=torch.float64)}
+    c = checking.compare(close, lowp, exact, torch.bfloat16)
+    norm = exact["m.weight"].norm().item()
+    assert c.passed and c.norm_rel == pytest.approx((9e-6 + 9e-6 + 6.4e-5 + 1e-6) ** 0.5 / norm, rel=1e-6)
+    assert c.norm_rel < 0.01 < (8e-3 / 1e-9)  # element-wise on the tiny entry it would read 8e6
+    assert c.norm_tol == pytest.approx(4 * (1.6e-5 + 1.6e-5 + 1e-4 + 4e-6) ** 0.5 / norm + 2 * 2 ** -7, rel=1e-6)
+    # spread over every entry and beyond the reference's own error norm-wise, though within it element-wise
+    spread = {"m.weight": exact["m.weight"] + torch.tensor([3.9e-2, -3.9e-2, 3.9e-2, 3.9e-2], dtype=torch.float64)}
+    c = checking.compare(spread, {"m.weight": exact["m.weight"] + torch.tensor([1e-2, 0, 0, 0], dtype=torch.float64)},
+                         exact, torch.float32)
+    assert c.max_abs <= c.tol and c.norm_rel > c.norm_tol and not c.passed
 
 
 def test_bench_quick_writes_json(tmp_path, capsys):

@@ -170,6 +170,89 @@ def test_mars_verify_finds_unreadable_jpeg(tmp_path, damage):
             MARS(root, verify=True)
 
 
+def _garbled_jpegs(count: int) -> list[bytes]:
+    """Frames with 200 random bytes written over the middle of their entropy-coded data that
+    Pillow still decodes (no error, no warning) into visibly damaged images."""
+    import random
+
+    rng = np.random.default_rng(5)
+    y, x = np.mgrid[0:128, 0:64]
+    smooth = np.stack([y * 2, x * 4, (x + y) % 256], axis=-1).astype(np.uint8)  # a frame-like image
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(smooth + rng.integers(0, 20, smooth.shape), 0, 255).astype(np.uint8)).save(
+        buf, "JPEG", quality=90)
+    clean = buf.getvalue()
+    sos = clean.index(b"\xff\xda")
+    found = []
+    for seed in range(200):
+        r = random.Random(seed)
+        data = bytearray(clean)
+        start = r.randrange(sos + 20, len(data) - 220)
+        data[start:start + 200] = bytes(r.randrange(256) for _ in range(200))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with Image.open(io.BytesIO(bytes(data))) as img:
+                    decoded = np.array(img.convert("RGB"))
+            except OSError:
+                continue  # this garbling Pillow does report
+        assert not caught
+        if np.abs(decoded.astype(int) - np.array(Image.open(io.BytesIO(clean)).convert("RGB"), int)).max() > 50:
+            found.append(bytes(data))
+        if len(found) == count:
+            return found
+    raise AssertionError("no silently garbled frame found")
+
+
+def test_verify_finds_garbled_frames_pillow_decodes_silently(tmp_path):
+    from fastnl.data.datasets.base import check_jpeg
+
+    root = make_mars(tmp_path / "mars")
+    frames = sorted(Path(p) for paths, _, _ in read_mars(root)[0].gallery for p in paths)
+    garbled = _garbled_jpegs(3)
+    for frame, data in zip(frames[:3], garbled):
+        frame.write_bytes(data)
+    assert check_jpeg(str(frames[3])) is None  # clean frames pass
+    png = tmp_path / "png.jpg"  # a PNG named .jpg decodes (Pillow reads it), libjpeg is not run on it
+    Image.fromarray(np.zeros((8, 4, 3), np.uint8)).save(png, "PNG")
+    assert check_jpeg(str(png)) is None
+    assert check_jpeg(str(frames[0])).startswith("Corrupt JPEG data: ")
+    with pytest.raises(DatasetError, match=f"unreadable frame: {frames[0]}: Corrupt JPEG data: .*"
+                                           r"\(2 more bad frames\)"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            MARS(root, verify=True)
+
+
+def test_loader_warns_about_a_garbled_frame_naming_it(tmp_path):
+    from fastnl.data.transforms import decode_frame
+
+    path = tmp_path / "frame.jpg"
+    path.write_bytes(_garbled_jpegs(1)[0])
+    with pytest.warns(UserWarning, match=f"corrupt frame {path}: Corrupt JPEG data"):
+        assert decode_frame(str(path)).shape == (3, 128, 64)
+
+
+@pytest.mark.parametrize("fmt", ["mars", "dukevideo"])
+def test_a_fifo_named_jpg_is_refused_not_waited_on(tmp_path, fmt):
+    from fastnl.data.datasets.base import read_bytes, verify_frames
+
+    root = make_mars(tmp_path / "d") if fmt == "mars" else make_duke(tmp_path / "d")
+    frame = sorted(root.rglob("*.jpg"))[-1]
+    frame.unlink()
+    os.mkfifo(frame)
+    reader = MARS if fmt == "mars" else DukeVideo
+    with pytest.raises(DatasetError, match=f"not a regular file.*{frame}|{frame} is not a regular file"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reader(root)
+    # read at load time or by --verify (e.g. a FIFO created after the dataset was read)
+    with pytest.raises(DatasetError, match=f"frame {frame}: it is a FIFO, not a regular file"):
+        read_bytes(str(frame))
+    with pytest.raises(DatasetError, match=f"unreadable frame: {frame}: it is a FIFO"):
+        verify_frames([str(frame)])
+
+
 # pid -> list of tracklets; a tracklet is (cam, [frame numbers])
 DUKE = {
     "train": {12: [(1, [1, 2, 3]), (4, [2, 3])], 40: [(2, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])],

@@ -186,5 +186,5 @@ def test_frame_removed_after_reading_fails_naming_it(damaged, backend):
     os.unlink(gone)
     loader = build_test_loader(damaged.train, frames=2, height=32, width=16, backend=backend,
                                workers=0)
-    with pytest.raises(DatasetError, match=f"cannot read frame {gone}: No such file"):
+    with pytest.raises(DatasetError, match=f"frame {gone}: cannot read it: No such file"):
         list(loader)

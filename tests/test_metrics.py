@@ -1,4 +1,6 @@
 """evaluate_rank against hand-computed numbers and an independent pure-Python computation."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,29 @@ def test_l2_distances_in_chunks_match_cdist():
     got = l2_distances(q, g, chunk_size=5)
     assert got.shape == (37, 23) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_shows_no_rank_the_gallery_cannot_have(tmp_path):
+    from fastnl.data.datasets import get_dataset
+    from fastnl.data.synthetic import write_dataset
+    from fastnl.evaluation import evaluate, results_table, write_json
+
+    root = write_dataset(tmp_path / "d", fmt="dukevideo", ids=8, cams=2, seed=0, size=(32, 16), min_frames=2,
+                         max_frames=3)
+    dataset = get_dataset("synthetic", root)
+    gallery = len(dataset.gallery)
+    assert 10 <= gallery < 20
+
+    class MeanColour(torch.nn.Module):
+        def forward(self, clips):
+            return clips.mean(dim=(1, 3, 4))
+
+    results = evaluate(MeanColour(), dataset, frames=2, height=32, width=16, workers=0, progress=False)
+    assert [k for k in results if k.startswith("rank")] == ["rank1", "rank5", "rank10"]
+    assert len(results["cmc"]) == gallery
+    assert results["chance"].keys() == {"mAP", "rank1", "rank5", "rank10", "cmc"}
+    table = results_table(results).splitlines()
+    assert [line.split()[0] for line in table[1:-1]] == ["mAP", "rank1", "rank5", "rank10"]
+    assert table[-1] == f"(rank20 not shown: the gallery has {gallery} tracklets)"
+    saved = json.loads(write_json(results, tmp_path / "eval.json").read_text())
+    assert "rank20" not in saved and saved["num_gallery"] == gallery

@@ -2,6 +2,8 @@
 
 Everything runs the full SE-ResNet50 model on tiny clips (2 frames of 32x16, P x K = 2 x 2).
 """
+import dataclasses
+import math
 import os
 import signal
 import socket
@@ -150,21 +152,83 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     assert (killed / "training_curve.png").stat().st_size > 0
 
 
-def test_nan_loss_stops_with_step_and_last_checkpoint(data, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_nan_loss_names_a_good_checkpoint_and_resuming_with_a_lower_lr_gets_past_it(
+        data, tmp_path, monkeypatch, capsys):
+    from fastnl.commands.train import resolve_config
+
     calls = {"n": 0}
     original = ReIDLoss.forward
 
     def forward(self, logits, descriptors, targets):
         calls["n"] += 1
         loss, parts = original(self, logits, descriptors, targets)
-        return (loss * float("nan") if calls["n"] == 2 else loss), parts
+        return (loss * float("nan") if calls["n"] == 5 else loss), parts
 
     monkeypatch.setattr(ReIDLoss, "forward", forward)
-    cfg = TrainConfig(dataset="synthetic", root=str(data), out=str(tmp_path / "run"), epochs=1,
-                      save_every_steps=1, impl="reference", **TINY)
-    with pytest.raises(UserError, match=r"loss is nan at step 2 .*last good checkpoint: .*checkpoint\.pt"):
+    run = tmp_path / "run"
+    cfg = TrainConfig(dataset="synthetic", root=str(data), out=str(run), epochs=2, save_every=1, lr=1e-3,
+                      impl="reference", nlam_blocks=(), **TINY)  # no NLAM: smaller checkpoints, same loop
+    # the checkpoint of step 3 gave a finite loss at step 4: it is good
+    with pytest.raises(UserError, match=rf"loss is nan at step 5 \(epoch 2, batch 2\); last good checkpoint: "
+                                        rf"{run / 'checkpoint.pt'} \(step 3\): continue with --resume {run} "
+                                        r"--lr 0.0001"):
         train(cfg)
-    assert load_checkpoint(tmp_path / "run")["step"] == 1
+    monkeypatch.undo()
+    # a checkpoint write killed by SIGKILL leaves its temp file: removed at the next start
+    stale = run / ".checkpoint.pt.k1ll3d_x.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    others = [run / ".checkpoint.pt.keep", run / "notes.tmp", tmp_path / ".checkpoint.pt.abcdefgh.tmp"]
+    for path in others:
+        path.write_text("not ours")
+    capsys.readouterr()
+
+    cfg, resume = resolve_config(cli.build_parser().parse_args(["train", "--resume", str(run), "--lr", "1e-4"]))
+    assert resume and cfg.lr == 1e-4
+    result = train(cfg, resume=True)
+    out = capsys.readouterr().out
+    assert result["step"] == 6 and math.isfinite(result["loss"])
+    assert "resuming with --lr 0.0001 (was 0.001)" in out
+    assert f"removed {stale}" in out and not stale.exists() and all(p.exists() for p in others)
+    import yaml
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 1e-4
+    assert load_checkpoint(run)["config"]["lr"] == 1e-4
+    rows = [r.split(",") for r in (run / "log.csv").read_text().splitlines()[1:]]
+    assert [(r[0], r[6]) for r in rows] == [("1", "0.001"), ("2", "0.001"), ("3", "0.001"), ("4", "0.0001"),
+                                            ("5", "0.0001"), ("6", "0.0001")]
+
+
+@pytest.mark.slow
+def test_a_too_high_lr_names_the_real_remedy_and_no_checkpoint_is_non_finite(data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = TrainConfig(dataset="synthetic", root=str(data), out=str(run), epochs=1, save_every_steps=1, lr=1e30,
+                      impl="reference", nlam_blocks=(), **TINY)
+    # the step-1 checkpoint holds the exploded weights that give the NaN at step 2: not "good"
+    with pytest.raises(UserError, match=rf"loss is nan at step 2 .*the last checkpoint, {run / 'checkpoint.pt'} "
+                                        r"\(step 1\), holds the weights that gave it, so resuming it with any "
+                                        r"--lr repeats it: start again with a lower --lr"):
+        train(cfg)
+    assert load_checkpoint(run)["step"] == 1
+
+    # weights that turn non-finite are never saved: the checkpoint on disk stays the last finite one
+    run2 = tmp_path / "run2"
+    step = torch.optim.Adam.step
+
+    def poisoned(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        if self.state[self.param_groups[0]["params"][0]]["step"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    with pytest.raises(UserError, match=r"step 2 left non-finite values in the model's backbone.conv1.weight: the "
+                                        rf"checkpoint was not written; last good checkpoint: .* \(step 1\)"):
+        train(dataclasses.replace(cfg, out=str(run2), lr=1e-3))
+    state = load_checkpoint(run2)
+    assert state["step"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values()
+                                      if t.is_floating_point())
 
 
 def test_bad_inputs_are_one_line_errors(data, tmp_path, capsys):
@@ -197,14 +261,15 @@ def test_bad_inputs_are_one_line_errors(data, tmp_path, capsys):
                                                     "--epochs", "7", "--root", "r", "--out", "o"]))
     assert (cfg.lr, cfg.epochs, cfg.nlam_blocks, cfg.flip, cfg.frames, resume) == (0.01, 7, (3, 4, 5), False, 8, False)
 
-    # resuming may change the schedule length but not what a step computes
+    # resuming may change the schedule length, and on purpose --lr and --amp, but not the rest
     run.mkdir()
     (run / "config.yaml").write_text(f"root: {data}\nout: {run}\ndataset: synthetic\n")
     save_checkpoint({"model": {}}, run / "checkpoint.pt")
-    with pytest.raises(UserError, match="cannot change lr"):
-        resolve_config(parser.parse_args(["train", "--resume", str(run), "--lr", "1"]))
-    cfg, resume = resolve_config(parser.parse_args(["train", "--resume", str(run), "--epochs", "3"]))
-    assert resume and cfg.epochs == 3 and cfg.out == str(run)
+    with pytest.raises(UserError, match="cannot change frames, margin"):
+        resolve_config(parser.parse_args(["train", "--resume", str(run), "--margin", "1", "--frames", "4"]))
+    cfg, resume = resolve_config(parser.parse_args(["train", "--resume", str(run), "--epochs", "3", "--lr", "1",
+                                                    "--amp", "off", "--nlam-blocks", "4", "5"]))
+    assert resume and (cfg.epochs, cfg.lr, cfg.amp, cfg.nlam_blocks, cfg.out) == (3, 1.0, "off", (4, 5), str(run))
     with pytest.raises(UserError, match="already holds a run"):
         train(TrainConfig(dataset="synthetic", root=str(data), out=str(run)))
 
@@ -227,8 +292,79 @@ def test_checkpoints_are_atomic_and_safe_to_load(tmp_path, monkeypatch):
             return (os.system, ("echo pwned",))
 
     torch.save({"model": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match=r"refused to load .*evil.pt: it would call posix.system while unpickling") as err:
         load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)  # torch's advice is not passed on
+    (tmp_path / "empty.pt").touch()
+    with pytest.raises(UserError, match=r"cannot read checkpoint .*empty.pt: the file is empty \(0 bytes\)"):
+        load_checkpoint(tmp_path / "empty.pt")
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:300])
+    with pytest.raises(UserError, match=r"cannot read checkpoint .*cut.pt \(300 bytes\): RuntimeError: \S+"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+CONFIG_CASES = [
+    ('flip: "no"', "flip must be true or false, got 'no' (str)"),
+    ("frames: 2.7", "frames must be an integer, got 2.7 (float)"),
+    ('lr: "fast"', "lr must be a number, got 'fast' (str)"),
+    ('frames: "2"', "frames must be an integer, got '2' (str)"),
+    ("epochs: [1, 2]", "epochs must be an integer, got [1, 2] (list)"),
+    ("nlam_blocks: 4", "nlam_blocks must be a list of integers, got 4 (int)"),
+    ("nlam_blocks: [4, 4]", "nlam_blocks must be distinct blocks among 1 2 3 4 5, got [4, 4]"),
+    ("lr_gamma: -1", "lr_gamma must be in (0, 1]"),
+    ("lr: .nan", "lr must be a finite number, got nan"),
+    ("sampling: every", "sampling must be one of restricted, random, got 'every'"),
+]
+
+
+@pytest.mark.parametrize("text,expected", CONFIG_CASES)
+def test_config_file_values_are_type_checked_before_anything_is_written(data, tmp_path, capsys, text, expected):
+    (tmp_path / "c.yaml").write_text(text + "\n")
+    run = tmp_path / "run"
+    code = cli.main(["train", "--config", str(tmp_path / "c.yaml"), "--dataset", "synthetic", "--root", str(data),
+                     "--out", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"fastnl train: error: {tmp_path / 'c.yaml'}: {expected}")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--lr-gamma", "-1"], "--lr-gamma (lr_gamma) must be in (0, 1]"),
+    (["--nlam-scale", "nan"], "--nlam-scale (nlam_scale) must be a finite number, got nan"),
+    (["--label-smoothing", "5"], "--label-smoothing (label_smoothing) must be in [0, 1], got 5.0"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+])
+def test_option_values_are_range_checked_before_anything_is_written(data, tmp_path, capsys, args, expected):
+    run = tmp_path / "run"
+    code = cli.main(["train", "--dataset", "synthetic", "--root", str(data), "--out", str(run), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert not run.exists()
+
+
+def test_yaml_numbers_and_bools_as_users_write_them(tmp_path):
+    from fastnl.commands.train import resolve_config
+
+    (tmp_path / "c.yaml").write_text("lr: 1e-4\nweight_decay: 5e-4\nmargin: 1\nflip: no\nnlam_blocks:\n"
+                                     "pretrained:\n")
+    cfg, _ = resolve_config(cli.build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml")]))
+    assert (cfg.lr, cfg.weight_decay, cfg.margin, cfg.flip, cfg.nlam_blocks, cfg.pretrained) == \
+        (1e-4, 5e-4, 1.0, False, (), "")
+    assert isinstance(cfg.margin, float)
+
+
+def test_resume_into_a_checkpoint_that_does_not_fit_its_config(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"root: {data}\nout: {run}\ndataset: synthetic\nframes: 2\nheight: 32\n"
+                                     "width: 16\np: 2\nk: 2\nworkers: 0\ndevice: cpu\nimpl: reference\n")
+    save_checkpoint({"model": {"fc.weight": torch.zeros(2)}, "step": 1}, run / "checkpoint.pt")
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fastnl train: error: checkpoint {run / 'checkpoint.pt'} does not fit "
+                                               "the run's config.yaml (Error(s) in loading state_dict")
+    assert "start a new run with another --out" in err[0]
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.yaml"]  # nothing written
 
 
 def test_verify_finds_a_corrupt_frame_before_training(data, tmp_path, capsys):

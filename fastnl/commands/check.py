@@ -82,8 +82,10 @@ def run(args) -> int:
     name = torch.cuda.get_device_name(device) if on_cuda else "CPU"
     print(f"fastnl check on {device} ({name}), torch {torch.__version__}, {size} shapes, "
           f"dtypes {','.join(dtype_names)}")
-    print(f"tolerance = {checking.FACTOR:g} x |reference in dtype - float64| + "
-          f"{checking.FLOOR_ULPS:g} eps(dtype) x max|float64|")
+    print(f"per tensor, element-wise: max|fused - float64| <= {checking.FACTOR:g} x max|reference in dtype - "
+          f"float64| + {checking.FLOOR_ULPS:g} eps(dtype) x max|float64|;")
+    print(f"norm-wise: ||fused - float64|| / ||float64|| <= {checking.FACTOR:g} x ||reference in dtype - float64|| "
+          f"/ ||float64|| + {checking.FLOOR_ULPS:g} eps(dtype); a row shows its worst tensor")
     print(checking.format_header(), flush=True)
     results = checking.run_all(device, [checking.DTYPES[d] for d in dtype_names], size, ops, seed=args.seed,
                                progress=lambda r: print(checking.format_row(r), flush=True))

@@ -2,13 +2,15 @@
 
 Precedence: the paper's defaults < ``--config FILE`` (YAML, keys = option names with ``_``)
 < options on the command line. ``--resume RUN_DIR`` reads RUN_DIR/config.yaml; only options
-that do not change the result (epochs, checkpoint frequency, workers, logging) may differ.
+that do not change the result (epochs, checkpoint frequency, workers, logging) may differ, and
+--lr and --amp, the remedies of a NaN loss (the change is printed and recorded in config.yaml).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 NAME = "train"
@@ -17,6 +19,9 @@ HELP = ("Train the paper's network (defaults: N=8 at 256x128, P x K = 8 x 4, Ada
 
 # Options that may change when a run is resumed without changing what it computes.
 RESUMABLE = {"verify", "epochs", "save_every", "save_every_steps", "max_minutes", "workers", "progress", "tensorboard"}
+# Options that change what the rest of a run computes but may be changed on purpose when it is
+# resumed, e.g. to get past a NaN loss; train() prints the change and config.yaml records it.
+RESUME_OVERRIDES = {"lr", "amp"}
 
 
 def add_arguments(parser) -> None:
@@ -41,6 +46,20 @@ def add_arguments(parser) -> None:
         parser.add_argument(flag, *f.metadata.get("aliases", ()), **kw)
 
 
+def _yaml_loader():
+    """yaml.SafeLoader that also reads ``1e-4`` as a number (YAML 1.1, PyYAML's dialect, wants
+    ``1.0e-4`` and reads ``1e-4`` as a string)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return Loader
+
+
 def _read_yaml(path: Path) -> dict:
     import yaml
 
@@ -49,7 +68,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_yaml_loader()) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -64,21 +83,24 @@ def resolve_config(args):
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if args.config:
-        given = {**_read_yaml(Path(args.config)), **given}
+        from_file = _read_yaml(Path(args.config))
+        TrainConfig.from_dict(from_file, source=args.config)  # its own values, named as its keys
+        given = {**from_file, **given}
     if not args.resume:
-        cfg = TrainConfig.from_dict(given, source=args.config or "options")
-        return cfg, False
+        return TrainConfig.from_dict(given, source="options"), False
     run = Path(args.resume)
     saved = _read_yaml(run / CONFIG_FILE) if run.is_dir() else None
     if saved is None:
         raise UserError(f"--resume: run folder not found: {run}")
     cfg = TrainConfig.from_dict(saved, source=str(run / CONFIG_FILE))
-    changed = {k: v for k, v in given.items() if k != "out" and v != getattr(cfg, k)}
-    fixed = sorted(set(changed) - RESUMABLE)
+    wanted = TrainConfig.from_dict({**saved, **given}, source="options")
+    changed = {k: getattr(wanted, k) for k in given if k != "out" and getattr(wanted, k) != getattr(cfg, k)}
+    fixed = sorted(set(changed) - RESUMABLE - RESUME_OVERRIDES)
     if fixed:
         raise UserError(f"--resume {run}: cannot change {', '.join(fixed)} of a run "
-                        f"(only {', '.join(sorted(RESUMABLE))}); start a new run with another --out")
-    return dataclasses.replace(TrainConfig.from_dict({**saved, **changed}), out=str(run)), True
+                        f"(only {', '.join(sorted(RESUMABLE | RESUME_OVERRIDES))}); start a new run with "
+                        "another --out")
+    return dataclasses.replace(cfg, **changed, out=str(run)), True
 
 
 def run(args) -> int:

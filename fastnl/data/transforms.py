@@ -6,6 +6,7 @@ antialiasing to uint8, a horizontal flip shared by all frames of a clip, ImageNe
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from fastnl.data.datasets.base import DatasetError
+from fastnl.data.datasets.base import DatasetError, read_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,23 +22,22 @@ _MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) * 255
 _INV_STD = 1 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1) * 255)
 
 
-def read_bytes(path: str) -> bytes:
-    """The encoded frame, with a :class:`DatasetError` naming a missing or unreadable file."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as err:
-        raise DatasetError(f"cannot read frame {path}: {err.strerror or err}") from None
-
-
 def decode_frame(path: str) -> torch.Tensor:
-    """uint8 [3, h, w] RGB; a truncated or corrupt JPEG raises :class:`DatasetError`."""
+    """uint8 [3, h, w] RGB; a truncated or undecodable JPEG (or a path that is not a regular
+    file) raises :class:`DatasetError`; garbled data libjpeg decodes into damaged blocks gives
+    a warning naming the file (Pillow itself says nothing)."""
+    from fastnl.data.jpeg_check import corrupt_data
+
     data = read_bytes(path)
     try:
         with Image.open(io.BytesIO(data)) as img:
             rgb = np.array(img if img.mode == "RGB" else img.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as err:
         raise DatasetError(f"cannot decode frame {path}: {err}") from None
+    reason = corrupt_data(data)
+    if reason is not None:
+        warnings.warn(f"corrupt frame {path}: {reason}; it decodes into damaged blocks (find every such "
+                      "frame with --verify)", stacklevel=2)
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 

@@ -6,7 +6,9 @@ convention); query and gallery keep the original pids so that they can be matche
 """
 from __future__ import annotations
 
+import io
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,22 +82,75 @@ class FolderIndex:
         return out
 
 
-def check_jpeg(path: str) -> str | None:
-    """Decode ``path`` fully (at 1/8 scale: every entropy-coded byte is still read).
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
-    Returns None when it decodes, else the reason.
-    """
+
+def _read(path: str) -> tuple[bytes | None, str | None]:
+    """(the bytes of ``path``, None), or (None, why it cannot be read). A path that is not a
+    regular file is refused before anything is read: it is opened non-blocking, so a FIFO
+    does not block the read forever."""
     try:
-        with Image.open(path) as img:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as err:
+        return None, f"cannot read it: {err.strerror or err}"
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            return None, (f"it is {_file_kind(mode)}, not a regular file: replace it with the JPEG "
+                          "file or remove it from the dataset")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(), None
+    except OSError as err:
+        return None, f"cannot read it: {err.strerror or err}"
+    finally:
+        os.close(fd)
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of the frame file ``path``; a :class:`DatasetError` naming it when it is
+    missing, unreadable or not a regular file (e.g. a FIFO)."""
+    data, reason = _read(path)
+    if data is None:
+        raise DatasetError(f"frame {path}: {reason}")
+    return data
+
+
+def check_jpeg(path: str) -> str | None:
+    """Decode ``path`` fully (at 1/8 scale: every entropy-coded byte is still read), and check
+    the entropy-coded data with libjpeg's own warnings, which Pillow drops (see
+    :mod:`fastnl.data.jpeg_check`): garbled bytes inside a complete file are found too.
+
+    Returns None when it decodes cleanly, else the reason.
+    """
+    from fastnl.data.jpeg_check import corrupt_data
+
+    data, reason = _read(path)
+    if data is None:
+        return reason
+    try:
+        with Image.open(io.BytesIO(data)) as img:
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
     except (OSError, ValueError, SyntaxError) as err:
         return str(err) or type(err).__name__
-    return None
+    return corrupt_data(data)
 
 
 def verify_frames(paths: Sequence[str], threads: int | None = None) -> None:
-    """Decode every frame; raise :class:`DatasetError` naming the first bad one and the count."""
+    """Decode every frame; raise :class:`DatasetError` naming the first bad one and the count.
+    Frames with garbled data (libjpeg's "Corrupt JPEG data" warnings) count as bad; so does
+    anything that is not a regular file."""
+    from fastnl.data.jpeg_check import available
+
+    reason = available()
+    if reason is not None:
+        warnings.warn(f"--verify cannot check the entropy-coded data of the frames here ({reason}): "
+                      "only undecodable frames are found", stacklevel=2)
     threads = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
         reasons = list(pool.map(check_jpeg, paths, chunksize=256))

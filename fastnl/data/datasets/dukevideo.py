@@ -57,6 +57,9 @@ class DukeVideo(VideoDataset):
             if not entry.name.lower().endswith(".jpg"):
                 self._ignored += 1
                 continue
+            if not entry.is_file():
+                raise DatasetError(f"frame {entry.path} is not a regular file (a folder, FIFO or "
+                                   "device): replace it with the JPEG file or remove it")
             m = FRAME_NAME.match(entry.name)
             if m is None:
                 raise DatasetError(f"frame name not understood: {entry.path} (expected "

@@ -21,6 +21,8 @@ with pid 0, which matches no query.
 """
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import numpy as np
@@ -150,5 +152,8 @@ class MARS(VideoDataset):
         missing = self._index.missing(p for paths, _, _ in tracklets for p in paths)
         if missing:
             more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+            if os.path.lexists(missing[0]):
+                raise DatasetError(f"frame listed in {names_file} is not a regular file (a folder, FIFO or "
+                                   f"device): {missing[0]}{more}; replace it with the JPEG file")
             raise DatasetError(f"frame listed in {names_file} but absent: {missing[0]}{more}")
         return tracklets
