@@ -45,7 +45,7 @@ import contextlib
 import math
 import time
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 IMPLS = ("reference", "fused")
 DEFAULT_FRAMES = (8, 16, 32, 64, 128, 256)
@@ -474,10 +474,6 @@ def format_table(rows: list[dict]) -> str:
                              f"N x{fused['max_frames'] / ref['max_frames']:.2f}, "
                              f"batch x{fused['max_batch'] / ref['max_batch']:.2f}")
     return "\n".join(lines)
-
-
-def setting_dict(setting: Setting) -> dict:
-    return asdict(setting)
 
 
 __all__ = ["LiveStorageTracker", "Setting", "count_variant", "cuda_like", "extrapolation_error", "fit_line",
