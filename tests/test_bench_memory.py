@@ -106,3 +106,23 @@ def test_cli_memory_setting_and_errors():
     for bad in (dict(frames="8,16"), dict(frames="8,x,16"), dict(resolution="100x50")):
         with pytest.raises(UserError):
             bench.memory_setting(argparse.Namespace(**{**vars(ns), **bad}))
+
+
+def test_fastnl_bench_memory_writes_counts_fits_and_projection(tmp_path, capsys):
+    import json
+
+    from fastnl import cli
+
+    out = tmp_path / "memory.json"
+    assert cli.main(["bench", "memory", "--quick", "--device", "cpu", "--impl", "fused", "--grad-checkpoint", "off",
+                     "--frames", "2,4,8", "--batches", "2,4", "--budget-mb", "4096", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["suites"]["memory"]
+    counts = [r for r in rows if r["kind"] == "count"]
+    (fit,) = [r for r in rows if r["kind"] == "fit"]
+    assert [(r["batch"], r["frames"]) for r in counts] == [(2, 2), (2, 4), (2, 8), (4, 4)]
+    assert fit["budget_mb"] == 4096 and fit["max_frames"] > 8 and fit["max_batch"] > 4
+    a, b, c = fit["peak_a_mb"], fit["peak_b_mb"], fit["peak_c_mb"]
+    n = fit["max_frames"]
+    assert a + b * n + c * n * n <= 4096 < a + b * (n + 1) + c * (n + 1) ** 2
+    text = capsys.readouterr().out
+    assert "fused, batch 2: peak" in text and "max N at batch 2" in text
