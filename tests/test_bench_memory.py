@@ -43,6 +43,26 @@ def test_counter_counts_a_storage_once_and_rounds_up():
         del y
 
 
+@pytest.mark.parametrize("tile", [None, 1])
+def test_counter_on_the_chunked_engine_sees_what_it_saves(monkeypatch, tile):
+    """q, k, v (bf16, kept by the caller anyway), O (bf16) and M, Z (float32 per row); plus P
+    (bf16 [B, L, L]) when the whole score matrix fits one tile (the default budget at L = 64)."""
+    from fastnl import attention_chunked
+
+    if tile is not None:
+        monkeypatch.setitem(attention_chunked.TILE_ELEMENTS, "cuda", tile)
+    B, L, D = 2, 64, 16
+    with memory.cuda_like(), FakeTensorMode(), memory.LiveStorageTracker() as tracker:
+        q, k, v = (torch.randn(B, L, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        base = tracker.live
+        out = attention_chunked.nl_attention_chunked(q, k, v, 1.0, rowwise="torch")
+        kept = tracker.live - base
+        expected = B * L * D * 2 + 2 * B * L * 4 + (B * L * L * 2 if tile is None else 0)
+        assert kept == expected
+        out.float().sum().backward()
+        assert q.grad.dtype == torch.bfloat16
+
+
 def test_fit_recovers_a_b_c_and_extrapolates_exactly():
     a, b, c = 700.0, 38.5, 0.2
     points = [(n, a + b * n + c * n * n) for n in (8, 16, 32, 64, 128, 256)]
@@ -70,11 +90,16 @@ def test_projection_edge_cases():
     assert memory.largest_within(10.0, 0.0, 0.0, 50.0, limit=999) == 999  # never reaches the budget
 
 
-def test_quick_count_of_the_real_model_separates_quadratic_from_linear():
+def test_quick_count_of_the_real_model_separates_quadratic_from_linear(monkeypatch):
     """64x32 input: layer3 maps 4x2 (L = 8N), layer4 maps 2x1 (L = 2N), batch 2, bf16 autocast.
     The reference keeps the float32 softmax and its bf16 copy for the second bmm, 6 L^2 bytes
     per clip per NLAM; the fused model keeps nothing of size L^2. Both keep NLTP's float32
-    N x N affinities (4 N^2 bytes per clip)."""
+    N x N affinities (4 N^2 bytes per clip). At these tiny L the whole score matrix would fit
+    one tile of the chunked engine, which then keeps P for its backward; a tile budget of one
+    element makes it run one clip per step (batch 2), as it runs at the model's real lengths."""
+    from fastnl import attention_chunked
+
+    monkeypatch.setitem(attention_chunked.TILE_ELEMENTS, "cuda", 1)
     setting = memory.Setting(height=64, width=32, frames=(4, 8, 16), batch=2, frames_at=4, batches=(),
                              grad_checkpoint=(False,), round_to=1)
     rows = memory.run(setting=setting, log=None)
