@@ -25,6 +25,7 @@ SUITES = {
     "nlam": "fastnl.benchmarks.model:run_nlam",
     "model": "fastnl.benchmarks.model:run_model",
     "configs": "fastnl.benchmarks.attention:run_configs",
+    "memory": "fastnl.benchmarks.memory:run",
 }
 RESULT_PREFIX = "FASTNL_RESULT "
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -12,9 +12,11 @@ NAME = "bench"
 HELP = ("Benchmark fused vs reference: the attention and channel-attention kernels, the whole NLAM "
         "block and a training step of the model (median time, peak memory, speed-up and memory "
         "ratios); `fastnl bench capacity` searches the largest batch and the longest clips that train; "
-        "`fastnl bench configs` times every Triton configuration the autotuner may pick (GPU).")
+        "`fastnl bench configs` times every Triton configuration the autotuner may pick (GPU); "
+        "`fastnl bench memory` counts the memory of a training step on fake tensors (no GPU needed) "
+        "and projects the largest N and batch within a budget.")
 DEFAULT_SUITES = ("attention", "channel", "nlam", "model")
-ALL = DEFAULT_SUITES + ("configs", "capacity")
+ALL = DEFAULT_SUITES + ("configs", "capacity", "memory")
 
 
 def add_arguments(parser) -> None:
@@ -37,6 +39,17 @@ def add_arguments(parser) -> None:
                      help="seconds for the whole search; it stops early with a bracket when reached")
     cap.add_argument("--max-frames", type=int, default=None, help="upper limit of the N search")
     cap.add_argument("--max-batch", type=int, default=None, help="upper limit of the batch search")
+    mem = parser.add_argument_group("memory count (fastnl bench memory; --budget-mb: default 79872 = 78 GiB)")
+    mem.add_argument("--frames", default=None, metavar="N,N,...",
+                     help="clip lengths of the count at --batch (default 8,16,32,64,128,256; --quick: 4,8,16)")
+    mem.add_argument("--batch", type=int, default=None, help="batch of the N series and the projection (default 8)")
+    mem.add_argument("--batches", default=None, metavar="B,B,...",
+                     help="batches of the count at N=8 for the largest-batch projection (default 8,16,32)")
+    mem.add_argument("--resolution", default=None, metavar="HxW", help="input size (default 256x128)")
+    mem.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None, help="autocast dtype (default bf16)")
+    mem.add_argument("--grad-checkpoint", choices=("both", "on", "off"), default="both",
+                     help="count with gradient checkpointing, without, or both (default)")
+    mem.add_argument("--impl", choices=("both", "fused", "reference"), default="both", help="model variants")
 
 
 def _parse_what(values) -> tuple:
@@ -147,7 +160,10 @@ def run(args) -> int:
             print(f"\n== {name}: SKIP ({err})", flush=True)
             continue
         print(f"\n== {name}", flush=True)
-        rows = suite(device, quick=args.quick)
+        if name == "memory":
+            rows = suite(device, quick=args.quick, setting=memory_setting(args))
+        else:
+            rows = suite(device, quick=args.quick)
         report["suites"][name] = rows
         print(format_rows(name, rows), flush=True)
         if name == "attention" and args.engine_table and device.startswith("cuda"):
@@ -163,6 +179,53 @@ def run(args) -> int:
         _write_json(args.json, report)
         print(f"\nwrote {args.json}")
     return 0
+
+
+def _int_list(text: str, what: str) -> tuple:
+    from fastnl.errors import UserError
+
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise UserError(f"{what} must be a comma-separated list of positive integers, got {text!r}")
+    return values
+
+
+def memory_setting(args):
+    """The ``memory`` suite's setting from the command line (its defaults where not given)."""
+    from fastnl.benchmarks import memory
+    from fastnl.errors import UserError
+
+    setting = memory.quick_setting() if args.quick else memory.Setting()
+    if getattr(args, "frames", None):
+        setting.frames = _int_list(args.frames, "--frames")
+        if len(setting.frames) < 3:
+            raise UserError(f"--frames needs at least 3 clip lengths for the fit a + bN + cN^2, got {args.frames!r}")
+    if getattr(args, "batches", None):
+        setting.batches = _int_list(args.batches, "--batches")
+    if getattr(args, "batch", None):
+        if args.batch < 1:
+            raise UserError(f"--batch must be >= 1, got {args.batch}")
+        setting.batch = args.batch
+    if getattr(args, "resolution", None):
+        try:
+            h, w = (int(v) for v in args.resolution.lower().split("x"))
+        except ValueError:
+            h = w = 0
+        if h < 32 or w < 32 or h % 32 or w % 32:
+            raise UserError(f"--resolution must be HxW, multiples of 32 (e.g. 256x128), got {args.resolution!r}")
+        setting.height, setting.width = h, w
+    if getattr(args, "amp", None):
+        setting.amp = args.amp
+    if getattr(args, "budget_mb", None):
+        setting.budget_mb = float(args.budget_mb)
+    setting.grad_checkpoint = {"both": (False, True), "on": (True,), "off": (False,)}[
+        getattr(args, "grad_checkpoint", None) or "both"]
+    impl = getattr(args, "impl", None) or "both"
+    setting.impls = memory.IMPLS if impl == "both" else (impl,)
+    return setting
 
 
 def run_capacity(args, device: str) -> dict:
