@@ -9,12 +9,21 @@ from fastnl import checking, cli, ops
 from fastnl.benchmarks import capacity
 
 
-def test_check_passes_on_tiny_shapes(tmp_path, capsys):
+def test_check_passes_on_tiny_shapes(tmp_path):
+    """As a user runs it, in its own process: on some CPUs a float32 and a float64 run of the
+    model leave oneDNN in a state where a later bf16 convolution backward in the same process
+    gives non-finite weight gradients (test_train's bf16 GradScaler test saw it), which is not
+    this command's to pass on to the tests after it."""
+    import subprocess
+    import sys
+
     out = tmp_path / "check.json"
     device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs compiled, or interpreted
-    code = cli.main(["check", "--device", device, "--size", "tiny", "--dtype", "float32", "--json", str(out)])
-    text = capsys.readouterr().out
-    assert code == 0, text
+    proc = subprocess.run([sys.executable, "-m", "fastnl", "check", "--device", device, "--size", "tiny",
+                           "--dtype", "float32", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ))
+    text = proc.stdout
+    assert proc.returncode == 0, text + proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     ops_seen = {r["op"].split(" ")[0] for r in rows}
     assert ops_seen == {"nl_attention[triton]", "nl_attention[chunked]", "nl_attention[torch]",
