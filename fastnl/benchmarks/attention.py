@@ -19,6 +19,7 @@ import time
 import torch
 
 from fastnl import ops
+from fastnl.benchmarks import live_rows
 
 GPU_LENGTHS = (1024, 4096, 8192, 16384)
 GPU_HEAD_DIMS = (512, 1024)
@@ -155,7 +156,7 @@ print(peak_rss_mb() - base)
 def run(device, quick: bool = False) -> list[dict]:
     """One dict per (backend, L, D): seconds, TFLOP/s, peak memory, or the reason it was refused."""
     device = torch.device(device)
-    rows = []
+    rows = live_rows()
     if device.type == "cuda":
         lengths = GPU_LENGTHS[:2] if quick else GPU_LENGTHS
         rows.append({"kind": "matmul", "dtype": "bf16", "tflops": matmul_tflops(device)})
@@ -205,7 +206,7 @@ def run_configs(device, quick: bool = False) -> list[dict]:
     dtype, reps, batch = torch.bfloat16, 5 if quick else 20, 2
     if device.type != "cuda":
         shapes, reps, batch = ((48, 32),), 1, 1
-    rows = []
+    rows = live_rows()
     fn = _attention_fn("triton")
     for L, D in shapes:
         defaults = {kernel: nla.default_config(kernel, D, dtype) for kernel in ("fwd", "dkdv", "dq")}
