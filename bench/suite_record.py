@@ -180,15 +180,18 @@ def cmd_done(args) -> None:
 
 def tuned_configs(report: dict) -> dict | None:
     """The fastest configuration per (kernel, dtype, L, D) of a `fastnl bench configs` report,
-    in the format the kernels load; None without a timed configuration."""
+    in the format the kernels load; None without a timed configuration. A sweep cut short (its
+    report still "running") leaves out the kernel and shape it was in the middle of."""
     env = report.get("environment", {})
+    rows = [r for r in report.get("suites", {}).get("configs", []) if r.get("kind") == "config" and "kernel" in r]
+    key = lambda row: (row["kernel"], row.get("dtype", "bf16"), row["L"], row["D"])  # noqa: E731
+    unfinished = key(rows[-1]) if rows and report.get("running") == "configs" else None
     best = {}
-    for row in report.get("suites", {}).get("configs", []):
-        if row.get("kind") != "config" or not isinstance(row.get("ms"), (int, float)):
+    for row in rows:
+        if not isinstance(row.get("ms"), (int, float)) or key(row) == unfinished:
             continue
-        key = (row["kernel"], row.get("dtype", "bf16"), row["L"], row["D"])
-        if key not in best or row["ms"] < best[key]["ms"]:
-            best[key] = row
+        if key(row) not in best or row["ms"] < best[key(row)]["ms"]:
+            best[key(row)] = row
     if not best:
         return None
     configs = [{"kernel": k[0], "dtype": k[1], "L": k[2], "D": k[3], "BLOCK_M": r["BLOCK_M"],

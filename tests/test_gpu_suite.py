@@ -158,6 +158,9 @@ def test_tuned_configs_pick_the_fastest_row_per_kernel_and_shape():
     picked = {(c["kernel"], c["L"], c["D"]): (c["BLOCK_M"], c["ms"]) for c in tuned["configs"]}
     assert picked == {("fwd", 1024, 512): (128, 1.5), ("fwd", 256, 1024): (32, 0.7), ("dq", 1024, 512): (32, 3.0)}
     assert record.tuned_configs({"environment": env, "suites": {"configs": rows[3:4]}}) is None
+    # cut by its cap in the middle of dq at L=1024: dq is left out, not picked from half its candidates
+    cut = record.tuned_configs({"environment": env, "suites": {"configs": rows}, "running": "configs"})
+    assert {(c["kernel"], c["L"]) for c in cut["configs"]} == {("fwd", 1024), ("fwd", 256)}
 
 
 @pytest.mark.slow
