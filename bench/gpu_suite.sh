@@ -19,9 +19,10 @@
 # snapshots/ results.json after each step). bench/unpack_results.sh turns it into the committed
 # bench/results/<date>-<gpu>/.
 #
-# Each step has its own time cap and the whole run a budget (default 540 s); a step that fails
-# or runs out of time is recorded with its reason and the suite goes on; steps that no longer
-# fit the budget are recorded as skipped. Timings run one process at a time (pytest-xdist only
+# Steps run in the order above (correctness, speed tables, capacity), however --steps names
+# them. Each step has its own time cap and the whole run a budget (default 540 s); a step that
+# fails or runs out of time is recorded with its reason and the suite goes on; steps that no
+# longer fit the budget are recorded as skipped. Timings run one process at a time (pytest-xdist only
 # in the pytest steps). Autotuning is off (FASTNL_AUTOTUNE=0) except in bench-configs.
 #
 # Environment: PYTHON (default python3); FASTNL_SUITE_BUDGET (seconds, as --budget);
@@ -40,7 +41,7 @@ usage="usage: bash bench/gpu_suite.sh OUTDIR [--part 1|2|all] [--steps \"STEP ..
 
 PART1="environment extension-build check pytest-gpu sanitizer-memcheck bench-attention bench-channel bench-nlam-model"
 PART2="environment extension-build pytest-rest bench-configs loader capacity"
-ALL_STEPS="environment extension-build check pytest-gpu sanitizer-memcheck bench-attention bench-channel bench-nlam-model bench-configs pytest-rest loader capacity"
+ALL_STEPS="environment extension-build check pytest-gpu sanitizer-memcheck bench-attention bench-channel bench-nlam-model pytest-rest bench-configs loader capacity"
 # The cap of each step (seconds) on a GPU; a step gets less when the budget has less left.
 declare -A CAP=([environment]=30 [extension-build]=240 [check]=120 [pytest-gpu]=150
     [sanitizer-memcheck]=60 [bench-attention]=100 [bench-channel]=40 [bench-nlam-model]=150
@@ -331,12 +332,6 @@ run_step bench-channel "$D/bench-channel.json" "$PY" -m fastnl bench channel --d
 run_step bench-nlam-model "$D/bench-nlam-model.json" "$PY" -m fastnl bench model nlam --device "$DEVICE" $QUICK \
     --json "$D/bench-nlam-model.json"
 
-# Every Triton configuration the autotuner may pick, timed at the model's shapes; the fastest per
-# kernel and shape go to tuned-configs.json. (The dry run sweeps a tiny shape under the interpreter.)
-run_step bench-configs "$D/bench-configs.json" env FASTNL_AUTOTUNE=1 "$PY" -m fastnl bench configs \
-    --device "$DEVICE" $QUICK --json "$D/bench-configs.json"
-if selected bench-configs && [ -s "$D/bench-configs.json" ]; then record tune "$OUT" "$D/bench-configs.json"; pack; fi
-
 # --- the rest of the tests with CUDA present --------------------------------------------------------
 if has pytest && [ "$DEVICE" = cuda ]; then
     run_step pytest-rest "$D/pytest-rest.xml" "$PY" -m pytest -m "not slow and not gpu and not triton" $XDIST \
@@ -345,6 +340,12 @@ elif has pytest; then  # the dry run: one small file
     run_step pytest-rest "$D/pytest-rest.xml" "$PY" -m pytest -m "not slow and not gpu and not triton" \
         -q -p no:cacheprovider --junitxml="$D/pytest-rest.xml" tests/test_metrics.py
 fi
+
+# Every Triton configuration the autotuner may pick, timed at the model's shapes; the fastest per
+# kernel and shape go to tuned-configs.json. (The dry run sweeps a tiny shape under the interpreter.)
+run_step bench-configs "$D/bench-configs.json" env FASTNL_AUTOTUNE=1 "$PY" -m fastnl bench configs \
+    --device "$DEVICE" $QUICK --json "$D/bench-configs.json"
+if selected bench-configs && [ -s "$D/bench-configs.json" ]; then record tune "$OUT" "$D/bench-configs.json"; pack; fi
 
 # --- clip loader throughput ------------------------------------------------------------------------
 cat > "$WORK/scripts/loader.py" <<'EOF'

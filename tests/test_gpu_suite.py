@@ -49,7 +49,7 @@ def check_output_rules(out: Path) -> None:
 
 def test_dry_run_keeps_its_rules_and_survives_a_timed_out_step(tmp_path):
     out = tmp_path / "returned"
-    steps = "check bench-attention bench-channel bench-configs pytest-rest"
+    steps = "check bench-attention bench-channel pytest-rest bench-configs"  # the order they run in
     proc = run_suite(out, "--steps", steps, "--budget", "400", FASTNL_SUITE_CAPS="check=2",
                      FASTNL_SUITE_COMMIT="abc1234")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # a timeout is not fatal
