@@ -28,7 +28,8 @@
 # Environment: PYTHON (default python3); FASTNL_SUITE_BUDGET (seconds, as --budget);
 # FASTNL_SUITE_DEVICE=cpu (a scaled-down dry run of every step on the CPU, for checking the
 # script; not GPU figures); FASTNL_SUITE_CAPS="STEP=SECONDS ..." (override step caps, budget
-# ignored); FASTNL_SUITE_COMMIT (the commit to report; else a COMMIT file in the repository
+# ignored); FASTNL_SUITE_SANITIZER (the compute-sanitizer to run, also in a dry run);
+# FASTNL_SUITE_COMMIT (the commit to report; else a COMMIT file in the repository
 # root, else git). Exit status: 0 when every step ran, timed out or was skipped, 1 when a step
 # failed, 2 for bad arguments or no GPU.
 set -u -o pipefail
@@ -313,8 +314,8 @@ for B, N, C, H, W in [(2, 4, 256, 16, 8), (2, 4, 512, 8, 4), (1, 3, 48, 5, 7)]:
             assert all(torch.isfinite(g).all() for g in grads)
 print("memcheck workload done")
 EOF
-SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2> /dev/null | head -n 1)
-if [ "$DEVICE" != cuda ]; then
+SANITIZER=${FASTNL_SUITE_SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2> /dev/null | head -n 1)}
+if [ "$DEVICE" != cuda ] && [ -z "${FASTNL_SUITE_SANITIZER:-}" ]; then
     skip_step sanitizer-memcheck "no GPU (dry run)"
 elif [ -z "$SANITIZER" ]; then
     skip_step sanitizer-memcheck "compute-sanitizer is not installed here"

@@ -49,9 +49,10 @@ def check_output_rules(out: Path) -> None:
 
 def test_dry_run_keeps_its_rules_and_survives_a_timed_out_step(tmp_path):
     out = tmp_path / "returned"
-    steps = "check bench-attention bench-channel pytest-rest bench-configs"  # the order they run in
+    steps = "check sanitizer-memcheck bench-attention bench-channel pytest-rest bench-configs"  # as they run
+    sanitizer = fake_sanitizer(tmp_path, "echo '========= Error: Device not supported'; exit 1")
     proc = run_suite(out, "--steps", steps, "--budget", "400", FASTNL_SUITE_CAPS="check=2",
-                     FASTNL_SUITE_COMMIT="abc1234")
+                     FASTNL_SUITE_COMMIT="abc1234", FASTNL_SUITE_SANITIZER=sanitizer)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # a timeout is not fatal
     check_output_rules(out)
     assert {p.name for p in out.iterdir()} == OUTPUTS
@@ -62,7 +63,9 @@ def test_dry_run_keeps_its_rules_and_survives_a_timed_out_step(tmp_path):
     status = {s["name"]: s for s in results["steps"]}
     assert status["check"]["status"] == "timeout" and "2s cap" in status["check"]["reason"]
     assert status["check"]["cap_s"] == 2
-    for name in names:  # the steps after the timed-out one still ran
+    memcheck = status.pop("sanitizer-memcheck")  # a refused device is that step's business only
+    assert memcheck["status"] == "skipped" and "Device not supported" in memcheck["reason"]
+    for name in status:  # the steps after the timed-out one still ran
         if name != "check":
             assert status[name]["status"] == "ok", status[name]
     assert results["suite"]["commit"] == "commit abc1234"
@@ -124,6 +127,25 @@ def test_steps_beyond_the_budget_are_skipped_and_recorded(tmp_path):
     assert results["suite"]["commit"] == "commit unknown (no .git)"
     assert "commit unknown (no .git)" in (out / "summary.md").read_text()
     assert not (out / "tuned-configs.json").exists()
+
+
+def fake_sanitizer(tmp_path: Path, behaviour: str) -> str:
+    path = tmp_path / "compute-sanitizer"
+    path.write_text(f"#!/bin/bash\n{behaviour}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_failed_step_sets_the_exit_status_and_the_suite_goes_on(tmp_path):
+    out = tmp_path / "returned"
+    sanitizer = fake_sanitizer(tmp_path, "echo '========= ERROR SUMMARY: 3 errors'; exit 1")
+    proc = run_suite(out, "--steps", "sanitizer-memcheck bench-channel", FASTNL_SUITE_SANITIZER=sanitizer)
+    assert proc.returncode == 1, proc.stderr
+    steps = {s["name"]: s for s in strict_json((out / "results.json").read_text())["steps"]}
+    assert steps["sanitizer-memcheck"]["status"] == "failed"
+    assert steps["sanitizer-memcheck"]["reason"] == "exit 1: ========= ERROR SUMMARY: 3 errors"
+    assert steps["bench-channel"]["status"] == "ok" and len(steps["bench-channel"]["rows"]) == 8
+    assert "| sanitizer-memcheck | failed |" in (out / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
