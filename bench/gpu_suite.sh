@@ -26,12 +26,12 @@
 # in the pytest steps). Autotuning is off (FASTNL_AUTOTUNE=0) except in bench-configs.
 #
 # Environment: PYTHON (default python3); FASTNL_SUITE_BUDGET (seconds, as --budget);
-# FASTNL_SUITE_DEVICE=cpu (a scaled-down dry run of every step on the CPU, for checking the
-# script; not GPU figures); FASTNL_SUITE_CAPS="STEP=SECONDS ..." (override step caps, budget
-# ignored); FASTNL_SUITE_SANITIZER (the compute-sanitizer to run, also in a dry run);
-# FASTNL_SUITE_COMMIT (the commit to report; else a COMMIT file in the repository
-# root, else git). Exit status: 0 when every step ran, timed out or was skipped, 1 when a step
-# failed, 2 for bad arguments or no GPU.
+# FASTNL_SUITE_DEVICE=cpu (a scaled-down dry run of every step on the CPU with doubled caps, for
+# checking the script; not GPU figures); FASTNL_SUITE_CAPS="STEP=SECONDS ..." (these caps, the
+# budget ignored); FASTNL_SUITE_SANITIZER (the compute-sanitizer to run, also in a dry run);
+# FASTNL_SUITE_COMMIT (the commit to report; else a COMMIT file in the repository root, else
+# git). Exit status: 0 when every step ran, timed out or was skipped, 1 when a step failed, 2
+# for bad arguments or no GPU.
 set -u -o pipefail
 
 # The whole script is one function: bash reads it completely before running any step.
@@ -100,7 +100,11 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2> /dev/null || echo 4)}
 export PYTHONUNBUFFERED=1
 export FASTNL_AUTOTUNE=0  # default configurations; only bench-configs tunes
-[ "$DEVICE" = cpu ] && export TRITON_INTERPRET=1
+if [ "$DEVICE" = cpu ]; then
+    export TRITON_INTERPRET=1
+    local k
+    for k in "${!CAP[@]}"; do CAP[$k]=$(( 2 * CAP[$k] )); done  # a shared CPU is slower than the GPU machine
+fi
 command -v "$PY" > /dev/null || die "no $PY here (set PYTHON)"
 command -v timeout > /dev/null || die "the suite needs timeout (coreutils)"
 
@@ -135,7 +139,7 @@ if [ -n "${FASTNL_SUITE_COMMIT:-}" ]; then
     commit="commit $FASTNL_SUITE_COMMIT"
 elif [ -s "$ROOT/COMMIT" ]; then
     commit="commit $(head -n 1 "$ROOT/COMMIT")"
-elif git -C "$ROOT" rev-parse --git-dir > /dev/null 2>&1; then
+elif [ -e "$ROOT/.git" ] && git -C "$ROOT" rev-parse --git-dir > /dev/null 2>&1; then  # not a parent's
     commit="commit $(git -C "$ROOT" rev-parse --short HEAD)"
     git -C "$ROOT" diff --quiet HEAD 2> /dev/null || commit+=" (with uncommitted changes)"
 else
@@ -254,7 +258,7 @@ json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info, indent=1))
 EOF
 run_step environment "$D/environment.json" "$PY" "$WORK/scripts/environment.py" "$D/environment.json"
-if command -v nvidia-smi > /dev/null; then nvidia-smi > "$PACK/logs/nvidia-smi.txt" 2>&1; fi
+if command -v nvidia-smi > /dev/null; then timeout 20 nvidia-smi > "$PACK/logs/nvidia-smi.txt" 2>&1; fi
 has nvidia.dali || ! selected loader \
     || note "DALI is not installed here: the loader figures are the torch DataLoader's only (no device=\"mixed\" decoding)."
 has matplotlib || ! selected capacity || note "matplotlib is not installed here: no PNG plot of the capacity search."
