@@ -159,7 +159,7 @@ pack() {
     tar -czf "$OUT/.logs.tar.gz.tmp" -C "$PACK" . 2>> "$PACK/logs/suite.log" \
         && mv -f "$OUT/.logs.tar.gz.tmp" "$OUT/logs.tar.gz"
 }
-note() { record note "$OUT" "$*"; echo "note: $*"; }
+note() { record note "$OUT" -- "$*"; echo "note: $*"; }
 selected() { [[ " $steps " == *" $1 "* ]]; }
 has() { "$PY" -c "import $1" > /dev/null 2>&1; }
 
@@ -192,7 +192,7 @@ run_step() {
     else
         cap=$(cap_for "$name")
         if (( cap < 5 )); then
-            record finish "$OUT" "$name" skipped 0 --reason "no time left in the ${budget}s budget"
+            record finish "$OUT" "$name" skipped 0 --reason="no time left in the ${budget}s budget"
             echo "== $name: skipped, no time left in the budget"
             snapshot "$name"
             return 0
@@ -210,9 +210,11 @@ run_step() {
     if [ "$name" = sanitizer-memcheck ] && [ "$rc" != 0 ] && grep -qi "device not supported" "$log"; then
         status=skipped; reason="compute-sanitizer: $(grep -i -m 1 "device not supported" "$log" | sed 's/^[= ]*//')"
     fi
-    [ "$status" = failed ] && FAILED=1
-    [ "$status" = failed ] && reason="$reason: $(grep -v '^\s*$' "$log" | tail -n 1 | cut -c 1-200)"
-    record finish "$OUT" "$name" "$status" $(( SECONDS - t0 )) --reason "$reason" \
+    local last
+    last=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | cut -c 1-200)
+    [ "$status" = failed ] && FAILED=1 && reason="$reason: $last"
+    [ "$status" = timeout ] && [ -n "$last" ] && reason="$reason; its last output: $last"
+    record finish "$OUT" "$name" "$status" $(( SECONDS - t0 )) --reason="$reason" \
         ${data:+--data "$data"} --log "$log" --log-name "logs/$name.log"
     tail -n 3 "$log" | sed 's/^/   /'
     echo "   -> $status${reason:+ ($reason)}"
@@ -223,7 +225,7 @@ run_step() {
 skip_step() {
     selected "$1" || return 0
     NSTEP=$(( NSTEP + 1 ))
-    record finish "$OUT" "$1" skipped 0 --reason "$2"
+    record finish "$OUT" "$1" skipped 0 --reason="$2"
     echo "== $1: skipped ($2)"
     snapshot "$1"
 }
