@@ -47,8 +47,9 @@ ALL_STEPS="environment extension-build check pytest-gpu sanitizer-memcheck bench
 declare -A CAP=([environment]=30 [extension-build]=240 [check]=120 [pytest-gpu]=150
     [sanitizer-memcheck]=60 [bench-attention]=100 [bench-channel]=40 [bench-nlam-model]=150
     [bench-configs]=150 [pytest-rest]=180 [loader]=45 [capacity]=240)
-MARGIN=15          # seconds kept at the end of the budget for the last bookkeeping
-CAPACITY_MIN=120   # seconds kept for capacity by the steps before it
+# Seconds the steps before these keep for them (the tables part 1 exists for, and capacity).
+declare -A KEEP=([bench-attention]=60 [bench-channel]=20 [bench-nlam-model]=90 [capacity]=120)
+MARGIN=15  # seconds kept at the end of the budget for the last bookkeeping
 OUTPUTS="summary.md results.json tuned-configs.json logs.tar.gz"
 
 # --- arguments ---------------------------------------------------------------------------------
@@ -169,11 +170,15 @@ record init "$OUT" gpu="$GPU_NAME" slug="$SLUG" device="$DEVICE" part="$part" st
 [ -s "$OUT/results.json" ] || die "cannot write $OUT/results.json (see the message above)"
 echo "fastnl GPU suite on $GPU_NAME, part $part, budget ${budget}s, $commit -> $OUT"
 
-# cap_for NAME: the step's cap, or less so that it fits the budget (and leaves capacity its share)
+# cap_for NAME: the step's cap, or less so that it fits the budget and leaves the later steps
+# their KEEP seconds
 cap_for() {
-    local name=$1 cap=${CAP[$1]} left
+    local name=$1 cap=${CAP[$1]} left later="" s
     left=$(( budget - (SECONDS - START) - MARGIN ))
-    if [ "$name" != capacity ] && selected capacity; then left=$(( left - CAPACITY_MIN )); fi
+    for s in $ALL_STEPS; do
+        [ -n "$later" ] && selected "$s" && left=$(( left - ${KEEP[$s]:-0} ))
+        [ "$s" = "$name" ] && later=yes
+    done
     (( left < cap )) && cap=$left
     (( cap < 0 )) && cap=0
     echo "$cap"
@@ -422,5 +427,5 @@ echo "finished in $(( SECONDS - START ))s (budget ${budget}s); results in $OUT: 
 return $FAILED
 }
 
-main "$@"
-exit $?
+# one compound command: parsed whole before it runs, so an edit of this file meanwhile is harmless
+{ main "$@"; exit $?; }

@@ -37,4 +37,5 @@ echo "unpacked into $dest:"
 (cd "$dest" && find . -type f | sort | sed 's|^\./|  |')
 }
 
-main "$@"
+# one compound command: parsed whole before it runs, so an edit of this file meanwhile is harmless
+{ main "$@"; exit $?; }

@@ -134,6 +134,15 @@ def test_steps_beyond_the_budget_are_skipped_and_recorded(tmp_path):
     assert not (out / "tuned-configs.json").exists()
 
 
+def test_earlier_steps_leave_capacity_its_share_of_the_budget(tmp_path):
+    out = tmp_path / "returned"
+    # 130 s less the final 15 s leaves nothing beyond capacity's 120 s for the steps before it
+    proc = run_suite(out, "--steps", "capacity", "--budget", "130", FASTNL_SUITE_CAPS="capacity=1")
+    assert proc.returncode == 0, proc.stderr
+    steps = [(s["name"], s["status"], s.get("cap_s")) for s in strict_json((out / "results.json").read_text())["steps"]]
+    assert steps == [("environment", "skipped", None), ("extension-build", "skipped", None), ("capacity", "timeout", 1)]
+
+
 def fake_sanitizer(tmp_path: Path, behaviour: str) -> str:
     path = tmp_path / "compute-sanitizer"
     path.write_text(f"#!/bin/bash\n{behaviour}\n")
