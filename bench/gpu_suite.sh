@@ -12,8 +12,8 @@
 #   part 2:           environment, extension-build, pytest-rest, bench-configs, loader, capacity
 #   all:              every step, in the order above (correctness, speed tables, capacity)
 #
-# OUTDIR receives at most four files, rewritten after every step (so whatever stops the suite,
-# what was measured is there): summary.md, results.json (every step with its status, reason and
+# OUTDIR receives at most four files, rewritten after every step and every 15 s of a step that
+# writes rows (so whatever stops the suite, what was measured is there): summary.md, results.json (every step with its status, reason and
 # rows), tuned-configs.json (the fastest Triton configuration per kernel and shape, from
 # bench-configs) and logs.tar.gz (logs/, data/ the raw JSON of each step, files/ the PNGs,
 # snapshots/ results.json after each step). bench/unpack_results.sh turns it into the committed
@@ -149,6 +149,8 @@ fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastnl-suite.XXXXXX") || die "cannot make a scratch folder"
 trap 'rm -rf "$WORK"' EXIT
+STEP_PID=""  # the running step (its timeout process), stopped with the suite
+trap '[ -n "$STEP_PID" ] && kill -TERM "$STEP_PID" 2> /dev/null; echo "gpu_suite: stopped" >&2; exit 130' INT TERM
 PACK="$WORK/pack"  # what goes into logs.tar.gz
 mkdir -p "$PACK/logs" "$PACK/data" "$PACK/files" "$PACK/snapshots" "$WORK/scripts"
 START=$SECONDS
@@ -205,8 +207,19 @@ run_step() {
     fi
     echo "== $name (cap ${cap}s)"
     record start "$OUT" "$name" "$cap"
-    timeout --kill-after=5 "$cap" "$@" > "$log" 2>&1
+    timeout --kill-after=5 "$cap" "$@" > "$log" 2>&1 &
+    local pid=$! tick=0
+    STEP_PID=$pid
+    while kill -0 "$pid" 2> /dev/null; do  # every 15 s, the rows so far into results.json
+        sleep 1
+        tick=$(( tick + 1 ))
+        if (( tick % 15 == 0 )) && [ -n "$data" ] && [ -s "$data" ]; then
+            record progress "$OUT" "$name" --data "$data" && pack
+        fi
+    done
+    wait "$pid"
     rc=$?
+    STEP_PID=""
     case $rc in
         0) status=ok ;;
         124|137) status=timeout; reason="timed out after its ${cap}s cap" ;;

@@ -6,6 +6,7 @@ valid files after every step, whatever stops the suite later.
 
     suite_record.py init OUTDIR KEY=VALUE...         a new results.json (and summary.md)
     suite_record.py start OUTDIR NAME CAP            the step is running (recorded before it runs)
+    suite_record.py progress OUTDIR NAME --data FILE the rows the running step has written so far
     suite_record.py finish OUTDIR NAME STATUS SECONDS [--reason R] [--data FILE] [--log FILE]
     suite_record.py note OUTDIR TEXT
     suite_record.py tune OUTDIR DATA                 tuned-configs.json from a configs sweep
@@ -136,6 +137,19 @@ def cmd_start(args) -> None:
     results = load(args.outdir)
     _entry(results, args.name).update(status="running", cap_s=args.cap)
     save(args.outdir, results)
+
+
+def cmd_progress(args) -> None:
+    """The rows a running step has written so far (its status stays "running")."""
+    try:
+        rows, _ = read_data(args.data)
+    except (OSError, ValueError, ET.ParseError):
+        return  # being rewritten, or not written yet: the next look will do
+    results = load(args.outdir)
+    step = _entry(results, args.name)
+    if step.get("status") == "running" and len(rows) != len(step.get("rows", [])):
+        step["rows"] = rows
+        save(args.outdir, results)
 
 
 def cmd_finish(args) -> None:
@@ -325,6 +339,10 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--log", default=None)
     p.add_argument("--log-name", default=None, help="the log's name inside the tarball")
+    p = sub.add_parser("progress")
+    p.add_argument("outdir")
+    p.add_argument("name")
+    p.add_argument("--data", required=True)
     p = sub.add_parser("note")
     p.add_argument("outdir")
     p.add_argument("text")
@@ -335,8 +353,8 @@ def main(argv=None) -> int:
     p.add_argument("outdir")
     p.add_argument("seconds", type=int)
     args = parser.parse_args(argv)
-    {"init": cmd_init, "start": cmd_start, "finish": cmd_finish, "note": cmd_note, "tune": cmd_tune,
-     "done": cmd_done}[args.command](args)
+    {"init": cmd_init, "start": cmd_start, "progress": cmd_progress, "finish": cmd_finish, "note": cmd_note,
+     "tune": cmd_tune, "done": cmd_done}[args.command](args)
     return 0
 
 

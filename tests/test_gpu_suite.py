@@ -199,6 +199,22 @@ def test_tuned_configs_pick_the_fastest_row_per_kernel_and_shape():
     assert {(c["kernel"], c["L"]) for c in cut["configs"]} == {("fwd", 1024), ("fwd", 256)}
 
 
+def test_a_running_step_shows_its_rows_so_far(tmp_path):
+    record = _record_module()
+    data = tmp_path / "bench.json"
+    record.main(["init", str(tmp_path), "gpu=test", "part=1"])
+    record.main(["start", str(tmp_path), "bench-attention", "100"])
+    data.write_text(json.dumps({"environment": {}, "running": "attention",
+                                "suites": {"attention": [{"kind": "attention", "fwd_s": 0.1}] * 2}}))
+    record.main(["progress", str(tmp_path), "bench-attention", "--data", str(data)])
+    (step,) = strict_json((tmp_path / "results.json").read_text())["steps"]
+    assert step["status"] == "running" and len(step["rows"]) == 2
+    data.write_text('{"half a fi')  # caught mid-write: left as it was
+    record.main(["progress", str(tmp_path), "bench-attention", "--data", str(data)])
+    assert len(strict_json((tmp_path / "results.json").read_text())["steps"][0]["rows"]) == 2
+    assert "| bench-attention | running | - | 100 | 2 |" in (tmp_path / "summary.md").read_text()
+
+
 @pytest.mark.slow
 def test_full_dry_run_every_step_ok_within_budget(tmp_path):
     """Every step of the suite, scaled down on the CPU (about 4 minutes on 2 busy cores)."""
