@@ -112,6 +112,50 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     assert "speedup" in capsys.readouterr().out
 
 
+def test_bench_json_is_rewritten_after_every_row(tmp_path, monkeypatch, capsys):
+    """A suite stopped by a time limit half-way keeps every row it measured in --json."""
+    from fastnl import benchmarks
+
+    out = tmp_path / "bench.json"
+    seen = []
+
+    def suite(device, quick=False):
+        rows = benchmarks.live_rows()
+        for i in range(3):
+            rows.append({"kind": "attention", "i": i, "fwd_s": 0.5 + i})
+            report = json.loads(out.read_text())
+            seen.append((report["running"], [r["i"] for r in report["suites"]["attention"]]))
+        return rows
+
+    monkeypatch.setattr(benchmarks, "load_suite", lambda name: suite)
+    assert cli.main(["bench", "--device", "cpu", "--json", str(out), "attention"]) == 0
+    assert seen == [("attention", [0]), ("attention", [0, 1]), ("attention", [0, 1, 2])]
+    report = json.loads(out.read_text())
+    assert "running" not in report and [r["fwd_s"] for r in report["suites"]["attention"]] == [0.5, 1.5, 2.5]
+    assert not list(tmp_path.glob("*.tmp"))
+    benchmarks.live_rows().append({"i": 9})  # outside a run: no sink, nothing written
+    assert len(json.loads(out.read_text())["suites"]["attention"]) == 3
+
+
+def test_check_json_is_rewritten_after_every_row(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "check.json"
+    seen = []
+
+    def run_all(device, dtypes, size, ops, seed=0, progress=None):
+        results = []
+        for i in range(2):
+            results.append(checking.Result(op=f"op{i}", shape="x", dtype="float32", status="PASS",
+                                           max_abs=0.0, max_rel=0.0, tol=1.0))
+            progress(results[-1])
+            seen.append([r["op"] for r in json.loads(out.read_text())["rows"]])
+        return results
+
+    monkeypatch.setattr(checking, "run_all", run_all)
+    assert cli.main(["check", "--device", "cpu", "--json", str(out)]) == 0
+    assert seen == [["op0"], ["op0", "op1"]]
+    assert "running" not in json.loads(out.read_text())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="times the compiled kernels on a GPU (the GPU suite)")
 def test_bench_configs_times_every_candidate_and_keeps_earlier_suites(tmp_path, monkeypatch, capsys):
     """The configuration sweep (interpreted on a tiny shape) has one row per candidate, each

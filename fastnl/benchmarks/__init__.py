@@ -1,6 +1,9 @@
 """Benchmarks of ``fastnl bench``: a registry of suites and the measuring helpers they share.
 
 A suite is a function ``run(device, quick=False) -> list[dict]`` (one dict per table row).
+A suite that builds its list with :func:`live_rows` reports each row the moment it is appended
+to the sink installed by :func:`row_sink` (``fastnl bench --json`` rewrites its file then, so
+a run stopped half-way keeps every row measured so far).
 Times are medians of repeated runs (CUDA events on a GPU, ``perf_counter`` on a CPU). Peak
 memory is ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU it is the process's peak
 resident set (``VmHWM`` on Linux, reset when the measurement starts) above its size before the work, measured in a fresh subprocess per
@@ -8,6 +11,7 @@ variant so that one variant's peak cannot hide another's.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -16,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # name -> "module:function"; attention and channel are the kernels' own microbenchmarks.
 SUITES = {
@@ -41,6 +45,37 @@ def load_suite(name: str) -> Callable:
             raise ImportError(f"{module_name} is not part of this checkout") from err
         raise
     return getattr(module, func)
+
+
+_row_sinks: list[Callable[[dict], None]] = []
+
+
+class LiveRows(list):
+    """A suite's list of rows: every row appended is also handed to the current sink."""
+
+    def append(self, row) -> None:
+        super().append(row)
+        if _row_sinks:
+            _row_sinks[-1](row)
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+
+def live_rows() -> list:
+    """An empty list of rows for a suite to fill (see :class:`LiveRows`)."""
+    return LiveRows()
+
+
+@contextlib.contextmanager
+def row_sink(fn: Callable[[dict], None]) -> Iterator[None]:
+    """Within the block, ``fn(row)`` is called for every row a suite appends to a live list."""
+    _row_sinks.append(fn)
+    try:
+        yield
+    finally:
+        _row_sinks.remove(fn)
 
 
 def synchronize(device: str) -> None:

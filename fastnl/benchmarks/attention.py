@@ -27,6 +27,7 @@ import time
 import torch
 
 from fastnl import ops
+from fastnl.benchmarks import live_rows
 
 # (B, L, D): the model's attention at N=8 frames after layer3 and layer4, at batch 8 and 32,
 # and a 64-frame clip after layer3
@@ -206,7 +207,7 @@ def run(device, quick: bool = False) -> list[dict]:
     """One dict per (backend, shape): seconds, TFLOP/s, peak memory, speed-up over the fastest
     fair baseline, or the reason it was refused; and one ``auto`` row per shape (its choice and why)."""
     device = torch.device(device)
-    rows = []
+    rows = live_rows()
     if device.type == "cuda":
         rows.append({"kind": "matmul", "dtype": "bf16", "tflops": matmul_tflops(device)})
         reps = 3 if quick else 10
@@ -294,7 +295,7 @@ def run_configs(device, quick: bool = False) -> list[dict]:
     dtype, reps, batch = torch.bfloat16, 5 if quick else 20, 2
     if device.type != "cuda":
         shapes, reps, batch = ((48, 32),), 1, 1
-    rows = []
+    rows = live_rows()
     fn = _attention_fn("triton")
     for L, D in shapes:
         defaults = {kernel: nla.default_config(kernel, D, dtype) for kernel in ("fwd", "dkdv", "dq")}

@@ -18,6 +18,7 @@ import time
 import torch
 
 from fastnl import ops
+from fastnl.benchmarks import live_rows
 
 REAL_SHAPES = [(32, 8, 1024, 16, 8), (32, 8, 2048, 8, 4)]  # (B, N, C, H, W), B*N = 256 frames
 QUICK_SHAPES = [(4, 4, 256, 16, 8), (4, 4, 512, 8, 4)]
@@ -77,7 +78,7 @@ def run(device, quick: bool = False) -> list[dict]:
     shapes = QUICK_SHAPES if quick else REAL_SHAPES
     reps, warmup = (3, 1) if quick or device.type == "cpu" else (20, 5)
     measure = _timer(device, reps, warmup)
-    records = []
+    records = live_rows()
     for shape in shapes:
         numel = 1
         for s in shape:

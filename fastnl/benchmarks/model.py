@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass
 
-from fastnl.benchmarks import emit, median_ms, peak_rss_mb, reset_peak_rss_mb, run_subprocess
+from fastnl.benchmarks import emit, live_rows, median_ms, peak_rss_mb, reset_peak_rss_mb, run_subprocess
 
 IMPLS = ("reference", "fused")
 
@@ -213,12 +213,16 @@ def model_cases(device: str, quick: bool) -> list[Case]:
 
 def run_nlam(device, quick: bool = False) -> list[dict]:
     device = str(device)
-    return [compare(case, device) for case in nlam_cases(device, quick)]
+    rows = live_rows()
+    rows.extend(compare(case, device) for case in nlam_cases(device, quick))
+    return rows
 
 
 def run_model(device, quick: bool = False) -> list[dict]:
     device = str(device)
-    return [compare(case, device) for case in model_cases(device, quick)]
+    rows = live_rows()
+    rows.extend(compare(case, device) for case in model_cases(device, quick))
+    return rows
 
 
 def prepare_child(threads: int | None, case: Case | None = None, impl: str | None = None,

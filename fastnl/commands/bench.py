@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
                         help=f"any of {', '.join(ALL)} (default: {' '.join(DEFAULT_SUITES)})")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument("--json", metavar="FILE", default=None, help="write every row as JSON to FILE")
+    parser.add_argument("--json", metavar="FILE", default=None, help="write every row as JSON to FILE (rewritten after each row)")
     parser.add_argument("--engine-table", metavar="FILE", default=None,
                         help="after the attention suite on a GPU, write the engine table measured there "
                              "(the fastest engine per dtype, D, L); FASTNL_ENGINE_TABLE=FILE makes 'auto' use it")
@@ -132,9 +132,9 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
         info.update(device_name=props.name, device_memory_mb=props.total_memory // 2**20,
-                    cuda=torch.version.cuda)
+                    cuda=torch.version.cuda, capability=[props.major, props.minor])
     else:
-        info["device_name"] = "cpu"
+        info.update(device_name="cpu", capability=None)
     return info
 
 
@@ -160,10 +160,19 @@ def run(args) -> int:
             print(f"\n== {name}: SKIP ({err})", flush=True)
             continue
         print(f"\n== {name}", flush=True)
-        if name == "memory":
-            rows = suite(device, quick=args.quick, setting=memory_setting(args))
-        else:
-            rows = suite(device, quick=args.quick)
+        measured = report["suites"][name] = []
+
+        def keep(row, measured=measured, name=name):
+            # after every row: a suite stopped half-way (a time limit) keeps what it measured
+            measured.append(row)
+            if args.json:
+                _write_json(args.json, {**report, "running": name})
+
+        with benchmarks.row_sink(keep):
+            if name == "memory":
+                rows = suite(device, quick=args.quick, setting=memory_setting(args))
+            else:
+                rows = suite(device, quick=args.quick)
         report["suites"][name] = rows
         print(format_rows(name, rows), flush=True)
         if name == "attention" and args.engine_table and device.startswith("cuda"):

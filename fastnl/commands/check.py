@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
                              "default real on CUDA, small on CPU")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON to FILE")
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON to FILE (rewritten after each row)")
 
 
 def _parse_list(value: str, allowed, what: str) -> tuple:
@@ -87,12 +87,27 @@ def run(args) -> int:
     print(f"norm-wise: ||fused - float64|| / ||float64|| <= {checking.FACTOR:g} x ||reference in dtype - float64|| "
           f"/ ||float64|| + {checking.FLOOR_ULPS:g} eps(dtype); a row shows its worst tensor")
     print(checking.format_header(), flush=True)
+    header = {"device": device, "device_name": name, "torch": torch.__version__, "size": size}
+    done = []
+
+    def progress(result) -> None:
+        print(checking.format_row(result), flush=True)
+        done.append(result)
+        if args.json:  # after every row: a check stopped by a time limit keeps what it checked
+            _write_json(args.json, {**header, "running": True, "rows": [r.as_dict() for r in done]})
+
     results = checking.run_all(device, [checking.DTYPES[d] for d in dtype_names], size, ops, seed=args.seed,
-                               progress=lambda r: print(checking.format_row(r), flush=True))
+                               progress=progress)
     counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
     print(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "device_name": name, "torch": torch.__version__, "size": size,
-                       "rows": [r.as_dict() for r in results]}, f, indent=1, allow_nan=True)
+        _write_json(args.json, {**header, "rows": [r.as_dict() for r in results]})
     return 1 if counts["FAIL"] else 0
+
+
+def _write_json(path: str, obj) -> None:
+    """Write ``obj`` to ``path`` through a temporary file and a rename (never half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=True)
+    os.replace(tmp, path)
