@@ -90,6 +90,18 @@ def test_ddp_gloo_two_processes_match_one_process(tmp_path):
 
 
 def test_amp_bf16_with_grad_scaler_on_cpu():
+    """Run in a fresh interpreter: on some CPUs, after float32 and float64 runs of a model in the
+    same process (test_model does both), a bf16 autocast convolution backward there gives
+    non-finite weight gradients (backbone.layer4.0.conv2.weight, seen in the full suite only);
+    this test is about the GradScaler path, not about that state."""
+    proc = subprocess.run([sys.executable, "-c", "import test_train; test_train._amp_bf16_with_grad_scaler_step()"],
+                          cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                          timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok"), proc.stdout[-1000:]
+
+
+def _amp_bf16_with_grad_scaler_step():
     clips, pids = _global_batch()
     model = _tiny_model().train()
     with torch.no_grad():
@@ -108,6 +120,7 @@ def test_amp_bf16_with_grad_scaler_on_cpu():
     scaler.step(optimizer)
     scaler.update()
     assert scaler.get_scale() == 1024.0  # finite gradients: the step was taken, the scale kept
+    print("ok")
 
 
 def _train_cmd(*args):
