@@ -51,8 +51,10 @@ class TrainConfig:
     the keys of a ``--config`` YAML file (``lr_step``)."""
 
     # data
-    dataset: str = _opt("mars", "dataset reader", choices=("mars", "dukevideo", "synthetic"))
+    dataset: str = _opt("mars", "dataset reader (synthetic: any fastnl synth tree)",
+                        choices=("mars", "dukevideo", "ilidsvid", "prid2011", "synthetic"))
     root: str = _opt("", "dataset folder")
+    split_id: int = _opt(0, "train/test split of ilidsvid and prid2011 (0..9); mars and dukevideo have one")
     verify: bool = _opt(False, "decode every frame of the dataset at start-up (finds corrupt JPEGs early)")
     out: str = _opt("", "run folder: config, checkpoint, logs and plots are written here")
     frames: int = _opt(8, "frames per training clip (N), drawn at random from the tracklet")
@@ -140,7 +142,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{key(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "save_every_steps", "seed", "max_minutes", "weight_decay", "margin",
+        for name in ("workers", "save_every_steps", "seed", "split_id", "max_minutes", "weight_decay", "margin",
                      "label_smoothing"):
             if getattr(self, name) < 0:
                 raise UserError(f"{key(name)} must be >= 0, got {getattr(self, name)}")
@@ -443,7 +445,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Train (or resume) the run in ``cfg.out``. Returns {"step", "epoch", "checkpoint", "loss"}."""
     from tqdm import tqdm
 
-    from fastnl.data.datasets import get_dataset
+    from fastnl.data.datasets import SPLIT_DATASETS, get_dataset, resolve_name
     from fastnl.data.loader import build_train_loader
     from fastnl.losses import ReIDLoss
     from fastnl.model import build_model
@@ -458,7 +460,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if not resume and ckpt_path.exists():
             raise UserError(f"{out} already holds a run ({ckpt_path.name}): continue it with --resume {out}, "
                             "or choose another --out")
-        dataset = get_dataset(cfg.dataset, cfg.root, verify=cfg.verify)
+        split = cfg.split_id if resolve_name(cfg.dataset, cfg.root) in SPLIT_DATASETS else None
+        dataset = get_dataset(cfg.dataset, cfg.root, split_id=split, verify=cfg.verify)
         amp_dtype = resolve_amp(cfg.amp, device)
         if cfg.optimizer == "apex-adam":
             _apex_fused_adam(device)

@@ -403,3 +403,26 @@ def test_long_aliases_of_p_and_k_for_torchrun():
                                           "--tracklets-per-id", "3"])
     cfg, _ = resolve_config(args)
     assert (cfg.p, cfg.k) == (6, 3)
+
+
+def test_trains_on_an_ilidsvid_split(tmp_path):
+    """--dataset ilidsvid --split-id N trains on that split's training identities."""
+    from fastnl.data.datasets import ILIDSVID
+    from fastnl.data.synthetic import write_dataset
+
+    root = write_dataset(tmp_path / "ilids", fmt="ilidsvid", ids=8, seed=0, size=(32, 16), min_frames=2, max_frames=4)
+    out = tmp_path / "run"
+    proc = subprocess.run(_train_cmd("--dataset", "ilidsvid", "--root", str(root), "--split-id", "3", "--epochs", "1",
+                                     "--out", str(out), *TINY_ARGS), capture_output=True, text=True, timeout=600,
+                          env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = (out / "config.yaml").read_text()
+    assert "split_id: 3" in config and "dataset: ilidsvid" in config
+    from fastnl.checkpoint import load_checkpoint
+
+    train_pids = {pid for _, pid, _ in ILIDSVID(root, split_id=3).train}
+    assert load_checkpoint(out / "checkpoint.pt")["num_classes"] == len(train_pids) == 4
+    bad = subprocess.run(_train_cmd("--dataset", "ilidsvid", "--root", str(root), "--split-id", "10", "--epochs", "1",
+                                    "--out", str(tmp_path / "bad"), *TINY_ARGS), capture_output=True, text=True,
+                         timeout=300, env=_env())
+    assert bad.returncode != 0 and "split id 10 out of range" in bad.stderr and not (tmp_path / "bad").exists()
