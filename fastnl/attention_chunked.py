@@ -108,22 +108,30 @@ def _mm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class _TorchRows:
-    """Softmax rows in PyTorch ops: ``torch.softmax`` of the scaled score tile (one fused
-    kernel), which the backward recomputes bit for bit from the same GEMM; the scale of dS is
-    folded into the [block, D] products dQ and dK instead of a pass over the [block, L] tile."""
-
-    folded = True
+    """Softmax rows and their gradient in PyTorch ops (in place on the score tile)."""
 
     @staticmethod
-    def probs(s, scale):
-        return torch.softmax(_scaled_(s, scale), dim=-1)
+    def backward_from_probs(p, dp, delta, scale):
+        return dp.sub_(delta.unsqueeze(-1)).mul_(p).mul_(scale).to(p.dtype)
+
+    @staticmethod
+    def forward(s, scale, out_dtype):
+        s.mul_(scale)
+        m = s.amax(dim=-1)
+        s.sub_(m.unsqueeze(-1)).exp_()
+        z = s.sum(dim=-1)
+        s.div_(z.unsqueeze(-1))
+        return s.to(out_dtype), m, z
+
+    @staticmethod
+    def backward(s, dp, m, z, delta, scale, out_dtype):
+        p = s.mul_(scale).sub_(m.unsqueeze(-1)).exp_().div_(z.unsqueeze(-1))
+        ds = dp.sub_(delta.unsqueeze(-1)).mul_(p).mul_(scale)
+        return p.to(out_dtype), ds.to(out_dtype)
 
 
 class _TritonRows:
-    """Softmax rows and their gradient in :mod:`fastnl.kernels.softmax_rows`: one pass over the
-    tile each, P normalised and the scale applied in the kernels (M in log2 units); float32 tiles."""
-
-    folded = False
+    """The same with :mod:`fastnl.kernels.softmax_rows` (M in log2 units); float32 tiles only."""
 
     @staticmethod
     def _kernels():
@@ -168,15 +176,10 @@ class _ChunkedAttention(torch.autograd.Function):
             kt, vb = kc[cb].transpose(1, 2), vc[cb]
             for start in range(0, L, block):
                 rb = slice(start, min(start + block, L))
-                if rows.folded:
-                    s = _mm(qc[cb, rb], kt)
-                    p = rows.probs(s, scale).to(vc.dtype)
-                    out[cb, rb] = torch.bmm(p, vb)
-                else:
-                    s = _mm(qc[cb, rb], kt)
-                    p, m[cb, rb], z[cb, rb] = rows.forward(s, scale, vc.dtype)
-                    out[cb, rb] = torch.bmm(p, vb)
+                s = _mm(qc[cb, rb], kt)
+                p, m[cb, rb], z[cb, rb] = rows.forward(s, scale, vc.dtype)
                 del s
+                out[cb, rb] = torch.bmm(p, vb)
                 kept = p if keep else None
         ctx.save_for_backward(q, k, v, out, m, z, kept)
         ctx.scale, ctx.clips, ctx.block, ctx.rowwise = scale, clips, block, rowwise
@@ -209,16 +212,6 @@ class _ChunkedAttention(torch.autograd.Function):
                 qb, dob = qc[cb, rb], doc[cb, rb]
                 delta = (grad_out[cb, rb].to(acc_dtype) * out[cb, rb].to(acc_dtype)).sum(-1)
                 dp = _mm(dob, vt)
-                if rows.folded:
-                    # dS = scale P (dP - delta): the scale goes to dQ and to the Q_blk of dK
-                    p = kept if kept is not None else rows.probs(_mm(qb, kt), scale).to(vc.dtype)
-                    ds = dp.sub_(delta.unsqueeze(-1)).mul_(p).to(vc.dtype)
-                    del dp
-                    _mm_acc(dv_acc, p.transpose(1, 2), dob)
-                    del p
-                    dq[cb, rb] = torch.bmm(ds, kb).mul_(scale)
-                    _mm_acc(dk_acc, ds.transpose(1, 2), _scaled_(qb.clone(), scale) if scale != 1.0 else qb)
-                    continue
                 if kept is not None:
                     p, ds = kept, rows.backward_from_probs(kept, dp, delta, scale)
                 else:
@@ -233,10 +226,6 @@ class _ChunkedAttention(torch.autograd.Function):
             if not direct:
                 dk[cb], dv[cb] = dk_acc, dv_acc
         return dq, dk, dv, None, None, None, None
-
-
-def _scaled_(t: torch.Tensor, scale: float) -> torch.Tensor:
-    return t if scale == 1.0 else t.mul_(scale)
 
 
 def nl_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0,
