@@ -189,10 +189,20 @@ def load_table() -> dict:
     return _TABLES[key]
 
 
+_CHOICES: dict = {}
+
+
 def choose(dtype: torch.dtype, head_dim: int, seq_len: int, capability: tuple | None = None) -> tuple[str, str]:
     """(engine, why) for ``auto`` on a CUDA device of ``capability``: the table's entry nearest to
-    (D, L) on a log scale, for this dtype."""
-    table = load_table()
+    (D, L) on a log scale, for this dtype (looked up once per table and shape)."""
+    key = (os.environ.get("FASTNL_ENGINE_TABLE") or str(TABLE_PATH), dtype, head_dim, seq_len,
+           None if capability is None else tuple(capability))
+    if key not in _CHOICES:
+        _CHOICES[key] = _choose(load_table(), dtype, head_dim, seq_len, capability)
+    return _CHOICES[key]
+
+
+def _choose(table: dict, dtype: torch.dtype, head_dim: int, seq_len: int, capability) -> tuple[str, str]:
     name = dtype_name(dtype)
     entries = [e for e in table["entries"] if e["dtype"] == name]
     if not entries:

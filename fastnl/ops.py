@@ -102,11 +102,24 @@ def explain_auto_backend(device_type: str, dtype: torch.dtype, head_dim: int, se
         return "torch", "Triton is not importable: the chunked engine in PyTorch ops"
     from fastnl import attention_engines
 
-    capability = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
-    engine, why = attention_engines.choose(dtype, head_dim, seq_len, capability)
+    engine, why = attention_engines.choose(dtype, head_dim, seq_len, _capability(device))
     if engine == "triton" and (head_dim % 16 != 0 or head_dim > TRITON_MAX_HEAD_DIM):
         return "chunked", f"the flash kernel needs D a multiple of 16 up to {TRITON_MAX_HEAD_DIM} (D={head_dim})"
     return engine, why
+
+
+_CAPABILITIES: dict = {}
+
+
+def _capability(device) -> tuple | None:
+    """The compute capability of a CUDA device (read once per device), None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    index = torch.device(device).index if device is not None else None
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = tuple(torch.cuda.get_device_capability(index))
+    return _CAPABILITIES[index]
 
 
 def _no_autocast(t: torch.Tensor):
