@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 
 from . import softmax_rows
 from .nl_attention import (KERNELS, PREPROCESS_BLOCK_M, candidate_configs, default_config, dk_block,
-                           executed_flops, fuses_dq)
+                           executed_flops, fuses_dq, keeps_q_on_chip)
 
 H100_SHARED_BYTES = 232448  # 227 KB of shared memory per block on sm_90
 _TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
@@ -125,6 +125,8 @@ def compile_config(kernel: str, head_dim: int, dtype: str, meta: dict, num_warps
     if kernel != "preprocess":
         flops = executed_flops(_FLOPS_SEQ_LEN, head_dim, {kernel: meta["BLOCK_DV"]})
         result["executed_over_useful"] = flops["fwd_ratio" if kernel == "fwd" else "bwd_ratio"]
+    if kernel == "fwd":
+        result["q_on_chip"] = keeps_q_on_chip(head_dim, meta["BLOCK_DV"])
     return result
 
 

@@ -127,22 +127,44 @@ def _dot_rows(a_base, stride_ar, stride_ad, offs_a, b_base, stride_br, stride_bd
 # ---------------------------------------------------------------------------------------------
 
 
+# Up to this padded head dim, when one output chunk covers D, the forward holds its Q tile in
+# registers for the whole key loop (one load instead of one per key block) and reduces the
+# scores in one tl.dot over all of D.
+Q_ON_CHIP_MAX_HEAD_DIM = tl.constexpr(256)
+
+
+def keeps_q_on_chip(head_dim: int, block_dv: int) -> bool:
+    """Whether the forward with chunk width ``block_dv`` keeps the Q tile on chip at this D."""
+    return head_dim <= block_dv <= Q_ON_CHIP_MAX_HEAD_DIM.value
+
+
 @triton.jit
 def _nl_attn_fwd_inner(acc, m_i, l_i, q_base, k_base, v_base, offs_m, offs_dv,
                        stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, L, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Online softmax over all key blocks for one query block and one output column chunk."""
+                       BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    """Online softmax over all key blocks for one query block and one output column chunk. The V
+    tile of a key block is loaded before its softmax, so the load overlaps the exponentials.
+    Where one chunk covers D (at most Q_ON_CHIP_MAX_HEAD_DIM wide), Q stays on chip."""
+    Q_ON_CHIP: tl.constexpr = (BLOCK_DV >= HEAD_DIM) and (BLOCK_DV <= Q_ON_CHIP_MAX_HEAD_DIM)
+    if Q_ON_CHIP:
+        q = _load_rows(q_base, offs_m, offs_dv, stride_qm, stride_qd, L, HEAD_DIM)
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        s = _dot_rows(q_base, stride_qm, stride_qd, offs_m, k_base, stride_kn, stride_kd, offs_n, L,
-                      HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
+        if Q_ON_CHIP:
+            kt = tl.load(k_base + offs_dv[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                         mask=(offs_dv[:, None] < HEAD_DIM) & (offs_n[None, :] < L), other=0.0)
+            s = _mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+        else:
+            s = _dot_rows(q_base, stride_qm, stride_qd, offs_m, k_base, stride_kn, stride_kd, offs_n, L,
+                          HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
+        v = _load_rows(v_base, offs_n, offs_dv, stride_vn, stride_vd, L, HEAD_DIM)
         s = tl.where(offs_n[None, :] < L, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, offs_n, offs_dv, stride_vn, stride_vd, L, HEAD_DIM)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
     return acc, m_i, l_i
@@ -168,7 +190,7 @@ def _nl_attn_fwd(Q, K, V, O, MZ,
     acc, m_i, l_i = _nl_attn_fwd_inner(acc, m_i, l_i, Q + b * stride_qb, K + b * stride_kb, V + b * stride_vb,
                                        offs_m, offs_dv, stride_qm, stride_qd, stride_kn, stride_kd,
                                        stride_vn, stride_vd, L, qk_scale,
-                                       HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
+                                       HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, BLOCK_DV, PRECISION, UPCAST)
     acc = acc / l_i[:, None]
     o_ptr = O + b * stride_ob + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM))

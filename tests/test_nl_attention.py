@@ -291,3 +291,12 @@ def test_tuned_configs_file_picks_the_nearest_length(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTNL_TUNED_CONFIGS", str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="missing.json is unusable"):
         nla.tuned_config("fwd", 512, 1024, BF16)
+
+
+@pytest.mark.parametrize("head_dim, on_chip", [(16, True), (48, True), (128, True), (256, True),
+                                               (512, False), (1024, False)])
+def test_forward_keeps_q_on_chip_where_one_chunk_covers_the_head_dim(head_dim, on_chip):
+    """The default forward keeps its Q tile on chip at D <= 256 (the numerics cases at D = 16, 48
+    and 64 run that path, D = 512 and 1024 the sliced one)."""
+    config = nla.default_config("fwd", head_dim)
+    assert nla.keeps_q_on_chip(head_dim, config.kwargs["BLOCK_DV"]) is on_chip

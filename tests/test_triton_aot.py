@@ -63,6 +63,9 @@ def test_every_configuration_compiles_for_sm90_without_spills(head_dim, dtype):
             assert r["hgmma"] == (dtype != "fp32"), label
             flops = nla.executed_flops(1024, head_dim, {r["kernel"]: r["BLOCK_DV"]})
             assert r["executed_over_useful"] == flops["fwd_ratio" if r["kernel"] == "fwd" else "bwd_ratio"] >= 1
+        if r["kernel"] == "fwd":
+            # one chunk over D <= 256: Q is loaded once and stays on chip for the whole key loop
+            assert r["q_on_chip"] == (r["BLOCK_DV"] >= head_dim and head_dim <= 256), label
     defaults = [r for r in results if r["kernel"] == "fwd" and r["BLOCK_DV"] == nla.default_config(
         "fwd", head_dim, torch_dtype).kwargs["BLOCK_DV"]]
     assert defaults, "the default forward configuration was compiled"
