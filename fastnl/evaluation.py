@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastnl import runtime
 from fastnl.checkpoint import load_checkpoint
 from fastnl.errors import UserError
 from fastnl.metrics import chance_rank, evaluate_rank, l2_distances
@@ -50,7 +51,7 @@ def extract_descriptors(model, tracklets, *, frames: int, height: int, width: in
     model.eval()
     sums, counts = None, torch.zeros(len(tracklets), dtype=torch.float64)
     for clips, index in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with runtime.autocast(device, amp_dtype):
             out = model(clips.to(device, non_blocking=True)).double().cpu()
         if sums is None:
             sums = torch.zeros(len(tracklets), out.shape[1], dtype=torch.float64)

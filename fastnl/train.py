@@ -12,11 +12,9 @@ Adam lr 1e-4 multiplied by 0.1 every 200 epochs, 800 epochs, triplet margin 0.3.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import math
-import os
 import random
 import signal
 import time
@@ -30,13 +28,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fastnl.checkpoint import load_checkpoint, one_line, remove_stale_temp_files, save_checkpoint
 from fastnl.data.sampling import SAMPLING_MODES
 from fastnl.errors import UserError
+from fastnl.runtime import (AMP_CHOICES, AMP_DTYPES, DEVICES, Distributed, autocast, grad_scaler,  # noqa: F401
+                            resolve_amp, setup_distributed)
+from fastnl.vocabulary import LOADERS, MODEL_IMPLS
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.csv"
 CURVE_FILE = "training_curve.png"
 LOG_FIELDS = ("step", "epoch", "batch", "loss", "ce", "triplet", "lr", "clips_per_s", "time_s")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 MEMORY_ADVICE = ("reduce memory with --grad-checkpoint, --amp bf16, --impl fused, fewer --frames, "
                  "or a smaller --p or --k (clips per GPU = P x K)")
 
@@ -66,13 +66,13 @@ class TrainConfig:
                   aliases=("--tracklets-per-id",))
     sampling: str = _opt("restricted", "frame sampling of the data loader", choices=SAMPLING_MODES)
     flip: bool = _opt(True, "random horizontal flips")
-    loader: str = _opt("torch", "data loading backend", choices=("torch", "dali"))
+    loader: str = _opt("torch", "data loading backend", choices=LOADERS)
     workers: int = _opt(4, "data loading workers per process")
     # model (paper Tables 3-6)
     nlam_blocks: tuple = _opt((4, 5), "blocks (1-5) followed by an NLAM; empty for none")
     temporal: str = _opt("nltp", "temporal aggregation: NLTP or plain temporal average",
                          choices=("nltp", "avg"))
-    impl: str = _opt("fused", "NLAM implementation", choices=("fused", "reference"))
+    impl: str = _opt("fused", "NLAM implementation", choices=MODEL_IMPLS)
     nlam_scale: float = _opt(1.0, "scale of A^T B inside the NLAM softmax (the paper uses 1)")
     nlam_reduction: int = _opt(16, "channel attention reduction ratio r")
     pretrained: str = _opt("", "local file of ImageNet SE-ResNet50 weights (nothing is downloaded)")
@@ -88,11 +88,11 @@ class TrainConfig:
                           choices=("adam", "apex-adam"))
     # speed and memory
     amp: str = _opt("auto", "autocast dtype; auto = bf16 on CUDA, off on CPU",
-                    choices=("auto", "bf16", "fp16", "off"))
+                    choices=AMP_CHOICES)
     grad_checkpoint: bool = _opt(False, "recompute backbone stages in backward (less memory)")
     channels_last: bool = _opt(False, "channels-last memory format")
     sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across DDP processes")
-    device: str = _opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    device: str = _opt("auto", "auto, cpu or cuda", choices=DEVICES)
     # run
     seed: int = _opt(0, "seed of the initialisation and of the data order")
     save_every: int = _opt(50, "write the checkpoint every this many epochs (and at the end)")
@@ -204,49 +204,6 @@ def _key(name: str) -> str:
     return flag if "_" not in name else f"{flag} ({name})"
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> Distributed:
-    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set): NCCL on GPU,
-    gloo on CPU; one GPU per process (LOCAL_RANK)."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda was given but no CUDA device is visible; use --device cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed(device=torch.device("cuda" if use_cuda else "cpu"))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Distributed(rank, world_size, local_rank,
-                       torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
-
-
-def resolve_amp(amp: str, device: torch.device):
-    """The autocast dtype (None for full precision) for ``--amp`` on ``device``."""
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return AMP_DTYPES[amp]
-
-
 def _apex_fused_adam(device: torch.device):
     try:
         from apex.optimizers import FusedAdam
@@ -268,7 +225,7 @@ def build_optimizer(name: str, params, *, lr: float, weight_decay: float, device
 
 def forward_backward(model, criterion, clips, pids, *, amp_dtype, scaler):
     """One forward and backward pass; returns (loss, {"ce", "triplet"}) detached."""
-    with torch.autocast(clips.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(clips.device, amp_dtype):
         logits, descriptors = model(clips)
         loss, parts = criterion(logits, descriptors, pids)
     scaler.scale(loss).backward()
@@ -489,7 +446,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr,
                                     weight_decay=cfg.weight_decay, device=device)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+        scaler = grad_scaler(device, amp_dtype)
         criterion = ReIDLoss(margin=cfg.margin, label_smoothing=cfg.label_smoothing)
 
         step, epoch, start_batch = 0, 0, 0

@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastnl import ops
-
-IMPLS = ("fused", "reference")
+from fastnl.vocabulary import MODEL_IMPLS as IMPLS
 
 
 def backends_for(impl: str) -> tuple[str, str]:
