@@ -178,9 +178,7 @@ def setup(cfg: TrainConfig, env: Distributed, resume: bool) -> Run:
         # Denormal floats (e.g. Adam's second moments of tiny gradients) slow CPU math ~10x.
         torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
-    model = build_model(dataset.num_train_pids, frames=cfg.frames, nlam_blocks=cfg.nlam_blocks,
-                        temporal=cfg.temporal, impl=cfg.impl, pretrained=cfg.pretrained or None,
-                        nlam_scale=cfg.nlam_scale, nlam_reduction=cfg.nlam_reduction,
+    model = build_model(dataset.num_train_pids, **cfg.model_options(), pretrained=cfg.pretrained or None,
                         verbose=master and state is None)
     model.set_grad_checkpointing(cfg.grad_checkpoint)
     if cfg.sync_bn and env.enabled:

@@ -154,6 +154,11 @@ class TrainConfig:
         if not self.out:
             raise UserError("--out is required: the run folder")
 
+    def model_options(self) -> dict:
+        """The keyword arguments of :func:`fastnl.model.build_model` this config describes."""
+        return dict(nlam_blocks=self.nlam_blocks, temporal=self.temporal, impl=self.impl,
+                    nlam_scale=self.nlam_scale, nlam_reduction=self.nlam_reduction)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["nlam_blocks"] = list(self.nlam_blocks)

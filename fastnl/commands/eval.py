@@ -129,8 +129,8 @@ def run(args) -> int:
             model, cfg = model_from_checkpoint(path, impl=args.impl, device=device)
             ckpt = path
         dataset = first if (first is not None and split_id == 0) else load(split_id)
-        frames = args.frames or int(cfg.get("frames", 8))
-        height, width = args.height or int(cfg.get("height", 256)), args.width or int(cfg.get("width", 128))
+        frames = args.frames or cfg["frames"]
+        height, width = args.height or cfg["height"], args.width or cfg["width"]
         where = f" split {split_id}" if split_id is not None else ""
         print(f"evaluating {ckpt} on {args.dataset}{where} ({len(dataset.query)} query, "
               f"{len(dataset.gallery)} gallery tracklets), sequences of {frames} frames at "

@@ -65,8 +65,8 @@ def run(args) -> int:
         print(f"skipped tracklet {name}: no readable frame", file=sys.stderr)
     ckpt = Path(args.checkpoint)
     model, cfg = model_from_checkpoint(ckpt, impl=args.impl, device=device)
-    frames = args.frames or int(cfg.get("frames", 8))
-    height, width = args.height or int(cfg.get("height", 256)), args.width or int(cfg.get("width", 128))
+    frames = args.frames or cfg["frames"]
+    height, width = args.height or cfg["height"], args.width or cfg["width"]
     print(f"describing {len(tracklets)} tracklets with {ckpt}: sequences of {frames} frames at "
           f"{height}x{width} on {device}")
     desc = extract(model, tracklets, frames=frames, height=height, width=width,
