@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import torch
 
+from fastnl.vocabulary import ROWWISE
+
 MAX_BLOCK = {"cpu": 1024, "cuda": 4096}
 MIN_BLOCK = 64
 # Elements of the score tile of one step ([clips, block, L]). The backward holds S and dP in
 # float32 and P and dS in the operands' dtype at once (12-16 bytes per element).
 TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
-ROWWISE = ("triton", "torch")
 
 
 def plan(seq_len: int, batch: int = 1, device_type: str = "cpu") -> tuple[int, int]:

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-ENGINES = ("triton", "chunked", "torch")
+from fastnl.vocabulary import ATTENTION_ENGINES as ENGINES
+
 TABLE_PATH = Path(__file__).with_name("engine_table.json")
 TABLE_DTYPES = ("bf16", "fp16", "fp32")
 TABLE_HEAD_DIMS = (16, 32, 64, 128, 256, 512, 1024)

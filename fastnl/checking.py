@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from fastnl import runtime
+from fastnl.vocabulary import TRITON_BACKENDS, triton_interpreted
 
 FACTOR = 4.0
 FLOOR_ULPS = 2.0
@@ -187,7 +189,7 @@ def _randn(shape, seed: int, device: str, std: float = 1.0) -> torch.Tensor:
 
 
 def _triton_reason(device: str) -> str | None:
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if device == "cpu" and not triton_interpreted():
         return "the Triton kernels need CUDA, or TRITON_INTERPRET=1 set before fastnl is imported"
     try:
         from fastnl._paths import import_kernels
@@ -207,8 +209,8 @@ def _extension_reason() -> str | None:
 
 
 def _autocast(device: str, dtype: torch.dtype, variant: str):
-    enabled = variant != "ref64" and dtype != torch.float32
-    return torch.autocast(device.split(":")[0], dtype=dtype if enabled else torch.float32, enabled=enabled)
+    """The model dtype as autocast: float32 and the float64 reference run without it."""
+    return runtime.autocast(device, None if variant == "ref64" or dtype == torch.float32 else dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +243,7 @@ def attention_check(backend: str, batch: int, length: int, dim: int, device: str
         g = _grads(outs, {"qkv": base}, seed)["qkv"]
         return outs, {"dq": g[:, :dim], "dk": g[:, dim:2 * dim], "dv": g[:, 2 * dim:]}
 
-    available = (lambda: _triton_reason(device)) if backend in ("triton", "chunked") else (lambda: None)
+    available = (lambda: _triton_reason(device)) if backend in TRITON_BACKENDS else (lambda: None)
     return Check(f"nl_attention[{backend}]", f"B={batch} L={length} D={dim}", run, available)
 
 

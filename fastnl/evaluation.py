@@ -3,12 +3,14 @@ consecutive N-frame sequences, their descriptors are averaged into one per track
 distances rank the gallery, and :func:`fastnl.metrics.evaluate_rank` gives CMC and mAP."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastnl import runtime
 from fastnl.checkpoint import load_checkpoint
 from fastnl.errors import UserError
 from fastnl.metrics import chance_rank, evaluate_rank, l2_distances
@@ -18,21 +20,23 @@ RERANK_K1, RERANK_K2, RERANK_LAMBDA = 20, 6, 0.3  # Zhong et al. 2017, as torchr
 
 
 def model_from_checkpoint(path, *, impl: str | None = None, device="cpu"):
-    """(model in eval mode on ``device``, its training config dict) from a `fastnl train` checkpoint."""
+    """(model in eval mode on ``device``, its training config as a dict) from a `fastnl train`
+    checkpoint: the network its saved :class:`TrainConfig` describes (options it does not
+    record take TrainConfig's defaults), with ``impl`` in place of the saved one when given."""
     from fastnl.model import build_model
+    from fastnl.train_config import TrainConfig
 
     state = load_checkpoint(path)
-    cfg = state.get("config") or {}
+    cfg = TrainConfig.from_dict(state.get("config") or {}, source=f"checkpoint {path}: its config")
+    if impl is not None:
+        cfg = dataclasses.replace(cfg, impl=impl)
+        cfg.check_values()
     try:
-        model = build_model(int(state["num_classes"]), frames=int(cfg.get("frames", 8)),
-                            nlam_blocks=tuple(cfg.get("nlam_blocks", (4, 5))),
-                            temporal=cfg.get("temporal", "nltp"), impl=impl or cfg.get("impl", "fused"),
-                            nlam_scale=float(cfg.get("nlam_scale", 1.0)),
-                            nlam_reduction=int(cfg.get("nlam_reduction", 16)), verbose=False)
+        model = build_model(int(state["num_classes"]), **cfg.model_options(), verbose=False)
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError, ValueError) as err:
         raise UserError(f"checkpoint {path} does not match the network it describes: {err}") from None
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg.to_dict()
 
 
 @torch.no_grad()
@@ -50,7 +54,7 @@ def extract_descriptors(model, tracklets, *, frames: int, height: int, width: in
     model.eval()
     sums, counts = None, torch.zeros(len(tracklets), dtype=torch.float64)
     for clips, index in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with runtime.autocast(device, amp_dtype):
             out = model(clips.to(device, non_blocking=True)).double().cpu()
         if sums is None:
             sums = torch.zeros(len(tracklets), out.shape[1], dtype=torch.float64)

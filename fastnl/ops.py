@@ -8,16 +8,14 @@ Inputs are validated here once, so every backend sees well-formed tensors.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from fastnl import reference
+from fastnl.vocabulary import ATTENTION_BACKENDS, CHANNEL_BACKENDS, TRITON_MAX_HEAD_DIM  # noqa: F401
+from fastnl.vocabulary import triton_interpreted as _triton_interpreted
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-ATTENTION_BACKENDS = ("auto", "triton", "chunked", "torch", "plain", "reference")
-CHANNEL_BACKENDS = ("auto", "extension", "reference")
-TRITON_MAX_HEAD_DIM = 1024  # kernels/nl_attention.py's MAX_HEAD_DIM
 
 
 def _check_tensor(name: str, t, ndim: int, expected: str) -> None:
@@ -38,10 +36,6 @@ def _check_same(names, tensors) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but {names[0]} has {first.dtype}: all must match")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {names[0]} is on {first.device}: all must be on one device")
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def nl_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0,

@@ -27,9 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from fastnl.runtime import default_device
 
 
 def _check(name: str, a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -62,7 +60,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6,
                          "gallery items")
     if not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"lambda_value must lie in [0, 1], got {lambda_value}")
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = torch.device(device) if device is not None else default_device()
 
     # d = (D^2 scaled per column)^T, float32 like the reference code.
     full = np.empty((n, n), dtype=np.float32)  # filled block by block: no float64 N x N copy

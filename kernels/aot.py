@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+
+from fastnl.vocabulary import triton_interpreted
 
 from . import softmax_rows
 from .nl_attention import (KERNELS, PREPROCESS_BLOCK_M, candidate_configs, default_config, dk_block,
@@ -86,7 +87,7 @@ def res_usage(cubin: bytes) -> dict:
 def _compile(fn, dtype: str, constants: dict, num_warps: int, num_stages: int, arch: int) -> dict:
     """Compile ``fn`` with these constexprs for ``sm_<arch>``: shared memory, registers, spill
     stack, whether it uses HGMMA, compile seconds."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if triton_interpreted():
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET=0 before triton is imported")
     constants = dict(constants)
     for name in _UNIT_STRIDES & set(fn.arg_names):

@@ -25,12 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastnl.vocabulary import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM
+from fastnl.vocabulary import triton_interpreted as _interpreted
+
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 1024
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def autotune_enabled() -> bool:

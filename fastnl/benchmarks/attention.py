@@ -331,7 +331,9 @@ def run_configs(device, quick: bool = False) -> list[dict]:
 def main() -> None:
     import json
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from fastnl.runtime import default_device
+
+    device = str(default_device())
     for row in run(device, quick="--quick" in sys.argv):
         print(json.dumps(row), flush=True)
 

@@ -138,8 +138,10 @@ def format_table(records: list[dict]) -> str:
 if __name__ == "__main__":
     import argparse
 
+    from fastnl.runtime import default_device
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(default_device()))
     parser.add_argument("--quick", action="store_true")
     cli = parser.parse_args()
     print(format_table(run(cli.device, quick=cli.quick)))

@@ -226,12 +226,11 @@ class Setting:
 
 
 def _amp_dtype(amp: str):
-    import torch
+    from fastnl.runtime import AMP_DTYPES
 
-    try:
-        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    except KeyError:
-        raise ValueError(f"amp must be off, bf16 or fp16, got {amp!r}") from None
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be off, bf16 or fp16, got {amp!r}")
+    return AMP_DTYPES[amp]
 
 
 def _loss(logits, descriptors, pids, margin: float = 0.3):
@@ -269,6 +268,7 @@ def count_variant(setting: Setting, impl: str, grad_checkpoint: bool, points: li
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from fastnl import runtime
     from fastnl.model import build_model
 
     dtype = _amp_dtype(setting.amp)
@@ -288,7 +288,7 @@ def count_variant(setting: Setting, impl: str, grad_checkpoint: bool, points: li
             start = tracker.live
             tracker.reset_peak()
             ops0, t0 = tracker.ops, time.perf_counter()
-            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            with runtime.autocast("cpu", dtype):
                 logits, descriptors = model(clips)
                 loss = _loss(logits, descriptors, pids)
             after_forward = tracker.live

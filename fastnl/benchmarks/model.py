@@ -53,15 +53,16 @@ class Case:
 
 
 def _amp_dtype(amp: str):
-    import torch
+    from fastnl.runtime import resolve_amp
 
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return resolve_amp(amp, "cpu")  # off, bf16 or fp16: the same on every device
 
 
 def nlam_step(case: Case, impl: str, device: str):
     """A closure running forward + backward of one NLAM on fixed random frame maps."""
     import torch
 
+    from fastnl import runtime
     from fastnl.model import NLAM
 
     torch.manual_seed(0)
@@ -71,7 +72,7 @@ def nlam_step(case: Case, impl: str, device: str):
     dtype = _amp_dtype(case.amp)
 
     def step():
-        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with runtime.autocast(x.device, dtype):
             out = module(x, case.frames)
         out.float().sum().backward()
         x.grad = None
@@ -84,6 +85,7 @@ def model_step(case: Case, impl: str, device: str, num_classes: int = 625):
     """A closure running one training step (forward, ReIDLoss, backward, Adam) of the model."""
     import torch
 
+    from fastnl import runtime
     from fastnl.losses import ReIDLoss
     from fastnl.model import build_model
 
@@ -94,13 +96,13 @@ def model_step(case: Case, impl: str, device: str, num_classes: int = 625):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=on_cuda)
     criterion = ReIDLoss()
     dtype = _amp_dtype(case.amp)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype is torch.float16)
+    scaler = runtime.grad_scaler(device, dtype)
     clips = torch.randn(case.batch, case.frames, 3, case.height, case.width, device=device)
     per_id = 4 if case.batch >= 8 else 2  # P x K sampling: K clips per identity
     pids = (torch.arange(case.batch, device=device) // per_id) % num_classes
 
     def step():
-        with torch.autocast(clips.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with runtime.autocast(clips.device, dtype):
             logits, descriptors = model(clips)
             loss, _ = criterion(logits, descriptors, pids)
         optimizer.zero_grad(set_to_none=True)

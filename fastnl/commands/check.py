@@ -15,7 +15,7 @@ HELP = ("Check the fused kernels (Triton attention, chunked attention, C++/CUDA 
 def add_arguments(parser) -> None:
     from fastnl.checking import DTYPES, OPS, SIZES
 
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--dtype", default=None,
                         help=f"comma-separated subset of {','.join(DTYPES)} "
                              "(default: all on CUDA, float32,bfloat16 on CPU)")
@@ -38,17 +38,10 @@ def _parse_list(value: str, allowed, what: str) -> tuple:
 
 
 def resolve_device(name: str | None) -> str:
-    import torch
+    """``--device`` as a string (cpu, cuda, cuda:N): :func:`fastnl.runtime.resolve_device`."""
+    from fastnl.runtime import resolve_device as resolve
 
-    from fastnl.errors import UserError
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible to torch {torch.__version__}; use --device cpu")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise UserError(f"--device must be cpu or cuda[:index], got {name!r}")
-    return name
+    return str(resolve(name))
 
 
 def run(args) -> int:
@@ -63,7 +56,9 @@ def run(args) -> int:
         except ImportError:
             has_cuda = False
         if device_arg == "cpu" or not has_cuda:
-            os.environ.setdefault("TRITON_INTERPRET", "1")
+            from fastnl.vocabulary import request_triton_interpreter
+
+            request_triton_interpreter()
 
     import torch
 

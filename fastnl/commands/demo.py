@@ -18,6 +18,8 @@ HELP = ("Generate the synthetic dataset, train the paper's network on CPU at a r
 
 
 def add_arguments(parser) -> None:
+    from fastnl.vocabulary import MODEL_IMPLS
+
     parser.add_argument("--out", metavar="DIR",
                         help="keep the dataset and the run here (default: a temporary folder, removed)")
     parser.add_argument("--ids", type=int, default=40, help="synthetic identities (half train, half test)")
@@ -31,7 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 1e-4)")
     parser.add_argument("--minutes", type=float, default=4.0,
                         help="stop training after this many minutes even if epochs remain (0: no limit)")
-    parser.add_argument("--impl", choices=("fused", "reference"), default="fused", help="NLAM implementation")
+    parser.add_argument("--impl", choices=MODEL_IMPLS, default="fused", help="NLAM implementation")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers")
     parser.add_argument("--seed", type=int, default=0)
 

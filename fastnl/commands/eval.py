@@ -12,6 +12,9 @@ HELP = ("Evaluate a checkpoint: descriptors of every query and gallery tracklet 
 
 
 def add_arguments(parser) -> None:
+    from fastnl.runtime import AMP_CHOICES, DEVICES
+    from fastnl.vocabulary import LOADERS, MODEL_IMPLS
+
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="checkpoint.pt written by `fastnl train`, or its run folder; with "
                         "several splits, '{split}' in the path is replaced by each split id "
@@ -25,11 +28,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--height", type=int, help="frame height (default: the training height)")
     parser.add_argument("--width", type=int, help="frame width (default: the training width)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    parser.add_argument("--impl", choices=("fused", "reference"), help="NLAM implementation (default: the training one)")
-    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+    parser.add_argument("--impl", choices=MODEL_IMPLS, help="NLAM implementation (default: the training one)")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                         help="autocast dtype; auto = bf16 on CUDA, off on CPU")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--loader", choices=("torch", "dali"), default="torch", help="data loading backend")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--loader", choices=LOADERS, default="torch", help="data loading backend")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers")
     parser.add_argument("--verify", action="store_true",
                         help="decode every query and gallery frame before evaluating (finds corrupt JPEGs early)")
@@ -87,23 +90,18 @@ def _split_ids(args, name: str, num_splits: int | None) -> list[int] | None:
 
 
 def run(args) -> int:
-    import torch
-
     from fastnl.data.datasets import SPLIT_DATASETS, get_dataset, resolve_name
     from fastnl.errors import UserError
     from fastnl.evaluation import (average_splits, evaluate, model_from_checkpoint, results_table,
                                    splits_table, visualize_ranks, write_json)
-    from fastnl.train import resolve_amp
+    from fastnl.runtime import resolve_amp, resolve_device
 
     for name in ("frames", "height", "width"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.batch_size < 1 or args.workers < 0 or args.visualize_ranks < 0:
         raise UserError("--batch-size must be >= 1, --workers and --visualize-ranks >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was given but no CUDA device is visible; use --device cpu")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = resolve_device(args.device)
     reader = resolve_name(args.dataset, args.root)
     extra = {"splits": args.splits_file} if args.splits_file and reader == "prid2011" else {}
     if args.splits_seed is not None:
@@ -131,8 +129,8 @@ def run(args) -> int:
             model, cfg = model_from_checkpoint(path, impl=args.impl, device=device)
             ckpt = path
         dataset = first if (first is not None and split_id == 0) else load(split_id)
-        frames = args.frames or int(cfg.get("frames", 8))
-        height, width = args.height or int(cfg.get("height", 256)), args.width or int(cfg.get("width", 128))
+        frames = args.frames or cfg["frames"]
+        height, width = args.height or cfg["height"], args.width or cfg["width"]
         where = f" split {split_id}" if split_id is not None else ""
         print(f"evaluating {ckpt} on {args.dataset}{where} ({len(dataset.query)} query, "
               f"{len(dataset.gallery)} gallery tracklets), sequences of {frames} frames at "

@@ -14,6 +14,9 @@ HELP = ("Describe your own tracklets with a checkpoint: every folder of frames u
 
 
 def add_arguments(parser) -> None:
+    from fastnl.runtime import AMP_CHOICES, DEVICES
+    from fastnl.vocabulary import LOADERS, MODEL_IMPLS
+
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="checkpoint.pt written by `fastnl train`, or its run folder")
     parser.add_argument("--input", required=True, metavar="DIR|CSV",
@@ -29,33 +32,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--height", type=int, help="frame height (default: the training height)")
     parser.add_argument("--width", type=int, help="frame width (default: the training width)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    parser.add_argument("--impl", choices=("fused", "reference"), help="NLAM implementation (default: the training one)")
-    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+    parser.add_argument("--impl", choices=MODEL_IMPLS, help="NLAM implementation (default: the training one)")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                         help="autocast dtype; auto = bf16 on CUDA, off on CPU")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto = the GPU when there is one")
-    parser.add_argument("--loader", choices=("torch", "dali"), default="torch", help="data loading backend")
+    parser.add_argument("--loader", choices=LOADERS, default="torch", help="data loading backend")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
-    import torch
-
     from fastnl.descriptors import check_frames, extract, load_tracklets, write_outputs
     from fastnl.errors import UserError
     from fastnl.evaluation import model_from_checkpoint
-    from fastnl.train import resolve_amp
+    from fastnl.runtime import resolve_amp, resolve_device
 
     for name in ("frames", "height", "width"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was given but no CUDA device is visible; use --device cpu")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = resolve_device(args.device)
     start = time.perf_counter()
     tracklets = load_tracklets(args.input)
     total = sum(len(f) for _, f in tracklets)
@@ -67,8 +65,8 @@ def run(args) -> int:
         print(f"skipped tracklet {name}: no readable frame", file=sys.stderr)
     ckpt = Path(args.checkpoint)
     model, cfg = model_from_checkpoint(ckpt, impl=args.impl, device=device)
-    frames = args.frames or int(cfg.get("frames", 8))
-    height, width = args.height or int(cfg.get("height", 256)), args.width or int(cfg.get("width", 128))
+    frames = args.frames or cfg["frames"]
+    height, width = args.height or cfg["height"], args.width or cfg["width"]
     print(f"describing {len(tracklets)} tracklets with {ckpt}: sequences of {frames} frames at "
           f"{height}x{width} on {device}")
     desc = extract(model, tracklets, frames=frames, height=height, width=width,

@@ -1,4 +1,4 @@
-"""`fastnl train`: the options are the fields of :class:`fastnl.train.TrainConfig`.
+"""`fastnl train`: the options are the fields of :class:`fastnl.train_config.TrainConfig`.
 
 Precedence: the paper's defaults < ``--config FILE`` (YAML, keys = option names with ``_``)
 < options on the command line. ``--resume RUN_DIR`` reads RUN_DIR/config.yaml; only options
@@ -18,14 +18,15 @@ HELP = ("Train the paper's network (defaults: N=8 at 256x128, P x K = 8 x 4, Ada
         "200 epochs, 800 epochs). Multi-GPU: launch with torchrun.")
 
 # Options that may change when a run is resumed without changing what it computes.
-RESUMABLE = {"verify", "epochs", "save_every", "save_every_steps", "max_minutes", "workers", "progress", "tensorboard"}
+RESUMABLE = {"verify", "epochs", "save_every", "save_every_steps", "max_minutes", "workers", "progress", "tensorboard",
+             "log_every"}
 # Options that change what the rest of a run computes but may be changed on purpose when it is
 # resumed, e.g. to get past a NaN loss; train() prints the change and config.yaml records it.
 RESUME_OVERRIDES = {"lr", "amp"}
 
 
 def add_arguments(parser) -> None:
-    from fastnl.train import TrainConfig
+    from fastnl.train_config import TrainConfig
 
     parser.add_argument("--config", metavar="FILE", help="YAML file whose keys are these options")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
@@ -79,7 +80,7 @@ def _read_yaml(path: Path) -> dict:
 def resolve_config(args):
     """(TrainConfig, resume?) from the parsed arguments."""
     from fastnl.errors import UserError
-    from fastnl.train import CONFIG_FILE, TrainConfig
+    from fastnl.train_config import CONFIG_FILE, TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if args.config:

@@ -17,6 +17,7 @@ import torch
 from fastnl.data.datasets.base import DatasetError, check_jpeg
 from fastnl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastnl.errors import UserError
+from fastnl.runtime import cuda_available
 
 DALI_PACKAGE = "nvidia-dali-cuda130"
 DALI_DEVICES = ("auto", "cpu", "gpu")  # where DALI decodes: "gpu" is nvJPEG ("mixed")
@@ -70,7 +71,7 @@ class DaliDecoder:
                  threads: int = 2):
         require_dali()
         self.height, self.width = height, width
-        use_gpu = device == "gpu" or (device == "auto" and torch.cuda.is_available())
+        use_gpu = device == "gpu" or (device == "auto" and cuda_available())
         self.pipe = None
         if use_gpu:
             try:

@@ -26,14 +26,16 @@ from fastnl.data.datasets.base import DatasetError, Tracklet
 from fastnl.data.sampling import SAMPLING_MODES, PKSampler, sample_train_indices, test_sequences
 from fastnl.data.transforms import load_clip, normalize, read_bytes
 from fastnl.errors import UserError
+from fastnl.runtime import cuda_available
+from fastnl.vocabulary import LOADERS
 
-BACKENDS = ("torch", "dali", "auto")
+BACKENDS = LOADERS + ("auto",)
 
 
 def resolve_backend(backend: str) -> str:
     """``auto`` -> ``dali`` with a GPU and DALI installed, else ``torch``."""
     if backend == "auto":
-        return "dali" if torch.cuda.is_available() and dali_available() else "torch"
+        return "dali" if cuda_available() and dali_available() else "torch"
     if backend == "dali":
         require_dali()
     elif backend != "torch":
@@ -115,7 +117,7 @@ class _ClipLoader(abc.ABC):
             self._torch_loader = DataLoader(
                 _TorchDecode(self.height, self.width), batch_size=None,
                 sampler=_PlanSampler(self), num_workers=self.workers,
-                pin_memory=torch.cuda.is_available())
+                pin_memory=cuda_available())
         batches = iter(self._torch_loader)
         try:
             for item in batches:

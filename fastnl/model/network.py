@@ -61,7 +61,7 @@ class VideoReIDNet(nn.Module):
     descriptors [B, 2048]); in eval mode returns descriptors.
     """
 
-    def __init__(self, num_classes: int, *, frames: int = 8, nlam_blocks: Iterable[int] = (4, 5),
+    def __init__(self, num_classes: int, *, nlam_blocks: Iterable[int] = (4, 5),
                  temporal: str = "nltp", impl: str = "fused", nlam_scale: float = 1.0,
                  nlam_reduction: int = 16):
         super().__init__()
@@ -72,8 +72,6 @@ class VideoReIDNet(nn.Module):
             raise ValueError(f"nlam_blocks must be a subset of 1..5, got {tuple(nlam_blocks)}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes, self.frames, self.impl = num_classes, frames, impl
-        self.nlam_blocks, self.temporal_kind = blocks, temporal
         self.grad_checkpointing = False
         self.backbone = seresnet50()
         self.nlam = nn.ModuleDict({
@@ -172,8 +170,9 @@ def build_model(num_classes: int, *, frames: int = 8, nlam_blocks: Iterable[int]
     ``impl="fused"`` runs the NLAM on :mod:`fastnl.ops` kernels, ``impl="reference"`` on plain
     PyTorch; both have the same parameters and state_dict keys. ``pretrained``: a local file of
     ImageNet SE-ResNet50 weights (nothing is downloaded); missing/unexpected keys are reported.
+    The network takes clips of any N: ``frames`` (a config's N) changes nothing in it.
     """
-    model = VideoReIDNet(num_classes, frames=frames, nlam_blocks=nlam_blocks, temporal=temporal,
+    model = VideoReIDNet(num_classes, nlam_blocks=nlam_blocks, temporal=temporal,
                          impl=impl, nlam_scale=nlam_scale, nlam_reduction=nlam_reduction)
     if pretrained is not None:
         missing, unexpected = load_pretrained_backbone(model.backbone, pretrained)

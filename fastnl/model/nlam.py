@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastnl import ops
-
-IMPLS = ("fused", "reference")
+from fastnl.vocabulary import MODEL_IMPLS as IMPLS
 
 
 def backends_for(impl: str) -> tuple[str, str]:
@@ -40,7 +39,6 @@ class NLAM(nn.Module):
             raise ValueError(f"inter_channels and reduction must be >= 1, got {inter}, {reduction}")
         self.channels, self.inter_channels, self.scale = channels, inter, float(scale)
         self.attention_backend, self.channel_backend = backends_for(impl)
-        self.impl = impl
         self.a = nn.Conv2d(channels, inter, 1)
         # A bias on b would add a_i^T beta to every logit of row i: softmax ignores it.
         self.b = nn.Conv2d(channels, inter, 1, bias=False)
