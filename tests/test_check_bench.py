@@ -263,3 +263,80 @@ def test_capacity_run_table_and_plot(tmp_path):
     assert "N x7.32" in table
     png = capacity.plot(result, str(tmp_path / "capacity.png"))
     assert png and (tmp_path / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the one timer of every benchmark ----------------------------------------------------------
+
+
+def test_timer_median_is_within_its_quantiles_and_near_a_known_sleep():
+    import time
+
+    from fastnl.benchmarks import timer
+
+    t = timer.measure(lambda: time.sleep(0.02), "cpu", warmup=1, runs=5, min_time_s=0.0)
+    assert t.timer == "torch.utils.benchmark" and t.runs >= 5
+    assert t.p20_s <= t.median_s <= t.p80_s
+    assert 0.0199 < t.median_s < 0.035  # a sleep never returns early; a busy machine wakes it late
+    fields = t.fields("fwd_", unit="s")
+    assert fields == {"fwd_s": t.median_s, "fwd_p20_s": t.p20_s, "fwd_p80_s": t.p80_s}
+    assert t.fields()["ms"] == pytest.approx(1e3 * t.median_s)
+
+
+def test_timer_times_every_call_it_reports_and_scales_with_the_work():
+    from fastnl.benchmarks import timer
+
+    calls = []
+
+    def work(k):  # single-threaded work proportional to k (a busy machine's thread pool is not)
+        def fn():
+            calls.append(1)
+            sum(range(50_000 * k))
+        return fn
+
+    t1 = timer.measure(work(1), "cpu", warmup=2, runs=20, min_time_s=0.05)
+    assert t1.runs == len(calls) - 3 and t1.runs >= 20  # 2 warm-up runs and the estimate are untimed
+    t8 = timer.measure(work(8), "cpu", warmup=1, runs=20, min_time_s=0.05)
+    assert 4 < t8.median_s / t1.median_s < 16
+
+
+def test_timer_peak_memory_covers_the_untimed_runs():
+    from fastnl.benchmarks import timer
+
+    def allocate():
+        torch.ones(16 * 2**20).sum()  # 64 MiB, touched
+
+    t = timer.measure(allocate, "cpu", runs=2, min_time_s=0.0)
+    assert 60 < t.peak_mb < 200
+    assert timer.measure(lambda: None, "cpu", runs=2).peak_mb < 30
+
+
+def test_timer_quantiles_and_bad_arguments():
+    from fastnl.benchmarks import timer
+
+    assert timer.quantile([4.0, 1.0, 3.0, 2.0, 5.0], 0.5) == 3.0
+    assert timer.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)  # numpy's linear rule
+    assert timer.quantile([7.0], 0.8) == 7.0
+    with pytest.raises(ValueError, match="no values"):
+        timer.quantile([], 0.5)
+    with pytest.raises(ValueError, match="clock"):
+        timer.measure(lambda: None, "cpu", clock="wall")
+    with pytest.raises(ValueError, match="runs >= 1"):
+        timer.measure(lambda: None, "cpu", runs=0)
+
+
+@pytest.mark.gpu
+def test_timer_on_a_gpu_uses_do_bench_and_leaves_its_flush_buffer_out_of_the_peak():
+    from fastnl.benchmarks import timer
+
+    x = torch.randn(4096, 4096, device="cuda")
+
+    def step():
+        torch.ones(16 * 2**20, device="cuda").sum()  # 64 MiB
+        x @ x
+
+    t = timer.measure(step, "cuda", runs=10)
+    assert t.timer == "triton.testing.do_bench" and t.runs >= 10
+    assert t.p20_s <= t.median_s <= t.p80_s
+    assert 60 < t.peak_mb < 200  # do_bench's 256 MiB L2 flush buffer is not counted
+    t8 = timer.measure(lambda: [x @ x for _ in range(8)], "cuda", runs=10)
+    assert 4 < t8.median_s / timer.measure(lambda: x @ x, "cuda", runs=10).median_s < 16

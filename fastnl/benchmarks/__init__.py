@@ -4,7 +4,8 @@ A suite is a function ``run(device, quick=False) -> list[dict]`` (one dict per t
 A suite that builds its list with :func:`live_rows` reports each row the moment it is appended
 to the sink installed by :func:`row_sink` (``fastnl bench --json`` rewrites its file then, so
 a run stopped half-way keeps every row measured so far).
-Times are medians of repeated runs (CUDA events on a GPU, ``perf_counter`` on a CPU). Peak
+Every time comes from one timer, :mod:`fastnl.benchmarks.timer` (``triton.testing.do_bench`` on
+a GPU, ``torch.utils.benchmark`` on a CPU): the median and the 20th/80th percentiles. Peak
 memory is ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU it is the process's peak
 resident set (``VmHWM`` on Linux, reset when the measurement starts) above its size before the work, measured in a fresh subprocess per
 variant so that one variant's peak cannot hide another's.
@@ -16,10 +17,8 @@ import importlib
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 
 # name -> "module:function"; attention and channel are the kernels' own microbenchmarks.
@@ -83,29 +82,6 @@ def synchronize(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: str, *, warmup: int = 1, repeat: int = 5) -> float:
-    """Median wall time of ``fn()`` in milliseconds (CUDA events on a GPU)."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeat):
-        if device.startswith("cuda"):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def current_rss_mb() -> float:
