@@ -340,3 +340,21 @@ def test_timer_on_a_gpu_uses_do_bench_and_leaves_its_flush_buffer_out_of_the_pea
     assert 60 < t.peak_mb < 200  # do_bench's 256 MiB L2 flush buffer is not counted
     t8 = timer.measure(lambda: [x @ x for _ in range(8)], "cuda", runs=10)
     assert 4 < t8.median_s / timer.measure(lambda: x @ x, "cuda", runs=10).median_s < 16
+
+
+def test_every_suite_prints_its_rows_with_its_own_table():
+    from fastnl import benchmarks
+    from fastnl.commands.bench import ALL, format_rows
+
+    assert set(ALL) - {"capacity"} == set(benchmarks.SUITES)
+    row = {"suite": "model", "case": "paper setting", "reference_ms": 10.0, "fused_ms": 5.0, "fused_p20_ms": 4.5,
+           "fused_p80_ms": 5.5, "speedup": 2.0, "fused_clips_per_s": 6400.0, "reference_error": "OutOfMemoryError: x"}
+    header, line, *errors = format_rows("model", [row]).splitlines()
+    assert header.split()[:2] == ["case", "shape"] and "fused_clips_per_s" in header.split()
+    assert "fused_attention_tflops" not in header and "6400" in line
+    assert errors == ["errors:", "  paper setting: reference: OutOfMemoryError: x"]
+    config = {"kind": "config", "kernel": "fwd", "L": 48, "D": 32, "ms": 1.5, "p20_ms": 1.4, "p80_ms": 1.7,
+              "default": True, "vs_default": 1.0}
+    header, line = format_rows("configs", [config]).splitlines()
+    assert header.split() == ["kernel", "L", "D", "default", "ms", "p20_ms", "p80_ms", "vs_default"]
+    assert format_rows("channel", [{"odd": 1}]).split() == ["odd", "1"]  # rows that do not fit: every field

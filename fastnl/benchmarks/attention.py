@@ -25,7 +25,7 @@ import sys
 import torch
 
 from fastnl import ops
-from fastnl.benchmarks import live_rows, timer
+from fastnl.benchmarks import generic_table, live_rows, timer
 
 # (B, L, D): the model's attention at N=8 frames after layer3 and layer4 at batch 8, a 64-frame
 # clip after layer3, then batch 32 (in this order: a time cap cuts the last)
@@ -237,16 +237,25 @@ def measured_engine_table(rows: list[dict], environment: dict | None = None) -> 
 
 
 def format_table(rows: list[dict]) -> str:
-    from fastnl.commands.bench import generic_table
-
+    """The attention suite's table: matmul yardstick, ``auto``'s choices, one line per backend and shape."""
     lines = [f"auto at B={r['B']} L={r['L']} D={r['D']}: {r['backend']} ({r['why']})" for r in rows if r["kind"] == "auto"]
-    columns = ["backend", "role", "B", "L", "D", "dtype", "fwd_s", "fwd_bwd_s", "fwd_bwd_tflops",
+    columns = ["backend", "role", "B", "L", "D", "dtype", "fwd_s", "fwd_bwd_s", "fwd_bwd_p20_s", "fwd_bwd_p80_s",
+               "fwd_bwd_tflops",
                "fwd_bwd_peak_extra_mb", "fwd_bwd_vs", "fwd_speedup", "fwd_bwd_speedup", "memory_vs_plain",
                "peak_rss_growth_mb", "refused"]
     table = [r for r in rows if r["kind"] == "attention"]
     present = [c for c in columns if any(c in r for r in table)]
     extra = [generic_table([r]) for r in rows if r["kind"] == "matmul"]
     return "\n".join(extra + lines + [generic_table(table, present)])
+
+
+CONFIG_COLUMNS = ["kernel", "L", "D", "B", "BLOCK_M", "BLOCK_N", "BLOCK_DV", "warps", "stages", "recompute", "default",
+                  "timed", "ms", "p20_ms", "p80_ms", "tflops", "vs_default", "refused", "skipped"]
+
+
+def format_configs(rows: list[dict]) -> str:
+    """The configs suite's table: one line per Triton configuration and shape."""
+    return generic_table(rows, [c for c in CONFIG_COLUMNS if any(c in r for r in rows)])
 
 
 # The model's attention shapes at the paper's N=8 (after layer3: L = 128 N, D = 512; after

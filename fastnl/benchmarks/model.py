@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass
 
-from fastnl.benchmarks import emit, live_rows, reset_peak_rss_mb, run_subprocess, timer
+from fastnl.benchmarks import emit, generic_table, live_rows, reset_peak_rss_mb, run_subprocess, timer
 
 IMPLS = ("reference", "fused")
 
@@ -221,6 +221,21 @@ def run_model(device, quick: bool = False) -> list[dict]:
     rows = live_rows()
     rows.extend(compare(case, device) for case in model_cases(device, quick))
     return rows
+
+
+COLUMNS = ["case", "shape", "L", "amp", "grad_checkpoint", "reference_ms", "fused_ms", "fused_p20_ms", "fused_p80_ms",
+           "speedup", "reference_peak_mb", "fused_peak_mb", "memory_ratio"]
+EXTRA_COLUMNS = {"nlam": ["reference_attention_tflops", "fused_attention_tflops"],
+                 "model": ["reference_clips_per_s", "fused_clips_per_s"]}
+
+
+def format_table(rows: list[dict]) -> str:
+    """The nlam or model suite's table (fused vs reference per case), then each variant's error."""
+    suite = rows[0]["suite"] if rows else "nlam"
+    text = generic_table(rows, COLUMNS + EXTRA_COLUMNS[suite])
+    errors = [f"  {r['case']}: {impl}: {r[impl + '_error']}" for r in rows for impl in IMPLS
+              if r.get(impl + "_error")]
+    return text + ("\nerrors:\n" + "\n".join(errors) if errors else "")
 
 
 def prepare_child(threads: int | None, case: Case | None = None, impl: str | None = None,
