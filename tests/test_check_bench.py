@@ -358,3 +358,36 @@ def test_every_suite_prints_its_rows_with_its_own_table():
     header, line = format_rows("configs", [config]).splitlines()
     assert header.split() == ["kernel", "L", "D", "default", "ms", "p20_ms", "p80_ms", "vs_default"]
     assert format_rows("channel", [{"odd": 1}]).split() == ["odd", "1"]  # rows that do not fit: every field
+
+
+def test_loader_suite_times_steady_batches_across_epochs(monkeypatch):
+    """A fake loader of 3 batches an epoch, 10 ms a batch: the suite walks epoch after epoch and
+    reports 10 ms a batch, the clips per second that follow, and DALI as skipped here."""
+    import time
+
+    from fastnl.benchmarks import loader as suite
+    from fastnl.data import loader as data_loader
+
+    epochs = []
+
+    class Fake:
+        def set_epoch(self, epoch):
+            epochs.append(epoch)
+
+        def __iter__(self):
+            for _ in range(3):
+                time.sleep(0.01)
+                yield (torch.zeros(1),)
+
+    monkeypatch.setattr(data_loader, "build_train_loader", lambda *a, **k: Fake())
+    row = suite.time_backend(None, "torch", p=4, workers=0, block=2, runs=3)
+    assert row["batches"] >= 6 and epochs == list(range(len(epochs))) and len(epochs) >= 3
+    assert 0.0099 < row["batch_p20_ms"] / 1e3 <= row["batch_ms"] / 1e3 <= row["batch_p80_ms"] / 1e3 < 0.03
+    assert row["clips_per_s"] == pytest.approx(16 / (row["batch_ms"] / 1e3))
+    assert 16 / 0.03 < row["clips_per_s"] < 16 / 0.0099
+    monkeypatch.setattr(suite, "time_backend", lambda dataset, backend, **kw: {"backend": backend, "clips_per_s": 1.0,
+                                                                                "batch_ms": 1.0})
+    monkeypatch.setattr("fastnl.data.synthetic.write_dataset", lambda out, **kw: out)
+    monkeypatch.setattr("fastnl.data.datasets.get_dataset", lambda name, root: None)
+    rows = suite.run("cpu", quick=True)
+    assert [r["backend"] for r in rows] == ["torch", "dali"] and "skipped" in rows[1]
