@@ -9,6 +9,7 @@ from fastnl import checking, cli, ops
 from fastnl.benchmarks import capacity
 
 
+@pytest.mark.slow
 def test_check_passes_on_tiny_shapes(tmp_path):
     """As a user runs it, in its own process: on some CPUs a float32 and a float64 run of the
     model leave oneDNN in a state where a later bf16 convolution backward in the same process
@@ -35,6 +36,7 @@ def test_check_passes_on_tiny_shapes(tmp_path):
     assert "0 failed" in text
 
 
+@pytest.mark.slow
 def test_check_fails_on_a_broken_op(monkeypatch, capsys):
     real = ops.nl_attention
 
@@ -97,6 +99,7 @@ def test_a_near_zero_gradient_is_judged_norm_wise_at_its_group_scale():
     assert c.max_abs <= c.tol and c.norm_rel > c.norm_tol and not c.passed
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--quick", "--device", "cpu", "--json", str(out), "nlam"]) == 0
@@ -164,6 +167,7 @@ def test_check_json_is_rewritten_after_every_row(tmp_path, monkeypatch, capsys):
     assert "running" not in json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="times the compiled kernels on a GPU (the GPU suite)")
 def test_bench_configs_times_every_candidate_and_keeps_earlier_suites(tmp_path, monkeypatch, capsys):
     """The configuration sweep (interpreted on a tiny shape) has one row per candidate, each
@@ -390,9 +394,9 @@ def test_loader_suite_times_steady_batches_across_epochs(monkeypatch):
     monkeypatch.setattr(data_loader, "build_train_loader", lambda *a, **k: Fake())
     row = suite.time_backend(None, "torch", p=4, workers=0, block=2, runs=3)
     assert row["batches"] >= 6 and epochs == list(range(len(epochs))) and len(epochs) >= 3
-    assert 0.0199 < row["batch_p20_ms"] / 1e3 <= row["batch_ms"] / 1e3 <= row["batch_p80_ms"] / 1e3 < 0.045
+    assert 0.0199 < row["batch_p20_ms"] / 1e3 <= row["batch_ms"] / 1e3 <= row["batch_p80_ms"] / 1e3 < 0.06
     assert row["clips_per_s"] == pytest.approx(16 / (row["batch_ms"] / 1e3))
-    assert 16 / 0.045 < row["clips_per_s"] < 16 / 0.0199
+    assert 16 / 0.06 < row["clips_per_s"] < 16 / 0.0199
     monkeypatch.setattr(suite, "time_backend", lambda dataset, backend, **kw: {"backend": backend, "clips_per_s": 1.0,
                                                                                 "batch_ms": 1.0})
     monkeypatch.setattr("fastnl.data.synthetic.write_dataset", lambda out, **kw: out)
@@ -420,7 +424,7 @@ def test_model_rows_follow_known_workloads(monkeypatch):
     monkeypatch.setattr(model, "measure_isolated", lambda case, impl, device, timeout=None:
                         model.measure(case, impl, device))
     row = model.compare(model.Case("nlam", "known", 1, 1, 1, 1, channels=1, repeat=3), "cpu")
-    assert 2.3 < row["speedup"] < 4.0  # 3x the sleep, and 4x the memory to touch
+    assert 1.8 < row["speedup"] < 4.5  # 3x the sleep, and 4x the memory to touch
     assert 150 < row["reference_peak_mb"] < 240 and 38 < row["fused_peak_mb"] < 90
     assert 2.5 < row["memory_ratio"] < 4.2
     assert row["reference_p20_ms"] <= row["reference_ms"] <= row["reference_p80_ms"]
@@ -444,26 +448,40 @@ def test_channel_rows_follow_known_times(monkeypatch):
                                                            ("fwd", "reference"), ("fwd+bwd", "reference")]
     for r in records:
         known = 0.05 if r["backend"] == "extension" else 0.15  # a busy machine wakes a sleep late
-        late = 1.25 * known + 0.01
+        late = 2 * known + 0.02  # a loaded machine wakes a sleeper tens of ms late
         assert known < r["ms"] / 1e3 < late and r["p20_ms"] <= r["ms"] <= r["p80_ms"]
         assert r["floor_bytes"] / late / 1e9 < r["gb_per_s"] < r["floor_bytes"] / known / 1e9
-        assert 2.0 < r["speedup_vs_reference"] < 3.4 if r["backend"] == "extension" else \
+        assert 1.6 < r["speedup_vs_reference"] < 4.5 if r["backend"] == "extension" else \
             0.8 < r["speedup_vs_reference"] < 1.25
     fwd, both = records[0], records[1]
     assert both["floor_bytes"] == 2.5 * fwd["floor_bytes"]  # backward reads grad_out and x, writes grad_x
 
 
-def test_attention_speedup_agrees_with_independently_timed_runs():
+def test_attention_speedups_follow_known_times(monkeypatch):
+    """Stand-in backends of known cost (the engine 20 ms a call, plain 60 ms): each engine row's
+    speed-up over plain is 3, at each shape, forward and forward + backward."""
+    import time
+
     from fastnl.benchmarks import attention
 
+    def backend(name, sdpa_backend=None):
+        def fn(q, k, v):
+            time.sleep(0.02 if name == "torch" else 0.06)
+            return q + 0 * (k.sum() + v.sum())
+        return fn
+
+    monkeypatch.setattr(attention, "_attention_fn", backend)
     rows = attention.run("cpu", quick=True)
-    engine = next(r for r in rows if r["backend"] == "torch" and r["L"] == 1024)
-    again = {b: attention.time_attention(attention._attention_fn(b), 1, 1024, 128, torch.float32,
-                                         torch.device("cpu"), 3, modes=("fwd_bwd",))["fwd_bwd_s"]
-             for b in ("torch", "plain")}
-    assert 0.5 < engine["fwd_bwd_speedup"] / (again["plain"] / again["torch"]) < 2.0
+    for r in rows:
+        for mode in ("fwd", "fwd_bwd"):
+            assert r[f"{mode}_p20_s"] <= r[f"{mode}_s"] <= r[f"{mode}_p80_s"]
+            if r["backend"] == "torch":
+                assert 1.6 < r[f"{mode}_speedup"] < 4.5, r
+            else:
+                assert r[f"{mode}_speedup"] == 1.0 and r[f"{mode}_vs"] == "plain"
 
 
+@pytest.mark.slow
 def test_plain_attention_holds_the_l_by_l_matrices_the_chunked_engine_does_not():
     """fp32 forward + backward at L = 4096: plain keeps at least one L x L matrix (64 MiB) more
     than the chunked engine, whose score tiles are 4M elements on a CPU."""
