@@ -18,7 +18,8 @@ def test_attention_forward_backward_cpu(benchmark, backend, L):
                                 rounds=3, iterations=1)
     for mode in ("fwd", "fwd_bwd"):
         assert result[f"{mode}_p20_s"] <= result[f"{mode}_s"] <= result[f"{mode}_p80_s"]
-    assert result["fwd_bwd_s"] > result["fwd_s"]  # the backward's 2.5x the forward's flops come on top
+    if L >= 1024:  # the backward's 2.5x the forward's flops on top (at L = 256 a busy machine's noise is as large)
+        assert result["fwd_bwd_s"] > result["fwd_s"]
     assert result["timer"] == "torch.utils.benchmark"
 
 

@@ -1,7 +1,8 @@
 """pytest-benchmark of the whole NLAM block and of a training step, fused vs reference, through the
 step functions ``fastnl bench`` times (small shapes; the full tables come from ``fastnl bench``).
 Each benchmark also checks that what it timed is the work it names: every parameter gets a
-finite gradient in every timed NLAM step, and every training step moves the weights."""
+finite gradient in every timed NLAM step, and every training step moves the first and the last
+weights."""
 import pytest
 import torch
 
@@ -68,4 +69,5 @@ def test_training_step(benchmark, monkeypatch, impl):
     benchmark.pedantic(timed, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
     assert moved and all(moved)  # Adam moved the first weight in every step
     assert all(torch.isfinite(p).all() for p in net.parameters())
-    assert sum(not torch.equal(w, p) for w, p in zip(weights, net.parameters())) > 0.9 * len(weights)
+    last = list(net.parameters())[-1]
+    assert not torch.equal(weights[-1], last)  # and the classifier's: the backward ran through the network
