@@ -516,3 +516,18 @@ def test_refused_sdpa_backends_are_listed_and_left_out_of_the_speedups():
     assert rows[-1]["fwd_bwd_vs"] == min(ran, key=lambda r: r["fwd_bwd_s"])["backend"]
     assert all("fwd_bwd_speedup" not in r for r in rows if "refused" in r)
     assert "refused" in attention.format_table(rows).splitlines()[0]
+
+
+@pytest.mark.gpu
+def test_timer_falls_back_to_cuda_events_where_do_bench_refuses_its_arguments(monkeypatch):
+    import triton.testing
+
+    from fastnl.benchmarks import timer
+
+    def old_do_bench(fn, warmup=25, rep=100, grad_to_none=None, percentiles=(0.2, 0.8)):  # no return_mode
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(triton.testing, "do_bench", old_do_bench)
+    x = torch.randn(2048, 2048, device="cuda")
+    t = timer.measure(lambda: x @ x, "cuda", runs=10)
+    assert t.timer == "cuda events (L2 flushed)" and t.runs >= 10 and t.p20_s <= t.median_s <= t.p80_s
