@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (the main job on the synthetic dataset) and `make test`.
+# Two entry points: `make demo` (the main job on the synthetic dataset) and `make test`
+# (`make test-fast`: the tests not marked slow, with the 15 slowest listed).
 # Each does its own set-up: a virtualenv in .venv/ with the pinned dependencies and the
 # package installed (editable) with its C++/CUDA extension built. Set-up is idempotent.
 
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py
 
-.PHONY: demo test install clean test-compat
+.PHONY: demo test test-fast install clean test-compat
 
 install: $(VENV)/.stamp-deps $(VENV)/.stamp-ext
 
@@ -27,6 +28,9 @@ demo: install
 
 test: install
 	$(VENV)/bin/python -m pytest
+
+test-fast: install
+	$(VENV)/bin/python -m pytest -m "not slow" --durations=15
 
 # The oldest versions the code supports, as on the GPU machines (torch 2.11, triton 3.6; numpy
 # < 2.4 for triton 3.6's CPU interpreter): a second virtualenv, the package used from the

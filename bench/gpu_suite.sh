@@ -375,53 +375,8 @@ run_step bench-configs "$D/bench-configs.json" env FASTNL_AUTOTUNE=1 "$PY" -m fa
 if selected bench-configs && [ -s "$D/bench-configs.json" ]; then record tune "$OUT" "$D/bench-configs.json"; pack; fi
 
 # --- clip loader throughput ------------------------------------------------------------------------
-cat > "$WORK/scripts/loader.py" <<'EOF'
-"""Clip loader throughput on a synthetic MARS-layout dataset at 256x128 (batch P x 4 x 8 frames)."""
-import json, os, sys, tempfile, time, warnings
-import torch
-from fastnl.data.datasets import get_dataset
-from fastnl.data.dali import dali_available
-from fastnl.data.loader import build_train_loader
-from fastnl.data.synthetic import write_dataset
-
-out, device = sys.argv[1], sys.argv[2]
-small = device != "cuda"
-rows = []
-with tempfile.TemporaryDirectory() as tmp:
-    root = write_dataset(os.path.join(tmp, "mars"), ids=16 if small else 64, size=(256, 128),
-                         min_frames=8, max_frames=24)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dataset = get_dataset("synthetic", root)
-    backends = ["torch"] + (["dali"] if dali_available() and device == "cuda" else [])
-    for backend in backends:
-        workers = 2 if small else min(8, os.cpu_count() or 1)
-        loader = build_train_loader(dataset, frames=8, p=4 if small else 8, k=4, backend=backend, workers=workers)
-        want = 4 if small else 20
-        batches = clips = 0
-        t0 = None
-        for epoch in range(100):
-            loader.set_epoch(epoch)
-            for batch in loader:
-                if t0 is None:
-                    t0 = time.perf_counter()  # the first batch pays the start-up
-                    continue
-                if batch[0].is_cuda:
-                    torch.cuda.synchronize()
-                batches += 1
-                clips += batch[0].shape[0]
-                if batches >= want:
-                    break
-            if batches >= want:
-                break
-        seconds = time.perf_counter() - t0 if t0 else 0.0
-        rows.append({"backend": backend, "decode": "mixed (GPU)" if backend == "dali" else "cpu (PIL)",
-                     "workers": workers, "batches": batches, "clips_per_s": clips / seconds if seconds else None,
-                     "frames_per_s": 8 * clips / seconds if seconds else None})
-        print(rows[-1], flush=True)
-        json.dump({"dali_available": dali_available(), "rows": rows}, open(out, "w"), indent=1)
-EOF
-run_step loader "$D/loader.json" "$PY" "$WORK/scripts/loader.py" "$D/loader.json" "$DEVICE"
+# (fastnl bench loader: the torch DataLoader, and DALI where it is installed)
+run_step loader "$D/loader.json" "$PY" -m fastnl bench loader --device "$DEVICE" $QUICK --json "$D/loader.json"
 
 # --- capacity: the largest batch and the longest clips that train ------------------------------------
 if selected capacity; then

@@ -238,19 +238,21 @@ def cmd_tune(args) -> None:
 # Columns shown in the summary per kind of row (every field stays in results.json).
 COLUMNS = {
     "check": ["op", "shape", "dtype", "max_abs", "tol", "status", "note"],
-    "attention": ["kind", "backend", "L", "D", "dtype", "fwd_s", "fwd_bwd_s", "fwd_tflops", "fwd_bwd_tflops",
+    "attention": ["kind", "backend", "L", "D", "dtype", "fwd_s", "fwd_bwd_s", "fwd_bwd_p20_s", "fwd_bwd_p80_s",
+                  "fwd_tflops", "fwd_bwd_tflops",
                   "fwd_bwd_peak_extra_mb", "tflops", "refused"],
-    "channel": ["shape", "dtype", "pass", "backend", "ms", "gb_per_s", "floor_ratio", "speedup_vs_reference"],
+    "channel": ["shape", "dtype", "pass", "backend", "ms", "p20_ms", "p80_ms", "gb_per_s", "floor_ratio",
+                "speedup_vs_reference"],
     "nlam": ["case", "shape", "L", "amp", "reference_ms", "fused_ms", "speedup", "reference_peak_mb",
              "fused_peak_mb", "memory_ratio"],
     "model": ["case", "shape", "L", "amp", "grad_checkpoint", "reference_ms", "fused_ms", "speedup",
               "reference_peak_mb", "fused_peak_mb", "fused_clips_per_s"],
     "configs": ["kernel", "L", "D", "BLOCK_M", "BLOCK_N", "BLOCK_DV", "warps", "stages", "default", "ms",
-                "vs_default", "refused"],
+                "p20_ms", "p80_ms", "vs_default", "refused"],
     "capacity": ["impl", "grad_checkpoint", "max_frames", "max_frames_failed", "max_frames_exact", "max_batch",
                  "max_batch_failed", "max_batch_exact"],
     "pytest": ["test", "outcome", "message"],
-    "loader": ["backend", "decode", "workers", "batches", "clips_per_s", "frames_per_s"],
+    "loader": ["backend", "decode", "workers", "batches", "batch_ms", "clips_per_s", "frames_per_s", "skipped"],
 }
 
 

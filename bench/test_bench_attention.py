@@ -16,7 +16,11 @@ def test_attention_forward_backward_cpu(benchmark, backend, L):
                                 args=(attention._attention_fn(backend), 1, L, 128, torch.float32,
                                       torch.device("cpu"), 1),
                                 rounds=3, iterations=1)
-    assert result["fwd_s"] > 0 and result["fwd_bwd_s"] > 0
+    for mode in ("fwd", "fwd_bwd"):
+        assert result[f"{mode}_p20_s"] <= result[f"{mode}_s"] <= result[f"{mode}_p80_s"]
+    if L >= 1024:  # the backward's 2.5x the forward's flops on top (at L = 256 a busy machine's noise is as large)
+        assert result["fwd_bwd_s"] > result["fwd_s"]
+    assert result["timer"] == "torch.utils.benchmark"
 
 
 def test_run_quick_cpu_reports_the_engine_and_its_baseline():
@@ -24,6 +28,10 @@ def test_run_quick_cpu_reports_the_engine_and_its_baseline():
     assert {(r["backend"], r["role"], r["L"]) for r in rows} == \
         {(b, role, L) for b, role in (("torch", "engine"), ("plain", "baseline")) for L in (256, 1024)}
     assert all("refused" not in r and r["fwd_bwd_vs"] == "plain" for r in rows)
+    for L in (256, 1024):  # each engine row's speed-up is over the plain row of its own shape
+        engine, plain = (next(r for r in rows if r["L"] == L and r["backend"] == b) for b in ("torch", "plain"))
+        assert engine["fwd_bwd_speedup"] == pytest.approx(plain["fwd_bwd_s"] / engine["fwd_bwd_s"])
+        assert plain["fwd_bwd_speedup"] == 1.0 and engine["fwd_bwd_s"] != plain["fwd_bwd_s"]
 
 
 def _row(backend, role, ms, B=8, L=1024, D=512, **extra):

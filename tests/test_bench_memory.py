@@ -90,6 +90,7 @@ def test_projection_edge_cases():
     assert memory.largest_within(10.0, 0.0, 0.0, 50.0, limit=999) == 999  # never reaches the budget
 
 
+@pytest.mark.slow
 def test_quick_count_of_the_real_model_separates_quadratic_from_linear(monkeypatch):
     """64x32 input: layer3 maps 4x2 (L = 8N), layer4 maps 2x1 (L = 2N), batch 2, bf16 autocast.
     The reference keeps the float32 softmax and its bf16 copy for the second bmm, 6 L^2 bytes
@@ -133,6 +134,7 @@ def test_cli_memory_setting_and_errors():
             bench.memory_setting(argparse.Namespace(**{**vars(ns), **bad}))
 
 
+@pytest.mark.slow
 def test_fastnl_bench_memory_writes_counts_fits_and_projection(tmp_path, capsys):
     import json
 

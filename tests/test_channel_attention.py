@@ -122,6 +122,7 @@ def test_pool_is_exact_max_and_accurate_mean(layout, dtype):
     assert (gap.double() - exact).abs().max().item() <= bound + torch.finfo(torch.float32).eps * exact.abs().max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("layout", ["contiguous", "frame_channels_last"])
 def test_gradcheck_float64(bias, layout):

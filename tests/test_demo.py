@@ -1,7 +1,11 @@
 """`fastnl demo` end to end on a tiny configuration: dataset, training, evaluation, report."""
 import json
 
+import pytest
+
 from fastnl import cli
+
+pytestmark = pytest.mark.slow  # each trains and evaluates the network
 
 
 def test_demo_pipeline_on_a_tiny_configuration(tmp_path, capsys):

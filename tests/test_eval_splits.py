@@ -18,6 +18,7 @@ def ilids(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_eval_splits_and_rerank(ilids, tmp_path, capsys):
     torch.manual_seed(0)
     model = build_model(4, frames=2, impl="reference", verbose=False)

@@ -70,6 +70,7 @@ def test_find_tracklets_and_csv(setup, tmp_path):
         find_query(rows, "day2/t4")
 
 
+@pytest.mark.slow
 def test_extract_and_search(setup, tmp_path, capsys):
     root, model = setup
     bad = root / "tracks" / "day1" / "camB" / "t10" / "f2.jpg"

@@ -48,6 +48,7 @@ def check_output_rules(out: Path) -> None:
         assert p.stat().st_size < 16 * 2**20
 
 
+@pytest.mark.slow
 def test_dry_run_keeps_its_rules_and_survives_a_timed_out_step(tmp_path):
     out = tmp_path / "returned"
     steps = "check sanitizer-memcheck bench-attention bench-channel pytest-rest bench-configs"  # as they run
@@ -134,6 +135,7 @@ def test_steps_beyond_the_budget_are_skipped_and_recorded(tmp_path):
     assert not (out / "tuned-configs.json").exists()
 
 
+@pytest.mark.slow
 def test_earlier_steps_leave_capacity_its_share_of_the_budget(tmp_path):
     out = tmp_path / "returned"
     # 130 s less the final 15 s leaves nothing beyond capacity's 120 s for the steps before it
@@ -150,6 +152,7 @@ def fake_sanitizer(tmp_path: Path, behaviour: str) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_a_failed_step_sets_the_exit_status_and_the_suite_goes_on(tmp_path):
     out = tmp_path / "returned"
     sanitizer = fake_sanitizer(tmp_path, "echo '========= ERROR SUMMARY: 3 errors'; exit 1")

@@ -25,6 +25,7 @@ def _wake_nlams(model, seed=0):
                 module.bias.copy_(torch.randn(module.num_features, generator=gen) * 0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks", [(1,), (2,), (3,), (4,), (5,), (3, 4), (3, 5), (4, 5), (3, 4, 5)])
 def test_nlam_locations_tables_3_and_4(blocks):
     torch.manual_seed(0)
@@ -39,6 +40,7 @@ def test_nlam_locations_tables_3_and_4(blocks):
     assert torch.isfinite(desc).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temporal", ["nltp", "avg"])
 @pytest.mark.parametrize("frames", [2, 4, 8])
 def test_temporal_aggregation_and_sequence_length_tables_5_and_6(temporal, frames):
@@ -50,6 +52,7 @@ def test_temporal_aggregation_and_sequence_length_tables_5_and_6(temporal, frame
     assert (temporal == "nltp") == any(n.startswith("temporal.theta") for n, _ in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     model = build_model(4, frames=2, nlam_blocks=(3, 4, 5))
@@ -60,6 +63,7 @@ def test_gradients_reach_every_parameter():
     assert missing == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temporal", ["nltp", "avg"])
 def test_fused_and_reference_agree_on_the_same_weights(temporal):
     torch.manual_seed(0)
@@ -113,6 +117,7 @@ def test_eval_mode_returns_descriptors_and_bad_input_is_named():
         build_model(3, impl="cuda")
 
 
+@pytest.mark.slow
 def test_pretrained_timm_and_torchvision_style_files(tmp_path, capsys):
     torch.manual_seed(1)
     source = seresnet50()
@@ -168,6 +173,7 @@ def _saved_bytes_and_grads(model, clips):
     return sum(saved), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_gives_the_same_gradients_and_keeps_less():
     torch.manual_seed(0)
     model = build_model(4, frames=2).double()
@@ -181,6 +187,7 @@ def test_grad_checkpointing_gives_the_same_gradients_and_keeps_less():
     assert ckpt_bytes < plain_bytes / 3, (ckpt_bytes, plain_bytes)
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_updates_batchnorm_statistics_once():
     """The recomputation in backward must not move the running statistics a second time."""
     torch.manual_seed(0)

@@ -109,6 +109,7 @@ def _case_id(case):
     return f"B{B}-L{L}-D{D}-{str(dtype).split('.')[-1]}-{layout}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", TRITON_CASES, ids=_case_id)
 def test_triton_matches_fp64(case):
     B, L, D, dtype, layout = case
@@ -257,6 +258,7 @@ def test_keep_drops_row_blocks_longer_than_the_sequence():
     assert any(c.kwargs["BLOCK_M"] == 128 for c in nla.candidate_configs("fwd", 512, seq_len=4096))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3))
 def test_triton_fp32_gradients_at_extreme_logits_within_twice_plain(seed):
     """fp32, D=16, logits x10: the backward recomputed P from a saved log-sum-exp and dv reached

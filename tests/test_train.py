@@ -70,6 +70,7 @@ def _ddp_worker(rank, world_size, port, out):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_gloo_two_processes_match_one_process(tmp_path):
     """DDP averages the gradients of the ranks' losses: the same as one process that takes the
     mean of the per-shard losses (each shard with its own BatchNorm statistics and triplets)."""
@@ -89,6 +90,7 @@ def test_ddp_gloo_two_processes_match_one_process(tmp_path):
         assert ddp_grads[name].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_amp_bf16_with_grad_scaler_on_cpu():
     """Run in a fresh interpreter: on some CPUs, after float32 and float64 runs of a model in the
     same process (test_model does both), a bf16 autocast convolution backward there gives
@@ -405,6 +407,7 @@ def test_long_aliases_of_p_and_k_for_torchrun():
     assert (cfg.p, cfg.k) == (6, 3)
 
 
+@pytest.mark.slow
 def test_trains_on_an_ilidsvid_split(tmp_path):
     """--dataset ilidsvid --split-id N trains on that split's training identities."""
     from fastnl.data.datasets import ILIDSVID

@@ -37,6 +37,7 @@ def compile_ahead_of_time(head_dim, dtype: str, rows=()) -> list[dict]:
 # bf16 at every head dim the model has (D = C/2 after blocks 1..5: 32, 128, 256, 512, 1024; at
 # 32 and 128 the chunks are clipped to D); fp32 uses its own smaller tiles; fp16 compiles to
 # the same code shape as bf16.
+@pytest.mark.slow
 @pytest.mark.parametrize("head_dim,dtype", [(32, "bf16"), (128, "bf16"), (256, "bf16"), (512, "bf16"),
                                             (1024, "bf16"), (32, "fp32"), (512, "fp32")])
 def test_every_configuration_compiles_for_sm90_without_spills(head_dim, dtype):
@@ -71,6 +72,7 @@ def test_every_configuration_compiles_for_sm90_without_spills(head_dim, dtype):
     assert defaults, "the default forward configuration was compiled"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_row_kernels_of_the_chunked_engine_compile_without_spills(dtype):
     from fastnl._paths import import_kernels

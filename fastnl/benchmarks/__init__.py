@@ -4,7 +4,8 @@ A suite is a function ``run(device, quick=False) -> list[dict]`` (one dict per t
 A suite that builds its list with :func:`live_rows` reports each row the moment it is appended
 to the sink installed by :func:`row_sink` (``fastnl bench --json`` rewrites its file then, so
 a run stopped half-way keeps every row measured so far).
-Times are medians of repeated runs (CUDA events on a GPU, ``perf_counter`` on a CPU). Peak
+Every time comes from one timer, :mod:`fastnl.benchmarks.timer` (``triton.testing.do_bench`` on
+a GPU, ``torch.utils.benchmark`` on a CPU): the median and the 20th/80th percentiles. Peak
 memory is ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU it is the process's peak
 resident set (``VmHWM`` on Linux, reset when the measurement starts) above its size before the work, measured in a fresh subprocess per
 variant so that one variant's peak cannot hide another's.
@@ -14,37 +15,74 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 
-# name -> "module:function"; attention and channel are the kernels' own microbenchmarks.
+# name -> "module:run:table": the suite's function and the one that prints its rows (each suite
+# owns its columns); attention and channel are the kernels' own microbenchmarks.
 SUITES = {
-    "attention": "fastnl.benchmarks.attention:run",
-    "channel": "fastnl.benchmarks.channel:run",
-    "nlam": "fastnl.benchmarks.model:run_nlam",
-    "model": "fastnl.benchmarks.model:run_model",
-    "configs": "fastnl.benchmarks.attention:run_configs",
-    "memory": "fastnl.benchmarks.memory:run",
+    "attention": "fastnl.benchmarks.attention:run:format_table",
+    "channel": "fastnl.benchmarks.channel:run:format_table",
+    "nlam": "fastnl.benchmarks.model:run_nlam:format_table",
+    "model": "fastnl.benchmarks.model:run_model:format_table",
+    "configs": "fastnl.benchmarks.attention:run_configs:format_configs",
+    "memory": "fastnl.benchmarks.memory:run:format_table",
+    "loader": "fastnl.benchmarks.loader:run:format_table",
 }
 RESULT_PREFIX = "FASTNL_RESULT "
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def load_suite(name: str) -> Callable:
-    """The ``run`` function of suite ``name``; ImportError when its module is not there."""
-    module_name, func = SUITES[name].split(":")
+def _load(name: str, part: int) -> Callable:
+    module_name, *funcs = SUITES[name].split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name == module_name:
             raise ImportError(f"{module_name} is not part of this checkout") from err
         raise
-    return getattr(module, func)
+    return getattr(module, funcs[part])
+
+
+def load_suite(name: str) -> Callable:
+    """The ``run`` function of suite ``name``; ImportError when its module is not there."""
+    return _load(name, 0)
+
+
+def load_table(name: str) -> Callable[[list], str]:
+    """The function that prints the rows of suite ``name`` as its table."""
+    return _load(name, 1)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+def generic_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain table of dict rows: ``columns``, or the union of their keys in first-seen order."""
+    if not rows:
+        return "(no rows)"
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
 
 
 _row_sinks: list[Callable[[dict], None]] = []
@@ -83,29 +121,6 @@ def synchronize(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: str, *, warmup: int = 1, repeat: int = 5) -> float:
-    """Median wall time of ``fn()`` in milliseconds (CUDA events on a GPU)."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeat):
-        if device.startswith("cuda"):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def current_rss_mb() -> float:

@@ -19,15 +19,13 @@ against plain. TFLOP/s count the useful flops: 4*B*L*L*D forward, 14*B*L*L*D for
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 from fastnl import ops
-from fastnl.benchmarks import live_rows
+from fastnl.benchmarks import generic_table, live_rows, timer
 
 # (B, L, D): the model's attention at N=8 frames after layer3 and layer4 at batch 8, a 64-frame
 # clip after layer3, then batch 32 (in this order: a time cap cuts the last)
@@ -69,32 +67,16 @@ def _attention_fn(backend: str, sdpa_backend=None):
     return sdpa
 
 
-def _timer(device: torch.device):
-    if device.type == "cuda":
-        def measure(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-    else:
-        def measure(fn):
-            start = time.perf_counter()
-            fn()
-            return time.perf_counter() - start
-    return measure
-
-
 def time_attention(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device, reps: int,
-                   modes: tuple = ("fwd", "fwd_bwd")) -> dict:
-    """Median forward and/or forward+backward seconds of ``fn`` (``modes``), TFLOP/s and peak
-    extra memory (CUDA only)."""
+                   modes: tuple = ("fwd", "fwd_bwd"), min_time_s: float = 0.1, warmup: int = 1) -> dict:
+    """Median and 20th/80th percentile seconds of ``fn``'s forward and/or forward+backward
+    (``modes``; ``warmup`` untimed and at least ``reps`` timed runs each, see
+    :mod:`fastnl.benchmarks.timer`), TFLOP/s
+    at the median and peak extra memory (CUDA only)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(B, 3 * D, L, generator=gen).to(device=device, dtype=dtype)
     q, k, v = [t.transpose(1, 2).detach().requires_grad_() for t in x.chunk(3, dim=1)]
     grad = torch.randn(B, L, D, generator=gen).to(device=device, dtype=dtype)
-    measure = _timer(device)
 
     def forward():
         with torch.no_grad():
@@ -106,30 +88,23 @@ def time_attention(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch
 
     result = {}
     steps = {"fwd": forward, "fwd_bwd": forward_backward}
-    for name in modes:
-        step = steps[name]
-        step()  # warm-up (compilation, autotuning)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        times = [measure(step) for _ in range(reps)]
-        result[f"{name}_s"] = statistics.median(times)
-        if device.type == "cuda":
-            result[f"{name}_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     flops = {"fwd": 4 * B * L * L * D, "fwd_bwd": 14 * B * L * L * D}
+    for name in modes:
+        timing = timer.measure(steps[name], device, warmup=warmup, runs=reps, min_time_s=min_time_s)
+        result.update(timing.fields(f"{name}_", unit="s"))
+        result["timer"] = timing.timer
+        if device.type == "cuda":
+            result[f"{name}_peak_extra_mb"] = timing.peak_mb
     for name in modes:
         result[f"{name}_tflops"] = flops[name] / result[f"{name}_s"] / 1e12
     return result
 
 
 def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
-    """bf16 dense n x n x n matmul throughput, the yardstick of the forward target."""
+    """bf16 dense n x n x n matmul throughput at the median time, the yardstick of the forward target."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    measure = _timer(device)
-    torch.mm(a, b)
-    return 2 * n**3 / statistics.median(measure(lambda: torch.mm(a, b)) for _ in range(reps)) / 1e12
+    return 2 * n**3 / timer.measure(lambda: torch.mm(a, b), device, runs=reps).median_s / 1e12
 
 
 def kernel_resources(head_dims=(512, 1024)) -> list[dict]:
@@ -229,7 +204,7 @@ def run(device, quick: bool = False) -> list[dict]:
     for L in lengths:
         for backend, role in (("torch", "engine"), ("plain", "baseline")):
             label = {"kind": "attention", "backend": backend, "role": role, "B": 1, "L": L, "D": D, "dtype": "fp32"}
-            row = _run_case(_attention_fn(backend), label, 1, L, D, torch.float32, device, 1 if quick else 3)
+            row = _run_case(_attention_fn(backend), label, 1, L, D, torch.float32, device, 3)
             if not quick:
                 row["peak_rss_growth_mb"] = cpu_peak_rss_mb(backend, L, D)
             rows.append(row)
@@ -262,16 +237,25 @@ def measured_engine_table(rows: list[dict], environment: dict | None = None) -> 
 
 
 def format_table(rows: list[dict]) -> str:
-    from fastnl.commands.bench import generic_table
-
+    """The attention suite's table: matmul yardstick, ``auto``'s choices, one line per backend and shape."""
     lines = [f"auto at B={r['B']} L={r['L']} D={r['D']}: {r['backend']} ({r['why']})" for r in rows if r["kind"] == "auto"]
-    columns = ["backend", "role", "B", "L", "D", "dtype", "fwd_s", "fwd_bwd_s", "fwd_bwd_tflops",
+    columns = ["backend", "role", "B", "L", "D", "dtype", "fwd_s", "fwd_bwd_s", "fwd_bwd_p20_s", "fwd_bwd_p80_s",
+               "fwd_bwd_tflops",
                "fwd_bwd_peak_extra_mb", "fwd_bwd_vs", "fwd_speedup", "fwd_bwd_speedup", "memory_vs_plain",
                "peak_rss_growth_mb", "refused"]
     table = [r for r in rows if r["kind"] == "attention"]
     present = [c for c in columns if any(c in r for r in table)]
     extra = [generic_table([r]) for r in rows if r["kind"] == "matmul"]
     return "\n".join(extra + lines + [generic_table(table, present)])
+
+
+CONFIG_COLUMNS = ["kernel", "L", "D", "B", "BLOCK_M", "BLOCK_N", "BLOCK_DV", "warps", "stages", "recompute", "default",
+                  "timed", "ms", "p20_ms", "p80_ms", "tflops", "vs_default", "refused", "skipped"]
+
+
+def format_configs(rows: list[dict]) -> str:
+    """The configs suite's table: one line per Triton configuration and shape."""
+    return generic_table(rows, [c for c in CONFIG_COLUMNS if any(c in r for r in rows)])
 
 
 # The model's attention shapes at the paper's N=8 (after layer3: L = 128 N, D = 512; after
@@ -292,9 +276,9 @@ def run_configs(device, quick: bool = False) -> list[dict]:
     if device.type != "cuda" and not (quick and os.environ.get("TRITON_INTERPRET") == "1"):
         return [{"kind": "config", "skipped": "needs a CUDA device (or TRITON_INTERPRET=1 with --quick)"}]
     shapes = CONFIG_SHAPES[:2] if quick else CONFIG_SHAPES
-    dtype, reps, batch = torch.bfloat16, 5 if quick else 20, 2
-    if device.type != "cuda":
-        shapes, reps, batch = ((48, 32),), 1, 1
+    dtype, reps, batch, timing = torch.bfloat16, 5 if quick else 20, 2, {}
+    if device.type != "cuda":  # interpreted: nothing to warm up, one timed run
+        shapes, reps, batch, timing = ((48, 32),), 1, 1, {"warmup": 0, "min_time_s": 0.0}
     rows = live_rows()
     fn = _attention_fn("triton")
     for L, D in shapes:
@@ -311,10 +295,11 @@ def run_configs(device, quick: bool = False) -> list[dict]:
                          == (default.kwargs, default.num_warps, default.num_stages)}
                 # the other kernels at their defaults: no autotuning between the rows
                 with nla.forced_configs(**{**defaults, kernel: config}):
-                    row = _run_case(fn, label, batch, L, D, dtype, device, reps, modes=(mode,))
+                    row = _run_case(fn, label, batch, L, D, dtype, device, reps, modes=(mode,), **timing)
                 if "refused" not in row:
                     row = {**label, "timed": mode.replace("_", "+"), "ms": 1e3 * row[f"{mode}_s"],
-                           "tflops": row[f"{mode}_tflops"]}
+                           "p20_ms": 1e3 * row[f"{mode}_p20_s"], "p80_ms": 1e3 * row[f"{mode}_p80_s"],
+                           "tflops": row[f"{mode}_tflops"], "timer": row["timer"]}
                 rows.append(row)
                 print(f"  config {kernel} L={L} D={D} {meta} w{config.num_warps} s{config.num_stages}: "
                       f"{row.get('ms', float('nan')):.3f} ms {row.get('refused', '')}",

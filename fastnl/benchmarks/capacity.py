@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from fastnl.benchmarks import emit, peak_rss_mb, reset_peak_rss_mb, run_subprocess
+from fastnl.benchmarks import emit, peak_rss_mb, reset_peak_rss_mb, run_subprocess, timer
 
 IMPLS = ("reference", "fused")
 
@@ -203,17 +203,13 @@ def probe_step(setting: Setting, impl: str, grad_checkpoint: bool, batch: int, f
         base = reset_peak_rss_mb()
         if setting.budget_mb:
             _cap_address_space(2 * setting.budget_mb)
-    t0 = time.perf_counter()
-    try:
-        builder = model_step if setting.target == "model" else nlam_step
-        builder(case, impl, setting.device)()
-        if on_cuda:
-            torch.cuda.synchronize(setting.device)
+    builder = model_step if setting.target == "model" else nlam_step
+    try:  # one build and step, exactly once: a second could run out of memory on its own
+        seconds = timer.once_s(lambda: builder(case, impl, setting.device)(), setting.device)
     except Exception as err:
         if _is_oom(err):
             return {"ok": False, "oom": True, "error": str(err).splitlines()[0][:200]}
         raise
-    seconds = time.perf_counter() - t0
     if on_cuda:
         peak = torch.cuda.max_memory_allocated(setting.device) / 2**20 - base
     else:

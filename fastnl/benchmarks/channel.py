@@ -5,49 +5,21 @@ b1, W2, b2) of ``fastnl.ops.channel_attention`` with backend "extension" and "re
 the NLAM shapes of a 256x128 input with B*N = 256 frames: C = 1024 at 16x8 (after layer3)
 and C = 2048 at 8x4 (after layer4), R = C/16; float32 and bfloat16 on CUDA, float32 on CPU.
 
-Each record gives the time, the achieved bandwidth over the memory-traffic floor (forward:
+Each record gives the median time and its 20th/80th percentiles, the achieved bandwidth over the memory-traffic floor (forward:
 read x, write out; backward: read grad_out and x, write grad_x) and the floor ratio: the time
 over floor_bytes / copy bandwidth, where the device-to-device copy bandwidth of a tensor the
 size of x is measured in the same run.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from fastnl import ops
-from fastnl.benchmarks import live_rows
+from fastnl.benchmarks import live_rows, timer
 
 REAL_SHAPES = [(32, 8, 1024, 16, 8), (32, 8, 2048, 8, 4)]  # (B, N, C, H, W), B*N = 256 frames
 QUICK_SHAPES = [(4, 4, 256, 16, 8), (4, 4, 512, 8, 4)]
 REDUCTION = 16
-
-
-def _timer(device: torch.device, reps: int, warmup: int):
-    """Median seconds of fn() over reps calls after warmup calls."""
-
-    def measure(fn) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        if device.type == "cuda":
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-        else:
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return measure
 
 
 def _inputs(shape, dtype, device, requires_grad):
@@ -64,11 +36,10 @@ def _inputs(shape, dtype, device, requires_grad):
 
 
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, measure) -> float:
-    """Bytes per second of dst.copy_(src) for numel elements (read + write)."""
+    """Bytes per second of dst.copy_(src) for numel elements (read + write), at the median time."""
     src = torch.randn(numel, device=device).to(dtype)
     dst = torch.empty_like(src)
-    seconds = measure(lambda: dst.copy_(src))
-    return 2 * numel * src.element_size() / seconds
+    return 2 * numel * src.element_size() / measure(lambda: dst.copy_(src)).median_s
 
 
 def run(device, quick: bool = False) -> list[dict]:
@@ -77,7 +48,10 @@ def run(device, quick: bool = False) -> list[dict]:
     dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
     shapes = QUICK_SHAPES if quick else REAL_SHAPES
     reps, warmup = (3, 1) if quick or device.type == "cpu" else (20, 5)
-    measure = _timer(device, reps, warmup)
+
+    def measure(fn) -> timer.Timing:
+        return timer.measure(fn, device, warmup=warmup, runs=reps, min_time_s=0.02 if quick else 0.1)
+
     records = live_rows()
     for shape in shapes:
         numel = 1
@@ -101,8 +75,8 @@ def run(device, quick: bool = False) -> list[dict]:
 
                 times[("fwd+bwd", backend)] = measure(step)
                 del leaves, grad_out, args
-            for (pass_, backend), seconds in times.items():
-                floor_bytes = floors[pass_]
+            for (pass_, backend), timing in times.items():
+                floor_bytes, seconds = floors[pass_], timing.median_s
                 records.append(
                     {
                         "op": "channel_attention",
@@ -112,25 +86,29 @@ def run(device, quick: bool = False) -> list[dict]:
                         "threads": torch.get_num_threads(),
                         "dtype": str(dtype).replace("torch.", ""),
                         "shape": list(shape),
-                        "ms": seconds * 1e3,
+                        **timing.fields(),
+                        "timer": timing.timer,
                         "floor_bytes": floor_bytes,
                         "gb_per_s": floor_bytes / seconds / 1e9,
                         "copy_gb_per_s": copy_bps / 1e9,
                         "floor_ms": floor_bytes / copy_bps * 1e3,
                         "floor_ratio": seconds * copy_bps / floor_bytes,
-                        "speedup_vs_reference": times[(pass_, "reference")] / seconds,
+                        "speedup_vs_reference": times[(pass_, "reference")].median_s / seconds,
                     }
                 )
     return records
 
 
 def format_table(records: list[dict]) -> str:
-    """One line per record: shape, dtype, pass, backend, ms, GB/s, floor ratio, speedup."""
-    lines = [f"{'shape':>22} {'dtype':>8} {'pass':>7} {'backend':>9} {'ms':>9} {'GB/s':>7} {'floor x':>7} {'speedup':>7}"]
+    """One line per record: shape, dtype, pass, backend, median ms (20th-80th percentile), GB/s,
+    floor ratio, speedup."""
+    lines = [f"{'shape':>22} {'dtype':>8} {'pass':>7} {'backend':>9} {'ms':>9} {'p20-p80 ms':>17} {'GB/s':>7} "
+             f"{'floor x':>7} {'speedup':>7}"]
     for r in records:
+        spread = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}" if "p20_ms" in r else "-"
         lines.append(
             f"{'x'.join(map(str, r['shape'])):>22} {r['dtype']:>8} {r['pass']:>7} {r['backend']:>9} "
-            f"{r['ms']:9.2f} {r['gb_per_s']:7.1f} {r['floor_ratio']:7.2f} {r['speedup_vs_reference']:7.2f}"
+            f"{r['ms']:9.2f} {spread:>17} {r['gb_per_s']:7.1f} {r['floor_ratio']:7.2f} {r['speedup_vs_reference']:7.2f}"
         )
     return "\n".join(lines)
 

@@ -47,6 +47,8 @@ import time
 import weakref
 from dataclasses import dataclass
 
+from fastnl.benchmarks import generic_table
+
 IMPLS = ("reference", "fused")
 DEFAULT_FRAMES = (8, 16, 32, 64, 128, 256)
 DEFAULT_BATCHES = (8, 16, 32)
@@ -443,8 +445,6 @@ def _name(row: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    from fastnl.commands.bench import generic_table
-
     counts = [r for r in rows if r.get("kind") == "count"]
     fits = [r for r in rows if r.get("kind") == "fit"]
     lines = [generic_table(counts, ["impl", "grad_checkpoint", "batch", "frames", "L_layer3", "start_mb",

@@ -8,18 +8,19 @@ clips (N=32 after layer3, L=4096) where the reference's L x L matrices dominate.
 On a CPU both run scaled down (fewer frames and clips, lower resolution), as printed in each row.
 
 Both variants of a row run in the same AMP mode (bf16 autocast on CUDA, none on CPU). A row
-holds the medians, the speed-up (reference time / fused time), the peak memories and their
-ratio (reference / fused). On CUDA the variants run in this process with
-``torch.cuda.max_memory_allocated``; on a CPU each runs in its own subprocess and its peak is the
-process's peak resident set (see :func:`fastnl.benchmarks.peak_rss_mb`) above its resident size
-before the model and inputs were built.
+holds the medians and their 20th/80th percentiles (:mod:`fastnl.benchmarks.timer`), the
+speed-up (reference median / fused median), the peak memories and their ratio (reference /
+fused). On CUDA the variants run in this process with ``torch.cuda.max_memory_allocated``; on a
+CPU each runs in its own subprocess and its peak is the process's peak resident set (see
+:func:`fastnl.benchmarks.peak_rss_mb`) above its resident size before the model and inputs were
+built; both over the untimed steps.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass
 
-from fastnl.benchmarks import emit, live_rows, median_ms, peak_rss_mb, reset_peak_rss_mb, run_subprocess
+from fastnl.benchmarks import emit, generic_table, live_rows, reset_peak_rss_mb, run_subprocess, timer
 
 IMPLS = ("reference", "fused")
 
@@ -126,25 +127,20 @@ def attention_flops(case: Case) -> float:
 
 
 def measure(case: Case, impl: str, device: str) -> dict:
-    """Median step time and peak memory of one variant, in this process."""
+    """Median step time with its 20th/80th percentiles (at least ``case.repeat`` timed steps
+    after ``case.warmup`` untimed ones) and the peak memory above what was there before the
+    variant was built, in this process."""
     import torch
 
-    on_cuda = device.startswith("cuda")
-    if on_cuda:
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
         base_mb = torch.cuda.memory_allocated(device) / 2**20
     else:
         base_mb = reset_peak_rss_mb()
     step = BUILDERS[case.kind](case, impl, device)
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    ms = median_ms(step, device, warmup=case.warmup, repeat=case.repeat)
-    if on_cuda:
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 - base_mb
-    else:
-        peak_mb = peak_rss_mb() - base_mb
+    timing = timer.measure(step, device, warmup=case.warmup, runs=case.repeat, min_time_s=0.0, base_mb=base_mb)
     del step
-    return {"ok": True, "ms": ms, "peak_mb": peak_mb}
+    return {"ok": True, **timing.fields(), "runs": timing.runs, "timer": timing.timer, "peak_mb": timing.peak_mb}
 
 
 def measure_isolated(case: Case, impl: str, device: str, timeout: float | None = None) -> dict:
@@ -168,7 +164,9 @@ def compare(case: Case, device: str) -> dict:
            "threads": torch.get_num_threads(), "repeat": case.repeat,
            "memory": "max_memory_allocated" if on_cuda else "peak RSS above start (subprocess, Linux VmHWM)"}
     for impl, res in results.items():
-        row[f"{impl}_ms"] = res.get("ms")
+        for key in ("ms", "p20_ms", "p80_ms"):
+            row[f"{impl}_{key}"] = res.get(key)
+        row.setdefault("timer", res.get("timer"))
         row[f"{impl}_peak_mb"] = res.get("peak_mb")
         if not res.get("ok"):
             row[f"{impl}_error"] = res.get("error", "failed")
@@ -186,7 +184,7 @@ def compare(case: Case, device: str) -> dict:
 
 def nlam_cases(device: str, quick: bool) -> list[Case]:
     if device.startswith("cuda"):
-        reps = dict(warmup=2, repeat=5) if quick else dict(warmup=3, repeat=20)
+        reps = dict(warmup=1, repeat=5) if quick else dict(warmup=1, repeat=20)  # do_bench warms up too
         cases = [Case("nlam", "after layer3", 32, 8, 16, 8, channels=1024, amp="bf16", **reps),
                  Case("nlam", "after layer4", 32, 8, 8, 4, channels=2048, amp="bf16", **reps),
                  Case("nlam", "layer3, long clips", 8, 32, 16, 8, channels=1024, amp="bf16", **reps)]
@@ -201,7 +199,7 @@ def nlam_cases(device: str, quick: bool) -> list[Case]:
 
 def model_cases(device: str, quick: bool) -> list[Case]:
     if device.startswith("cuda"):
-        reps = dict(warmup=2, repeat=5) if quick else dict(warmup=3, repeat=10)
+        reps = dict(warmup=1, repeat=5) if quick else dict(warmup=1, repeat=10)
         cases = [Case("model", "paper setting", 32, 8, 256, 128, amp="bf16", **reps),
                  Case("model", "paper setting, grad checkpoint", 32, 8, 256, 128, amp="bf16",
                       grad_checkpoint=True, **reps),
@@ -225,6 +223,21 @@ def run_model(device, quick: bool = False) -> list[dict]:
     rows = live_rows()
     rows.extend(compare(case, device) for case in model_cases(device, quick))
     return rows
+
+
+COLUMNS = ["case", "shape", "L", "amp", "grad_checkpoint", "reference_ms", "fused_ms", "fused_p20_ms", "fused_p80_ms",
+           "speedup", "reference_peak_mb", "fused_peak_mb", "memory_ratio"]
+EXTRA_COLUMNS = {"nlam": ["reference_attention_tflops", "fused_attention_tflops"],
+                 "model": ["reference_clips_per_s", "fused_clips_per_s"]}
+
+
+def format_table(rows: list[dict]) -> str:
+    """The nlam or model suite's table (fused vs reference per case), then each variant's error."""
+    suite = rows[0]["suite"] if rows else "nlam"
+    text = generic_table(rows, COLUMNS + EXTRA_COLUMNS[suite])
+    errors = [f"  {r['case']}: {impl}: {r[impl + '_error']}" for r in rows for impl in IMPLS
+              if r.get(impl + "_error")]
+    return text + ("\nerrors:\n" + "\n".join(errors) if errors else "")
 
 
 def prepare_child(threads: int | None, case: Case | None = None, impl: str | None = None,

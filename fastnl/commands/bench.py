@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import platform
-import sys
 
 NAME = "bench"
 HELP = ("Benchmark fused vs reference: the attention and channel-attention kernels, the whole NLAM "
@@ -14,9 +12,9 @@ HELP = ("Benchmark fused vs reference: the attention and channel-attention kerne
         "ratios); `fastnl bench capacity` searches the largest batch and the longest clips that train; "
         "`fastnl bench configs` times every Triton configuration the autotuner may pick (GPU); "
         "`fastnl bench memory` counts the memory of a training step on fake tensors (no GPU needed) "
-        "and projects the largest N and batch within a budget.")
+        "and projects the largest N and batch within a budget; `fastnl bench loader` times the clip loaders.")
 DEFAULT_SUITES = ("attention", "channel", "nlam", "model")
-ALL = DEFAULT_SUITES + ("configs", "capacity", "memory")
+ALL = DEFAULT_SUITES + ("configs", "capacity", "memory", "loader")
 
 
 def add_arguments(parser) -> None:
@@ -63,58 +61,15 @@ def _parse_what(values) -> tuple:
     return tuple(dict.fromkeys(values))
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-    if isinstance(value, (list, tuple)):
-        return "x".join(map(str, value))
-    return str(value)
-
-
-def generic_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A plain table of dict rows (the union of their keys, in first-seen order)."""
-    if not rows:
-        return "(no rows)"
-    if columns is None:
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(out)
-
-
-COMPARE_COLUMNS = ["case", "shape", "L", "amp", "grad_checkpoint", "reference_ms", "fused_ms", "speedup",
-                   "reference_peak_mb", "fused_peak_mb", "memory_ratio"]
-
-
 def format_rows(name: str, rows: list[dict]) -> str:
-    """The suite's own ``format_table`` when it has one; the fused-vs-reference table otherwise."""
-    from fastnl.benchmarks import SUITES
+    """The suite's own table (:func:`fastnl.benchmarks.load_table`); a plain one of every field
+    when its rows do not fit it (a suite replaced in a test, rows of an older version)."""
+    from fastnl import benchmarks
 
-    module = sys.modules.get(SUITES[name].split(":")[0])
-    if name in ("nlam", "model"):
-        columns = list(COMPARE_COLUMNS)
-        if name == "nlam":
-            columns += ["reference_attention_tflops", "fused_attention_tflops"]
-        else:
-            columns += ["reference_clips_per_s", "fused_clips_per_s"]
-        text = generic_table(rows, columns)
-        errors = [f"  {r['case']}: {impl}: {r[impl + '_error']}" for r in rows for impl in ("reference", "fused")
-                  if r.get(impl + "_error")]
-        return text + ("\nerrors:\n" + "\n".join(errors) if errors else "")
-    if module is not None and hasattr(module, "format_table"):
-        try:
-            return module.format_table(rows)
-        except (KeyError, TypeError, ValueError):
-            pass
-    return generic_table(rows)
+    try:
+        return benchmarks.load_table(name)(rows)
+    except (ImportError, KeyError, TypeError, ValueError):
+        return benchmarks.generic_table(rows)
 
 
 def environment(device: str) -> dict:
