@@ -22,7 +22,7 @@ def test_attention_auto_on_cpu_is_the_chunked_path():
     assert out.grad_fn is None  # no grad requested
     q.requires_grad_(True)
     out = ops.nl_attention(q, k, v)
-    assert type(out.grad_fn).__name__ == "_ChunkedAttentionBackward"
+    assert type(out.grad_fn).__name__ == "GeneratedBackwardFor_fastnl_nl_attention_chunked_defaultBackward"
 
 
 @pytest.mark.parametrize(

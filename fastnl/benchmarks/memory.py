@@ -76,7 +76,8 @@ def _round_up(nbytes: int, block: int) -> int:
 class LiveStorageTracker:
     """A ``TorchDispatchMode`` that tracks the bytes of the storages alive: every op's output
     storage is added the first time it is seen (each rounded up to ``round_to`` bytes) and
-    removed when its last reference dies. ``live`` and ``peak`` are in bytes; ``peak_op`` names
+    removed when its last reference dies (inside the chunked attention engine's ops too, whose
+    Python bodies it runs). ``live`` and ``peak`` are in bytes; ``peak_op`` names
     the op whose output set the peak. Enter it after (inside) a ``FakeTensorMode`` to count
     without allocating; on real tensors it counts the same way. Tensors made before it was
     entered count once :meth:`track` has been called on them."""
@@ -86,9 +87,18 @@ class LiveStorageTracker:
 
         tracker = self
 
+        from fastnl.attention_chunked import op_bodies
+
+        bodies = op_bodies()
+
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
+                body = bodies.get(func)
+                if body is not None:  # the chunked engine's op: count the tiles inside it too
+                    with self:
+                        out = body(*args, **(kwargs or {}))
+                else:
+                    out = func(*args, **(kwargs or {}))
                 tracker.ops += 1
                 tracker._track_tree(out, func)
                 return out
