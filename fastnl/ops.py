@@ -8,6 +8,7 @@ Inputs are validated here once, so every backend sees well-formed tensors.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -183,9 +184,12 @@ def _triton_available() -> bool:
 
 
 def _load_triton_kernels():
-    from fastnl._paths import import_kernels
+    kernels = sys.modules.get("fastnl.kernels")  # once imported, a lookup that torch.compile traces
+    if kernels is None:
+        from fastnl._paths import import_kernels
 
-    return import_kernels()
+        kernels = import_kernels()
+    return kernels
 
 
 def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

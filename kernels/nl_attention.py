@@ -493,7 +493,7 @@ def _constants(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers and the autograd.Function
+# Launchers and the ops
 # ---------------------------------------------------------------------------------------------
 
 
@@ -535,21 +535,58 @@ def nl_attention_bwd(q, k, v, out, mz, grad_out, scale: float):
     return dq, dk, dv
 
 
-class NLAttention(torch.autograd.Function):
-    """``softmax(scale * q k^T) v`` on [B, L, D] tensors; saves q, k, v, O and the row M and Z."""
+# The kernels as ``torch.library`` ops (``torch.ops.fastnl``), so that autograd, opcheck and
+# torch.compile (fullgraph; the ops are opaque to it) see one op per direction. The forward op
+# returns O and the row M and Z that the backward reads; nl_attention_triton returns O only.
+# Defined once per process (a second import of this file, e.g. as ``kernels`` beside
+# ``fastnl.kernels``, reuses the ops of the first).
 
-    @staticmethod
-    def forward(ctx, q, k, v, scale: float):
-        out, mz = nl_attention_fwd(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, mz)
-        ctx.scale = scale
-        return out
+_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
+_BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor mz, float scale) "
+               "-> (Tensor, Tensor, Tensor)")
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, mz = ctx.saved_tensors
-        dq, dk, dv = nl_attention_bwd(q, k, v, out, mz, grad_out, ctx.scale)
-        return dq, dk, dv, None
+
+def _fake_fwd(q, k, v, scale):
+    B, L, D = q.shape
+    return q.new_empty((B, L, D)), q.new_empty((B, 2, L), dtype=torch.float32)
+
+
+def _fake_bwd(grad_out, q, k, v, out, mz, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, mz = output
+    ctx.save_for_backward(q, k, v, out, mz)
+    ctx.mark_non_differentiable(mz)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, _grad_mz):
+    q, k, v, out, mz = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastnl.nl_attention_triton_backward(grad_out, q, k, v, out, mz, ctx.scale)
+    return dq, dk, dv, None
+
+
+def _define_ops() -> None:
+    if hasattr(torch.ops.fastnl, "nl_attention_triton"):
+        return
+    fwd = torch.library.custom_op("fastnl::nl_attention_triton", nl_attention_fwd, mutates_args=(),
+                                  schema=_FWD_SCHEMA)
+    bwd = torch.library.custom_op("fastnl::nl_attention_triton_backward", nl_attention_bwd_op, mutates_args=(),
+                                  schema=_BWD_SCHEMA)
+    fwd.register_fake(_fake_fwd)
+    bwd.register_fake(_fake_bwd)
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nl_attention_bwd_op(grad_out, q, k, v, out, mz, scale: float):
+    """:func:`nl_attention_bwd` with grad_out first, as the backward op takes it."""
+    return nl_attention_bwd(q, k, v, out, mz, grad_out, scale)
+
+
+_define_ops()
 
 
 def nl_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
@@ -569,4 +606,4 @@ def nl_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if D % 16 != 0 or D > MAX_HEAD_DIM:
         raise ValueError(f"q, k, v: head dimension D (last dim) must be a multiple of 16 and at most "
                          f"{MAX_HEAD_DIM} for the Triton kernel, got D={D}; use backend='torch'")
-    return NLAttention.apply(q, k, v, float(scale))
+    return torch.ops.fastnl.nl_attention_triton(q, k, v, float(scale))[0]

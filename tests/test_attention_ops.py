@@ -1,0 +1,111 @@
+"""The attention engines as ``torch.library`` ops (``torch.ops.fastnl``): opcheck on the chunked
+engine's and the flash kernel's forward and backward ops (the Triton ones under the interpreter
+on a CPU), and ``torch.compile(fullgraph=True)`` through them, alone and in the whole model."""
+import pytest
+import torch
+
+from fastnl import attention_chunked, ops
+from fastnl._paths import import_kernels
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+
+
+def _qkv(B, L, D, dtype, seed=0, requires_grad=True):
+    """q, k, v [B, L, D] viewing one [B, 3D, L] conv output (strides (3DL, 1, L))."""
+    x = torch.randn(B, 3 * D, L, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    return [t.transpose(1, 2).detach().requires_grad_(requires_grad) for t in x.chunk(3, dim=1)]
+
+
+def _chunked_args(dtype, one_tile, rowwise="torch"):
+    q, k, v = _qkv(2, 24, 16, dtype)
+    clips, block = (2, 32) if one_tile else (1, 8)
+    return (q, k, v, 0.3, clips, block, rowwise, True)
+
+
+CHUNKED_SAMPLES = [(dtype, one_tile) for dtype in (F32, BF16, F64) for one_tile in (True, False)]
+
+
+def _sample_id(sample):
+    dtype, one_tile = sample
+    return f"{str(dtype).split('.')[-1]}-{'one_tile' if one_tile else 'blocks'}"
+
+
+@pytest.mark.parametrize("sample", CHUNKED_SAMPLES, ids=_sample_id)
+def test_opcheck_chunked_attention(sample):
+    torch.library.opcheck(torch.ops.fastnl.nl_attention_chunked.default, _chunked_args(*sample))
+
+
+@pytest.mark.parametrize("sample", CHUNKED_SAMPLES, ids=_sample_id)
+def test_opcheck_chunked_attention_backward(sample):
+    q, k, v, scale, clips, block, rowwise, keep = _chunked_args(*sample)
+    out, m, z, kept = torch.ops.fastnl.nl_attention_chunked(q, k, v, scale, clips, block, rowwise, keep)
+    assert (kept.numel() > 0) == sample[1]  # P is kept only where one tile covers the scores
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    args = [t.detach() for t in (grad, q, k, v, out, m, z)] + [kept.detach() if kept.numel() else None]
+    torch.library.opcheck(torch.ops.fastnl.nl_attention_chunked_backward.default,
+                          (*args, scale, clips, block, rowwise))
+
+
+def test_chunked_op_returns_the_saved_statistics_and_hides_them():
+    """The forward op's extra outputs are the row statistics the backward reads; the public
+    function returns O only, equal to the op's O."""
+    q, k, v = _qkv(2, 24, 16, F64)
+    out, m, z, kept = torch.ops.fastnl.nl_attention_chunked(q, k, v, 0.3, 2, 32, "torch", True)
+    scores = 0.3 * q @ k.transpose(1, 2)
+    # float64 throughout: a few roundings of the same products in another order
+    exact = dict(rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(m, scores.amax(-1), **exact)
+    torch.testing.assert_close(z, (scores - m.unsqueeze(-1)).exp().sum(-1), **exact)
+    torch.testing.assert_close(kept, torch.softmax(scores, -1), **exact)
+    public = attention_chunked.nl_attention_chunked(q, k, v, 0.3, block=32, clips=2)
+    assert isinstance(public, torch.Tensor)
+    torch.testing.assert_close(public, out, rtol=0, atol=0)
+    assert public.requires_grad and not (m.requires_grad or z.requires_grad or kept.requires_grad)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
+def test_opcheck_chunked_attention_triton_rows(dtype):
+    torch.library.opcheck(torch.ops.fastnl.nl_attention_chunked.default, _chunked_args(dtype, False, "triton"))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
+def test_opcheck_triton_attention(dtype):
+    import_kernels()  # defines the ops
+    q, k, v = _qkv(2, 20, 16, dtype)
+    torch.library.opcheck(torch.ops.fastnl.nl_attention_triton.default, (q, k, v, 0.3))
+    out, mz = torch.ops.fastnl.nl_attention_triton(q, k, v, 0.3)
+    assert mz.shape == (2, 2, 20) and mz.dtype == F32 and not mz.requires_grad
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    torch.library.opcheck(torch.ops.fastnl.nl_attention_triton_backward.default,
+                          (grad, *(t.detach() for t in (q, k, v, out, mz)), 0.3))
+
+
+def _compiled_matches_eager(backend, dtype, compile_backend, **tol):
+    q, k, v = _qkv(2, 24, 16, dtype)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+
+    def fn(a, b, c):
+        return ops.nl_attention(a, b, c, scale=0.3, backend=backend)
+
+    compiled = torch.compile(fn, backend=compile_backend, fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        out = f(q, k, v)
+        results.append([out.detach(), *torch.autograd.grad(out, (q, k, v), grad)])
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results[1], results[0]):
+        torch.testing.assert_close(got, want, msg=name, **tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_chunked_attention_compiles_fullgraph_and_matches_eager(backend):
+    """The op is opaque to compile: the compiled graph calls the same kernels, bit for bit."""
+    _compiled_matches_eager(backend, F32, "aot_eager", rtol=0, atol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+def test_triton_attention_compiles_fullgraph_and_matches_eager(backend):
+    _compiled_matches_eager(backend, F32, "aot_eager", rtol=0, atol=0)
