@@ -565,7 +565,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mz):
     q, k, v, out, mz = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fastnl.nl_attention_triton_backward(grad_out, q, k, v, out, mz, ctx.scale)
+    dq, dk, dv = torch.ops.fastnl.nl_attention_triton_backward.default(grad_out, q, k, v, out, mz, ctx.scale)
     return dq, dk, dv, None
 
 
@@ -606,4 +606,4 @@ def nl_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if D % 16 != 0 or D > MAX_HEAD_DIM:
         raise ValueError(f"q, k, v: head dimension D (last dim) must be a multiple of 16 and at most "
                          f"{MAX_HEAD_DIM} for the Triton kernel, got D={D}; use backend='torch'")
-    return torch.ops.fastnl.nl_attention_triton(q, k, v, float(scale))[0]
+    return torch.ops.fastnl.nl_attention_triton.default(q, k, v, float(scale))[0]

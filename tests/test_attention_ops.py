@@ -83,18 +83,26 @@ def test_opcheck_triton_attention(dtype):
                           (grad, *(t.detach() for t in (q, k, v, out, mz)), 0.3))
 
 
-def _compiled_matches_eager(backend, dtype, compile_backend, **tol):
+def _compiled_matches_eager(backend, dtype, op, **tol):
+    """Compile ``ops.nl_attention(backend=backend)`` in one graph, which must call ``op``, and
+    compare out and the gradients with eager."""
     q, k, v = _qkv(2, 24, 16, dtype)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     def fn(a, b, c):
         return ops.nl_attention(a, b, c, scale=0.3, backend=backend)
 
-    compiled = torch.compile(fn, backend=compile_backend, fullgraph=True)
+    compiled = torch.compile(fn, backend=record, fullgraph=True)
     results = []
     for f in (fn, compiled):
         out = f(q, k, v)
         results.append([out.detach(), *torch.autograd.grad(out, (q, k, v), grad)])
+    assert op in targets
     for name, got, want in zip(("out", "dq", "dk", "dv"), results[1], results[0]):
         torch.testing.assert_close(got, want, msg=name, **tol)
 
@@ -102,10 +110,56 @@ def _compiled_matches_eager(backend, dtype, compile_backend, **tol):
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_chunked_attention_compiles_fullgraph_and_matches_eager(backend):
     """The op is opaque to compile: the compiled graph calls the same kernels, bit for bit."""
-    _compiled_matches_eager(backend, F32, "aot_eager", rtol=0, atol=0)
+    _compiled_matches_eager(backend, F32, torch.ops.fastnl.nl_attention_chunked.default, rtol=0, atol=0)
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("backend", ["triton", "chunked"])
 def test_triton_attention_compiles_fullgraph_and_matches_eager(backend):
-    _compiled_matches_eager(backend, F32, "aot_eager", rtol=0, atol=0)
+    import_kernels()  # defines the flash kernel's ops
+    op = {"triton": torch.ops.fastnl.nl_attention_triton.default,
+          "chunked": torch.ops.fastnl.nl_attention_chunked.default}[backend]
+    _compiled_matches_eager(backend, F32, op, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_fused_model_trains_a_step_like_eager():
+    """``torch.compile(build_model(impl="fused"), fullgraph=True)`` (inductor; on a CPU the NLAM
+    runs the chunked engine's op and the channel extension's op) trains one SGD step on 2 clips
+    like the eager model, in float64 with the tolerances of the fused-vs-reference test of
+    tests/test_model.py: the compiled graph sums in another order, nothing else."""
+    import copy
+
+    from test_model import _clips, _wake_nlams
+
+    from fastnl.model import build_model
+
+    torch.manual_seed(0)
+    eager = build_model(4, frames=2, impl="fused").double().train()
+    _wake_nlams(eager)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True)
+    clips = _clips(2, 2, seed=1).double()
+    results = []
+    for net, params in ((eager, eager), (compiled, model)):
+        optimizer = torch.optim.SGD(params.parameters(), lr=0.1)
+        logits, desc = net(clips)
+        (logits.sum() + desc.square().sum()).backward()
+        grads = {n: p.grad.clone() for n, p in params.named_parameters()}
+        optimizer.step()
+        results.append((logits.detach(), desc.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-9, atol=1e-9)
+    ref_grads = results[0][2]
+
+    def group_scale(name):
+        owner = name.rsplit(".", 2)[0]
+        return max(g.abs().max().item() for n, g in ref_grads.items() if n.startswith(owner + "."))
+
+    for name, grad in results[1][2].items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-7, atol=1e-10 * group_scale(name), msg=name)
+    after = dict(model.named_parameters())
+    for name, p in eager.named_parameters():  # the step: p - 0.1 grad on both
+        torch.testing.assert_close(after[name], p, rtol=1e-9, atol=1e-11 * group_scale(name), msg=name)
+    for (name, b), b2 in zip(eager.named_buffers(), model.buffers()):  # BatchNorm statistics
+        torch.testing.assert_close(b2, b, rtol=1e-9, atol=1e-12, msg=name)
