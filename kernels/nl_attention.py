@@ -538,6 +538,9 @@ def nl_attention_bwd(q, k, v, out, mz, grad_out, scale: float):
 # The kernels as ``torch.library`` ops (``torch.ops.fastnl``), so that autograd, opcheck and
 # torch.compile (fullgraph; the ops are opaque to it) see one op per direction. The forward op
 # returns O and the row M and Z that the backward reads; nl_attention_triton returns O only.
+# custom_op rather than triton_op: under TRITON_INTERPRET=1 ``torch.library.wrap_triton`` hands
+# back the interpreted kernel unwrapped, so tracing a triton_op launches it on fake tensors
+# ("Cannot access data pointer of Tensor"), and the CPU tests could not compile through it.
 # Defined once per process (a second import of this file, e.g. as ``kernels`` beside
 # ``fastnl.kernels``, reuses the ops of the first).
 
