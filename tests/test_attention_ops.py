@@ -65,9 +65,9 @@ def test_chunked_op_returns_the_saved_statistics_and_hides_them():
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
-def test_opcheck_chunked_attention_triton_rows(dtype):
-    torch.library.opcheck(torch.ops.fastnl.nl_attention_chunked.default, _chunked_args(dtype, False, "triton"))
+@pytest.mark.parametrize("sample", [(F32, False), (BF16, True)], ids=_sample_id)
+def test_opcheck_chunked_attention_triton_rows(sample):
+    torch.library.opcheck(torch.ops.fastnl.nl_attention_chunked.default, _chunked_args(*sample, "triton"))
 
 
 @pytest.mark.triton
@@ -111,6 +111,21 @@ def _compiled_matches_eager(backend, dtype, op, **tol):
 def test_chunked_attention_compiles_fullgraph_and_matches_eager(backend):
     """The op is opaque to compile: the compiled graph calls the same kernels, bit for bit."""
     _compiled_matches_eager(backend, F32, torch.ops.fastnl.nl_attention_chunked.default, rtol=0, atol=0)
+
+
+def test_compiled_attention_ignores_an_enclosing_autocast_like_eager():
+    """Under autocast the engines still multiply the input dtype and return it, compiled too."""
+    q, k, v = _qkv(2, 24, 16, F32)
+
+    def fn(a, b, c):
+        with torch.autocast(DEVICE.type, dtype=BF16):
+            return ops.nl_attention(a, b, c, scale=0.3, backend="torch")
+
+    eager = fn(q, k, v)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert eager.dtype == compiled.dtype == F32
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(eager, ops.nl_attention(q, k, v, scale=0.3, backend="torch"), rtol=0, atol=0)
 
 
 @pytest.mark.triton
