@@ -112,16 +112,16 @@ def _amp_bf16_with_grad_scaler_step():
     model.classifier.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # the fp16 path, here on bf16
     loss, parts = forward_backward(model, ReIDLoss(), clips, pids, amp_dtype=torch.bfloat16, scaler=scaler)
-    assert dtypes == [torch.bfloat16]  # the network ran under autocast
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert abs(loss.item() - ref_loss.item()) < 0.05 * ref_loss.item()
+    assert dtypes == [torch.bfloat16], dtypes  # the network ran under autocast
+    assert loss.dtype == torch.float32 and torch.isfinite(loss), loss
+    assert abs(loss.item() - ref_loss.item()) < 0.05 * ref_loss.item(), (loss.item(), ref_loss.item())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler.unscale_(optimizer)
-    grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    bad = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, f"missing or non-finite gradients: {bad}"
     scaler.step(optimizer)
     scaler.update()
-    assert scaler.get_scale() == 1024.0  # finite gradients: the step was taken, the scale kept
+    assert scaler.get_scale() == 1024.0, scaler.get_scale()  # finite gradients: the step was taken
     print("ok")
 
 
