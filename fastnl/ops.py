@@ -14,6 +14,7 @@ import torch
 
 from fastnl import reference
 from fastnl.vocabulary import ATTENTION_BACKENDS, CHANNEL_BACKENDS, TRITON_MAX_HEAD_DIM  # noqa: F401
+from fastnl.vocabulary import triton_head_dim_ok
 from fastnl.vocabulary import triton_interpreted as _triton_interpreted
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -98,7 +99,7 @@ def explain_auto_backend(device_type: str, dtype: torch.dtype, head_dim: int, se
     from fastnl import attention_engines
 
     engine, why = attention_engines.choose(dtype, head_dim, seq_len, _capability(device))
-    if engine == "triton" and (head_dim % 16 != 0 or head_dim > TRITON_MAX_HEAD_DIM):
+    if engine == "triton" and not triton_head_dim_ok(head_dim):
         return "chunked", f"the flash kernel needs D a multiple of 16 up to {TRITON_MAX_HEAD_DIM} (D={head_dim})"
     return engine, why
 

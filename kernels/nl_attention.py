@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from fastnl.vocabulary import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM
+from fastnl.vocabulary import triton_head_dim_ok
 from fastnl.vocabulary import triton_interpreted as _interpreted
 
 LOG2E = 1.4426950408889634
@@ -606,7 +607,7 @@ def nl_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     D = q.shape[-1]
-    if D % 16 != 0 or D > MAX_HEAD_DIM:
+    if not triton_head_dim_ok(D):
         raise ValueError(f"q, k, v: head dimension D (last dim) must be a multiple of 16 and at most "
                          f"{MAX_HEAD_DIM} for the Triton kernel, got D={D}; use backend='torch'")
     return torch.ops.fastnl.nl_attention_triton.default(q, k, v, float(scale))[0]

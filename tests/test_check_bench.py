@@ -410,9 +410,23 @@ def test_loader_suite_times_steady_batches_across_epochs(monkeypatch):
     assert [r["backend"] for r in rows] == ["torch", "dali"] and "skipped" in rows[1]
 
 
-def test_model_rows_follow_known_workloads(monkeypatch):
+def test_model_rows_follow_known_workloads():
     """Stand-in steps of known cost: the reference sleeps 3x as long and touches 4x the memory
-    of the fused one; the row's speed-up and memory ratio show it."""
+    of the fused one; the row's speed-up and memory ratio show it. In a fresh process, as the
+    suite measures each variant (in the long-lived test process, memory the allocator already
+    holds resident hides the smaller step's pages)."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", "import test_check_bench as t; t._model_rows_known_workloads()"],
+                          cwd=here, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.path.dirname(here)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok"), proc.stdout[-1000:]
+
+
+def _model_rows_known_workloads():
     import time
 
     from fastnl.benchmarks import model
@@ -425,14 +439,14 @@ def test_model_rows_follow_known_workloads(monkeypatch):
             time.sleep(seconds)
         return step
 
-    monkeypatch.setitem(model.BUILDERS, "nlam", builder)
-    monkeypatch.setattr(model, "measure_isolated", lambda case, impl, device, timeout=None:
-                        model.measure(case, impl, device))
+    model.BUILDERS["nlam"] = builder
+    model.measure_isolated = lambda case, impl, device, timeout=None: model.measure(case, impl, device)
     row = model.compare(model.Case("nlam", "known", 1, 1, 1, 1, channels=1, repeat=3), "cpu")
-    assert 1.8 < row["speedup"] < 4.5  # 3x the sleep, and 4x the memory to touch
-    assert 150 < row["reference_peak_mb"] < 240 and 38 < row["fused_peak_mb"] < 90
-    assert 2.5 < row["memory_ratio"] < 4.2
-    assert row["reference_p20_ms"] <= row["reference_ms"] <= row["reference_p80_ms"]
+    assert 1.8 < row["speedup"] < 4.5, row  # 3x the sleep, and 4x the memory to touch
+    assert 150 < row["reference_peak_mb"] < 240 and 38 < row["fused_peak_mb"] < 90, row
+    assert 2.5 < row["memory_ratio"] < 4.2, row
+    assert row["reference_p20_ms"] <= row["reference_ms"] <= row["reference_p80_ms"], row
+    print("ok")
 
 
 def test_channel_rows_follow_known_times(monkeypatch):

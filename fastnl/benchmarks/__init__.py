@@ -22,6 +22,8 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 
+from fastnl.vocabulary import MODEL_IMPLS
+
 # name -> "module:run:table": the suite's function and the one that prints its rows (each suite
 # owns its columns); attention and channel are the kernels' own microbenchmarks.
 SUITES = {
@@ -34,6 +36,8 @@ SUITES = {
     "loader": "fastnl.benchmarks.loader:run:format_table",
 }
 RESULT_PREFIX = "FASTNL_RESULT "
+# The model's implementations as the suites compare them: the baseline (reference) first.
+BENCH_IMPLS = tuple(sorted(MODEL_IMPLS, key=lambda impl: impl != "reference"))
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -135,7 +139,13 @@ def current_rss_mb() -> float:
 def reset_peak_rss_mb() -> float:
     """Start a measurement: reset the peak-RSS mark to the current size (Linux, via
     /proc/self/clear_refs) so transient peaks before it (imports, set-up) do not count, and
-    return the current resident size in MB."""
+    return the current resident size in MB.
+
+    It first imports torch._dynamo: the first call of any ``torch.library`` op in a process
+    imports it (about 150 MB of resident modules and 2 s on a CPU), which would otherwise land
+    in the first measured peak instead of the op's own memory."""
+    import torch._dynamo  # noqa: F401
+
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

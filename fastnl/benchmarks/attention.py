@@ -26,13 +26,14 @@ import torch
 
 from fastnl import ops
 from fastnl.benchmarks import generic_table, live_rows, timer
+from fastnl.vocabulary import ATTENTION_ENGINES, triton_interpreted
 
 # (B, L, D): the model's attention at N=8 frames after layer3 and layer4 at batch 8, a 64-frame
 # clip after layer3, then batch 32 (in this order: a time cap cuts the last)
 GPU_SHAPES = ((8, 1024, 512), (8, 256, 1024), (8, 8192, 512), (32, 1024, 512), (32, 256, 1024))
 QUICK_GPU_SHAPES = ((8, 1024, 512), (8, 256, 1024))
 CPU_LENGTHS = (1024, 2048, 4096, 8192)
-ENGINES = ("triton", "chunked", "torch")
+ENGINES = ATTENTION_ENGINES
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 
@@ -276,7 +277,7 @@ def run_configs(device, quick: bool = False) -> list[dict]:
 
     device = torch.device(device)
     nla = import_kernels().nl_attention
-    if device.type != "cuda" and not (quick and os.environ.get("TRITON_INTERPRET") == "1"):
+    if device.type != "cuda" and not (quick and triton_interpreted()):
         return [{"kind": "config", "skipped": "needs a CUDA device (or TRITON_INTERPRET=1 with --quick)"}]
     shapes = CONFIG_SHAPES[:2] if quick else CONFIG_SHAPES
     dtype, reps, batch, timing = torch.bfloat16, 5 if quick else 20, 2, {}

@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from fastnl.benchmarks import emit, peak_rss_mb, reset_peak_rss_mb, run_subprocess, timer
+from fastnl.benchmarks import BENCH_IMPLS, emit, peak_rss_mb, reset_peak_rss_mb, run_subprocess, timer
 
-IMPLS = ("reference", "fused")
+IMPLS = BENCH_IMPLS
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,9 +47,9 @@ import time
 import weakref
 from dataclasses import dataclass
 
-from fastnl.benchmarks import generic_table
+from fastnl.benchmarks import BENCH_IMPLS, generic_table
 
-IMPLS = ("reference", "fused")
+IMPLS = BENCH_IMPLS
 DEFAULT_FRAMES = (8, 16, 32, 64, 128, 256)
 DEFAULT_BATCHES = (8, 16, 32)
 QUICK_FRAMES = (4, 8, 16)

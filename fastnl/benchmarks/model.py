@@ -20,9 +20,9 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass
 
-from fastnl.benchmarks import emit, generic_table, live_rows, reset_peak_rss_mb, run_subprocess, timer
+from fastnl.benchmarks import BENCH_IMPLS, emit, generic_table, live_rows, reset_peak_rss_mb, run_subprocess, timer
 
-IMPLS = ("reference", "fused")
+IMPLS = BENCH_IMPLS
 
 
 @dataclass

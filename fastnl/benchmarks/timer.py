@@ -79,19 +79,11 @@ def once_s(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def _pay_one_time_costs() -> None:
-    """Import torch._dynamo now: the first call of any ``torch.library`` op in a process imports
-    it (about 150 MB of resident modules and 2 s on a CPU), which would land in the first
-    measurement's peak memory and warm-up instead of the op's."""
-    import torch._dynamo  # noqa: F401
-
-
 def measure(fn: Callable[[], object], device, *, warmup: int = 1, runs: int = 5, min_time_s: float = 0.1,
             clock: str = "device", base_mb: float | None = None) -> Timing:
     """Time ``fn()`` on ``device`` (see the module's docstring); ``clock`` "device" or "host"."""
     import torch
 
-    _pay_one_time_costs()
     device = str(device)
     if clock not in ("device", "host"):
         raise ValueError(f"clock must be 'device' or 'host', got {clock!r}")
