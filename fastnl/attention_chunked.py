@@ -5,16 +5,18 @@ block of query rows the engine computes the score tile ``S = Q_blk K^T`` [B, blo
 GEMM with float32 output (on CUDA, half-precision operands stay in their dtype and run on tensor
 cores: ``torch.bmm(..., out_dtype=torch.float32)``; elsewhere the operands are upcast to
 float32), turns it into probabilities P in the operands' dtype, and multiplies ``P V``. The
-forward keeps only O and two float32 numbers per row (the row maximum M and the sum Z of the
-softmax); the backward recomputes each block's S once, and gets dV, dS, dQ and dK from it:
-executed work is exactly the useful ``4 L^2 D`` (forward) and ``10 L^2 D`` (backward, the
-recomputation included) flops. Extra memory is O(block * L + L * D) instead of O(L^2).
+backward recomputes each block's S once, and gets dV, dS, dQ and dK from it: executed work is
+exactly the useful ``4 L^2 D`` (forward) and ``10 L^2 D`` (backward, the recomputation included)
+flops. Extra memory is O(block * L + L * D) instead of O(L^2): the float32 score tiles of one
+call live in buffers allocated once and reused by every block.
 
-The row work between the GEMMs (softmax; ``dS = P * (dP - delta)``) runs in two Triton kernels
-(``rowwise="triton"``: :mod:`fastnl.kernels.softmax_rows`, one pass over each tile) or in plain
-PyTorch ops (``rowwise="torch"``, any device). The backward recomputes P as
-``exp(scale * S - M) / Z`` from the same GEMM as the forward, so its probabilities round exactly
-like the forward's.
+The row work between the GEMMs runs in two Triton kernels (``rowwise="triton"``:
+:mod:`fastnl.kernels.softmax_rows`, one pass over each tile; the forward keeps O and two float32
+numbers per row, the row maximum M and the sum Z, and the backward recomputes P as
+``exp(scale * S - M) / Z``) or in PyTorch ops (``rowwise="torch"``, any device: the scale goes
+into the GEMMs, the softmax is torch's fused kernel written over the tile, and the backward
+recomputes P with the same kernel from the same S, so the forward keeps O only). Either way the
+backward's probabilities round exactly like the forward's.
 """
 from __future__ import annotations
 
@@ -90,49 +92,84 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
+def _scores(a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """alpha * a @ b with a float32 (float64) result: written into ``buf`` (a reused tile of
+    that dtype) where a and b have it, else (half-precision operands) a new tile."""
+    if buf is not None and a.dtype == buf.dtype:
+        return torch.baddbmm(buf, a, b, beta=0, alpha=alpha, out=buf)
+    s = _mm(a, b)
+    return s.mul_(alpha) if alpha != 1.0 else s
+
+
+def _mm_to(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """out[...] = alpha * a @ b, a and b in one dtype, out in that dtype or another."""
+    if out.dtype == a.dtype:
+        torch.baddbmm(out, a, b, beta=0, alpha=alpha, out=out)
+        return
+    prod = torch.bmm(a, b)
+    out.copy_(prod.mul_(alpha) if alpha != 1.0 else prod)
+
+
 _ACC_IN_PLACE = {"ok": True}
 
 
-def _mm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, acc in float32 (float64) and a, b in acc's dtype or a half dtype (then one
-    GEMM that reads and writes acc, or, where torch refuses that, a float32 product added)."""
+def _mm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc += alpha * a @ b, acc in float32 (float64) and a, b in acc's dtype or a half dtype
+    (then one GEMM that reads and writes acc, or, where torch refuses that, a float32 product added)."""
     if a.dtype == acc.dtype:
-        acc.baddbmm_(a, b)
+        acc.baddbmm_(a, b, alpha=alpha)
         return
     if _ACC_IN_PLACE["ok"]:
         try:
-            torch.baddbmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            torch.baddbmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
             return
         except RuntimeError:
             _ACC_IN_PLACE["ok"] = False
-    acc.add_(_mm(a, b))
+    acc.add_(_mm(a, b), alpha=alpha)
+
+
+_SOFTMAX_IN_PLACE = {"ok": True}
+_softmax_out = torch.ops.aten._softmax.out
+
+
+def _softmax_(s: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension written over s (torch's fused kernel, one read and one
+    write per element); where torch refuses ``out=s``, computed aside and copied back."""
+    if _SOFTMAX_IN_PLACE["ok"]:
+        try:
+            return _softmax_out(s, -1, False, out=s)
+        except RuntimeError:
+            _SOFTMAX_IN_PLACE["ok"] = False
+    return s.copy_(torch.softmax(s, -1))
 
 
 class _TorchRows:
-    """Softmax rows and their gradient in PyTorch ops (in place on the score tile)."""
+    """Softmax rows and their gradient in PyTorch ops, in place on the score tile. The scale is
+    applied by the GEMMs (S arrives scaled, dS leaves without it), and the backward recomputes P
+    with the forward's kernel from the same S, so no row statistics are kept (M, Z: None)."""
+
+    SCALED_GEMMS = True
 
     @staticmethod
     def backward_from_probs(p, dp, delta, scale):
-        return dp.sub_(delta.unsqueeze(-1)).mul_(p).mul_(scale).to(p.dtype)
+        return dp.sub_(delta.unsqueeze(-1)).mul_(p).to(p.dtype)
 
     @staticmethod
     def forward(s, scale, out_dtype):
-        s.mul_(scale)
-        m = s.amax(dim=-1)
-        s.sub_(m.unsqueeze(-1)).exp_()
-        z = s.sum(dim=-1)
-        s.div_(z.unsqueeze(-1))
-        return s.to(out_dtype), m, z
+        return _softmax_(s).to(out_dtype), None, None
 
     @staticmethod
     def backward(s, dp, m, z, delta, scale, out_dtype):
-        p = s.mul_(scale).sub_(m.unsqueeze(-1)).exp_().div_(z.unsqueeze(-1))
-        ds = dp.sub_(delta.unsqueeze(-1)).mul_(p).mul_(scale)
+        p = _softmax_(s)
+        ds = dp.sub_(delta.unsqueeze(-1)).mul_(p)
         return p.to(out_dtype), ds.to(out_dtype)
 
 
 class _TritonRows:
-    """The same with :mod:`fastnl.kernels.softmax_rows` (M in log2 units); float32 tiles only."""
+    """The same with :mod:`fastnl.kernels.softmax_rows` (M in log2 units); float32 tiles only.
+    The kernels scale S and dS themselves, and the backward reads the forward's M and Z."""
+
+    SCALED_GEMMS = False
 
     @staticmethod
     def _kernels():
@@ -174,41 +211,71 @@ def _keeps_probs(q: torch.Tensor, clips: int, block: int, keep: bool) -> bool:
     return keep and clips >= q.shape[0] and block >= q.shape[1]
 
 
+def _uses_stats(rowwise: str, dtype: torch.dtype) -> bool:
+    """Whether the forward saves the row statistics M and Z (the Triton row kernels do; the
+    PyTorch row ops recompute P without them)."""
+    return not _rows_impl(rowwise, _acc_dtype(dtype)).SCALED_GEMMS
+
+
+def _tile_buffer(q: torch.Tensor, clips: int, block: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """One [clips, block, L] float32 (float64) score tile for every block of a call, where the
+    operands have that dtype (half-precision GEMMs return their own tiles)."""
+    B, L, _ = q.shape
+    if _operand_dtype(q) != dtype:
+        return None
+    return torch.empty(min(clips, B) * min(block, L) * L, device=q.device, dtype=dtype)
+
+
+def _tile(buf: torch.Tensor | None, clips: int, rows: int, L: int) -> torch.Tensor | None:
+    """The contiguous [clips, rows, L] front of a tile buffer."""
+    return None if buf is None else buf[: clips * rows * L].view(clips, rows, L)
+
+
 def _forward(q, k, v, scale: float, clips: int, block: int, rowwise: str, keep: bool):
-    """(O [B, L, D] in q's dtype, M [B, L], Z [B, L] in float32 (float64), P [B, L, L] in the
-    operands' dtype where :func:`_keeps_probs`, else None)."""
+    """(O [B, L, D] in q's dtype, M [B, L] and Z [B, L] in float32 (float64) or, where the
+    row work does not use them (:func:`_uses_stats`), empty; P [B, L, L] in the operands' dtype
+    where :func:`_keeps_probs`, else None)."""
     qc, kc, vc = _operands(q), _operands(k), _operands(v)
     B, L, D = q.shape
     acc_dtype = _acc_dtype(q.dtype)
     rows = _rows_impl(rowwise, acc_dtype)
+    gemm_scale = scale if rows.SCALED_GEMMS else 1.0
     out = torch.empty(B, L, D, device=q.device, dtype=q.dtype)
-    m = torch.empty(B, L, device=q.device, dtype=acc_dtype)
+    stats = (B, L) if _uses_stats(rowwise, q.dtype) else (0,)
+    m = torch.empty(stats, device=q.device, dtype=acc_dtype)
     z = torch.empty_like(m)
     keep = _keeps_probs(q, clips, block, keep)
     kept = None
+    buf = _tile_buffer(q, clips, block, acc_dtype)
     for b0 in range(0, B, clips):
         cb = slice(b0, min(b0 + clips, B))
         kt, vb = kc[cb].transpose(1, 2), vc[cb]
         for start in range(0, L, block):
             rb = slice(start, min(start + block, L))
-            s = _mm(qc[cb, rb], kt)
-            p, m[cb, rb], z[cb, rb] = rows.forward(s, scale, vc.dtype)
+            s = _scores(qc[cb, rb], kt, _tile(buf, cb.stop - cb.start, rb.stop - rb.start, L), gemm_scale)
+            p, m_blk, z_blk = rows.forward(s, scale, vc.dtype)
+            if m_blk is not None:
+                m[cb, rb], z[cb, rb] = m_blk, z_blk
             del s
-            out[cb, rb] = torch.bmm(p, vb)
+            _mm_to(out[cb, rb], p, vb)
             kept = p if keep else None
     return out, m, z, kept
 
 
 def _backward(grad_out, q, k, v, out, m, z, kept, scale: float, clips: int, block: int, rowwise: str):
     """(dQ, dK, dV), each [B, L, D] in its input's dtype, from the forward's O, M, Z (and P)."""
-    acc_dtype = m.dtype
+    acc_dtype = _acc_dtype(q.dtype)
     rows = _rows_impl(rowwise, acc_dtype)
+    # the factor scale of dS = scale * P * (dP - delta): in the row kernel or in the GEMMs
+    gemm_scale = scale if rows.SCALED_GEMMS else 1.0
     qc, kc, vc, doc = _operands(q), _operands(k), _operands(v), _operands(grad_out)
     B, L, D = q.shape
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     direct = k.dtype == acc_dtype and v.dtype == acc_dtype
+    s_buf = None if kept is not None else _tile_buffer(q, clips, block, acc_dtype)
+    dp_buf = _tile_buffer(q, clips, block, acc_dtype)
     for b0 in range(0, B, clips):
         cb = slice(b0, min(b0 + clips, B))
         kb, kt, vt = kc[cb], kc[cb].transpose(1, 2), vc[cb].transpose(1, 2)
@@ -221,20 +288,22 @@ def _backward(grad_out, q, k, v, out, m, z, kept, scale: float, clips: int, bloc
             dv_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
         for start in range(0, L, block):
             rb = slice(start, min(start + block, L))
+            n_clips, n_rows = cb.stop - cb.start, rb.stop - rb.start
             qb, dob = qc[cb, rb], doc[cb, rb]
             delta = (grad_out[cb, rb].to(acc_dtype) * out[cb, rb].to(acc_dtype)).sum(-1)
-            dp = _mm(dob, vt)
+            dp = _scores(dob, vt, _tile(dp_buf, n_clips, n_rows, L), 1.0)
             if kept is not None:
                 p, ds = kept, rows.backward_from_probs(kept, dp, delta, scale)
             else:
-                s = _mm(qb, kt)
-                p, ds = rows.backward(s, dp, m[cb, rb], z[cb, rb], delta, scale, vc.dtype)
+                s = _scores(qb, kt, _tile(s_buf, n_clips, n_rows, L), gemm_scale)
+                stats = (m[cb, rb], z[cb, rb]) if m.numel() else (None, None)
+                p, ds = rows.backward(s, dp, *stats, delta, scale, vc.dtype)
                 del s
             del dp
             _mm_acc(dv_acc, p.transpose(1, 2), dob)
             del p
-            dq[cb, rb] = torch.bmm(ds, kb)  # ds carries the factor scale
-            _mm_acc(dk_acc, ds.transpose(1, 2), qb)
+            _mm_to(dq[cb, rb], ds, kb, gemm_scale)
+            _mm_acc(dk_acc, ds.transpose(1, 2), qb, gemm_scale)
         if not direct:
             dk[cb], dv[cb] = dk_acc, dv_acc
     return dq, dk, dv
@@ -242,8 +311,8 @@ def _backward(grad_out, q, k, v, out, m, z, kept, scale: float, clips: int, bloc
 
 # The engine as ``torch.library`` ops (``torch.ops.fastnl``), so that autograd, opcheck and
 # torch.compile (fullgraph; the ops are opaque to it) see one op per direction. The forward op
-# returns what the backward needs besides O: M, Z and the kept P (an empty tensor when not
-# kept); nl_attention_chunked returns O only.
+# returns what the backward needs besides O: M, Z (empty tensors where the row work does not
+# use them) and the kept P (an empty tensor when not kept); nl_attention_chunked returns O only.
 
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float scale, int clips, int block, str rowwise, bool keep) "
                "-> (Tensor, Tensor, Tensor, Tensor)")
@@ -262,7 +331,8 @@ def _forward_fake(q, k, v, scale, clips, block, rowwise, keep):
     B, L, D = q.shape
     acc_dtype = _acc_dtype(q.dtype)
     kept = q.new_empty((B, L, L) if _keeps_probs(q, clips, block, keep) else (0,), dtype=_operand_dtype(v))
-    return q.new_empty((B, L, D)), q.new_empty((B, L), dtype=acc_dtype), q.new_empty((B, L), dtype=acc_dtype), kept
+    stats = (B, L) if _uses_stats(rowwise, q.dtype) else (0,)
+    return q.new_empty((B, L, D)), q.new_empty(stats, dtype=acc_dtype), q.new_empty(stats, dtype=acc_dtype), kept
 
 
 def _backward_fake(grad_out, q, k, v, out, m, z, kept, scale, clips, block, rowwise):

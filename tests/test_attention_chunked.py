@@ -248,3 +248,25 @@ def test_gemm_falls_back_to_float32_where_out_dtype_is_refused(monkeypatch):
     acc = torch.zeros(2, 5, 7)
     attention_chunked._mm_acc(acc, a, b)  # no second warning: the fallback is remembered
     torch.testing.assert_close(acc, out, atol=0, rtol=0)
+
+
+def test_softmax_in_place_is_torch_softmax_and_falls_back_where_refused(monkeypatch):
+    """The PyTorch row ops write torch's softmax over the score tile; should torch refuse
+    ``out=`` aliasing its input, the softmax is computed aside and copied back. Both give
+    torch.softmax bit for bit."""
+    gen = torch.Generator().manual_seed(8)
+    s = 30 * torch.randn(2, 5, 300, generator=gen)
+    expected = torch.softmax(s, -1)
+    tile = s.clone()
+    assert attention_chunked._softmax_(tile).data_ptr() == tile.data_ptr()
+    torch.testing.assert_close(tile, expected, rtol=0, atol=0)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported operation: the output aliases the input")
+
+    monkeypatch.setattr(attention_chunked, "_softmax_out", refuse)
+    monkeypatch.setattr(attention_chunked, "_SOFTMAX_IN_PLACE", {"ok": True})
+    tile = s.clone()
+    assert attention_chunked._softmax_(tile).data_ptr() == tile.data_ptr()
+    torch.testing.assert_close(tile, expected, rtol=0, atol=0)
+    assert attention_chunked._SOFTMAX_IN_PLACE == {"ok": False}  # not asked again

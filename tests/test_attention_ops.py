@@ -47,21 +47,34 @@ def test_opcheck_chunked_attention_backward(sample):
                           (*args, scale, clips, block, rowwise))
 
 
-def test_chunked_op_returns_the_saved_statistics_and_hides_them():
-    """The forward op's extra outputs are the row statistics the backward reads; the public
-    function returns O only, equal to the op's O."""
+def test_chunked_op_returns_what_the_backward_reads_and_hides_it():
+    """The forward op's extra outputs are what the backward reads: with the PyTorch row ops,
+    the kept P and no row statistics (the backward recomputes P with the forward's softmax);
+    the public function returns O only, equal to the op's O."""
     q, k, v = _qkv(2, 24, 16, F64)
     out, m, z, kept = torch.ops.fastnl.nl_attention_chunked(q, k, v, 0.3, 2, 32, "torch", True)
     scores = 0.3 * q @ k.transpose(1, 2)
+    assert m.numel() == 0 and z.numel() == 0 and m.dtype == z.dtype == F64
     # float64 throughout: a few roundings of the same products in another order
-    exact = dict(rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(m, scores.amax(-1), **exact)
-    torch.testing.assert_close(z, (scores - m.unsqueeze(-1)).exp().sum(-1), **exact)
-    torch.testing.assert_close(kept, torch.softmax(scores, -1), **exact)
+    torch.testing.assert_close(kept, torch.softmax(scores, -1), rtol=1e-13, atol=1e-13)
     public = attention_chunked.nl_attention_chunked(q, k, v, 0.3, block=32, clips=2)
     assert isinstance(public, torch.Tensor)
     torch.testing.assert_close(public, out, rtol=0, atol=0)
     assert public.requires_grad and not (m.requires_grad or z.requires_grad or kept.requires_grad)
+
+
+@pytest.mark.triton
+def test_chunked_op_with_triton_rows_saves_the_row_statistics():
+    """The Triton row kernels save the row maximum M (log2 units) and the sum Z of
+    exp2(log2(e) * scale * S - M) for every row, blocks of 8 rows."""
+    import math
+
+    q, k, v = _qkv(2, 24, 16, F32)
+    out, m, z, kept = torch.ops.fastnl.nl_attention_chunked(q, k, v, 0.3, 1, 8, "triton", True)
+    assert kept.numel() == 0 and m.shape == z.shape == (2, 24) and m.dtype == z.dtype == F32
+    scores = 0.3 * math.log2(math.e) * (q.double() @ k.double().transpose(1, 2))
+    torch.testing.assert_close(m.double(), scores.amax(-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z.double(), (scores - m.double().unsqueeze(-1)).exp2().sum(-1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.triton
