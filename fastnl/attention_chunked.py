@@ -29,6 +29,13 @@ MIN_BLOCK = 64
 # Elements of the score tile of one step ([clips, block, L]). The backward holds S and dP in
 # float32 and P and dS in the operands' dtype at once (12-16 bytes per element).
 TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
+# Elements of P that the forward may keep for the backward of one call (when a gradient is
+# wanted), so that the backward skips recomputing S for those query blocks: the first blocks in
+# order, as many as fit. A CPU multiplies far slower than it moves memory (a kept element saves
+# 2 D flops of the recomputing GEMM for 8 bytes written and read): 64 MB of float32 P there,
+# 4 of the 16 blocks at L = 8192. An H100 does those flops about as fast as it moves the 4 bytes
+# of a bf16 P, so CUDA keeps P only where one tile holds the whole score matrix (as everywhere).
+KEEP_ELEMENTS = {"cpu": 1 << 24, "cuda": 0}
 
 
 def plan(seq_len: int, batch: int = 1, device_type: str = "cpu") -> tuple[int, int]:
@@ -44,6 +51,41 @@ def plan(seq_len: int, batch: int = 1, device_type: str = "cpu") -> tuple[int, i
         block //= 2
     clips = max(1, min(batch, budget // (block * seq_len)))
     return clips, block
+
+
+def keep_budget(seq_len: int, batch: int = 1, device_type: str = "cpu") -> int:
+    """Elements of P the forward keeps at most for B = ``batch`` clips of L = ``seq_len``:
+    KEEP_ELEMENTS[device], or the whole score matrix where :func:`plan` covers it in one tile."""
+    kind = device_type if device_type in KEEP_ELEMENTS else "cpu"
+    clips, block = plan(seq_len, batch, device_type)
+    whole = batch * seq_len * seq_len if clips >= batch and block >= seq_len else 0
+    return max(KEEP_ELEMENTS[kind], whole)
+
+
+def steps(batch: int, seq_len: int, clips: int, block: int):
+    """The engine's steps in order: (clip slice, row slice) of each [clips, block, L] tile."""
+    for b0 in range(0, batch, clips):
+        for start in range(0, seq_len, block):
+            yield slice(b0, min(b0 + clips, batch)), slice(start, min(start + block, seq_len))
+
+
+def kept_steps(batch: int, seq_len: int, clips: int, block: int, keep: int) -> tuple[int, int]:
+    """(steps, elements) of P the forward keeps within ``keep`` elements: the longest run of
+    leading steps that fits."""
+    count = total = 0
+    for cb, rb in steps(batch, seq_len, clips, block):
+        size = (cb.stop - cb.start) * (rb.stop - rb.start) * seq_len
+        if total + size > keep:
+            break
+        count, total = count + 1, total + size
+    return count, total
+
+
+def kept_fraction(seq_len: int, batch: int = 1, device_type: str = "cpu") -> float:
+    """The share of the score matrix whose P the forward keeps (by default, with a gradient)."""
+    clips, block = plan(seq_len, batch, device_type)
+    _, total = kept_steps(batch, seq_len, clips, block, keep_budget(seq_len, batch, device_type))
+    return total / (batch * seq_len * seq_len)
 
 
 def default_block(seq_len: int, batch: int = 1, device_type: str = "cpu") -> int:
@@ -204,37 +246,52 @@ def _operand_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype if t.dtype in (torch.float32, torch.float64) or tensor_core_operands(t) else torch.float32
 
 
-def _keeps_probs(q: torch.Tensor, clips: int, block: int, keep: bool) -> bool:
-    """Whether the forward keeps P for the backward: asked to (a gradient is wanted) and the whole
-    [B, L, L] score matrix fits one tile, so the memory stays within the tile budget and the
-    backward skips recomputing S."""
-    return keep and clips >= q.shape[0] and block >= q.shape[1]
-
-
 def _uses_stats(rowwise: str, dtype: torch.dtype) -> bool:
     """Whether the forward saves the row statistics M and Z (the Triton row kernels do; the
     PyTorch row ops recompute P without them)."""
     return not _rows_impl(rowwise, _acc_dtype(dtype)).SCALED_GEMMS
 
 
-def _tile_buffer(q: torch.Tensor, clips: int, block: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """One [clips, block, L] float32 (float64) score tile for every block of a call, where the
-    operands have that dtype (half-precision GEMMs return their own tiles)."""
-    B, L, _ = q.shape
-    if _operand_dtype(q) != dtype:
-        return None
-    return torch.empty(min(clips, B) * min(block, L) * L, device=q.device, dtype=dtype)
+class _Tiles:
+    """One [clips, block, L] float32 (float64) score tile reused by every step of a call,
+    allocated at first use, where the operands have that dtype (half-precision GEMMs return
+    their own tiles: :meth:`get` gives None)."""
+
+    def __init__(self, q: torch.Tensor, clips: int, block: int, dtype: torch.dtype):
+        B, L, _ = q.shape
+        self.size, self.L, self.dtype, self.device = min(clips, B) * min(block, L) * L, L, dtype, q.device
+        self.used = _operand_dtype(q) == dtype
+        self.buf = None
+
+    def get(self, clips: int, rows: int) -> torch.Tensor | None:
+        if not self.used:
+            return None
+        if self.buf is None:
+            self.buf = torch.empty(self.size, device=self.device, dtype=self.dtype)
+        return self.buf[: clips * rows * self.L].view(clips, rows, self.L)
 
 
-def _tile(buf: torch.Tensor | None, clips: int, rows: int, L: int) -> torch.Tensor | None:
-    """The contiguous [clips, rows, L] front of a tile buffer."""
-    return None if buf is None else buf[: clips * rows * L].view(clips, rows, L)
+class _Kept:
+    """The P of the first steps, kept for the backward: one flat tensor in the operands' dtype,
+    step after step ([clips, rows, L] each)."""
+
+    def __init__(self, flat: torch.Tensor, count: int, L: int):
+        self.flat, self.count, self.L, self.offset = flat, count, L, 0
+
+    def next(self, index: int, clips: int, rows: int) -> torch.Tensor | None:
+        """The slot of step ``index`` (steps are asked for in order), or None past the kept ones."""
+        if index >= self.count:
+            return None
+        size = clips * rows * self.L
+        slot = self.flat[self.offset: self.offset + size].view(clips, rows, self.L)
+        self.offset += size
+        return slot
 
 
-def _forward(q, k, v, scale: float, clips: int, block: int, rowwise: str, keep: bool):
-    """(O [B, L, D] in q's dtype, M [B, L] and Z [B, L] in float32 (float64) or, where the
-    row work does not use them (:func:`_uses_stats`), empty; P [B, L, L] in the operands' dtype
-    where :func:`_keeps_probs`, else None)."""
+def _forward(q, k, v, scale: float, clips: int, block: int, rowwise: str, keep: int):
+    """(O [B, L, D] in q's dtype; M [B, L] and Z [B, L] in float32 (float64) or, where the
+    row work does not use them (:func:`_uses_stats`), empty; the P of the leading steps within
+    ``keep`` elements (:func:`kept_steps`), flat in the operands' dtype, or empty)."""
     qc, kc, vc = _operands(q), _operands(k), _operands(v)
     B, L, D = q.shape
     acc_dtype = _acc_dtype(q.dtype)
@@ -244,26 +301,28 @@ def _forward(q, k, v, scale: float, clips: int, block: int, rowwise: str, keep: 
     stats = (B, L) if _uses_stats(rowwise, q.dtype) else (0,)
     m = torch.empty(stats, device=q.device, dtype=acc_dtype)
     z = torch.empty_like(m)
-    keep = _keeps_probs(q, clips, block, keep)
-    kept = None
-    buf = _tile_buffer(q, clips, block, acc_dtype)
-    for b0 in range(0, B, clips):
-        cb = slice(b0, min(b0 + clips, B))
-        kt, vb = kc[cb].transpose(1, 2), vc[cb]
-        for start in range(0, L, block):
-            rb = slice(start, min(start + block, L))
-            s = _scores(qc[cb, rb], kt, _tile(buf, cb.stop - cb.start, rb.stop - rb.start, L), gemm_scale)
-            p, m_blk, z_blk = rows.forward(s, scale, vc.dtype)
-            if m_blk is not None:
-                m[cb, rb], z[cb, rb] = m_blk, z_blk
-            del s
-            _mm_to(out[cb, rb], p, vb)
-            kept = p if keep else None
-    return out, m, z, kept
+    count, total = kept_steps(B, L, clips, block, keep)
+    kept = _Kept(torch.empty(total, device=q.device, dtype=vc.dtype), count, L)
+    tiles = _Tiles(q, clips, block, acc_dtype)
+    for index, (cb, rb) in enumerate(steps(B, L, clips, block)):
+        n_clips, n_rows = cb.stop - cb.start, rb.stop - rb.start
+        slot = kept.next(index, n_clips, n_rows)
+        # the PyTorch row ops turn S into P in place: a kept step's S goes to its slot directly
+        in_slot = slot is not None and rows.SCALED_GEMMS and slot.dtype == acc_dtype and tiles.used
+        s = _scores(qc[cb, rb], kc[cb].transpose(1, 2), slot if in_slot else tiles.get(n_clips, n_rows), gemm_scale)
+        p, m_blk, z_blk = rows.forward(s, scale, vc.dtype)
+        if m_blk is not None:
+            m[cb, rb], z[cb, rb] = m_blk, z_blk
+        del s
+        if slot is not None and not in_slot:
+            slot.copy_(p)
+        _mm_to(out[cb, rb], p, vc[cb])
+    return out, m, z, kept.flat
 
 
 def _backward(grad_out, q, k, v, out, m, z, kept, scale: float, clips: int, block: int, rowwise: str):
-    """(dQ, dK, dV), each [B, L, D] in its input's dtype, from the forward's O, M, Z (and P)."""
+    """(dQ, dK, dV), each [B, L, D] in its input's dtype, from the forward's O, M, Z (and the
+    kept P of the leading steps, flat: as many whole steps as it holds)."""
     acc_dtype = _acc_dtype(q.dtype)
     rows = _rows_impl(rowwise, acc_dtype)
     # the factor scale of dS = scale * P * (dP - delta): in the row kernel or in the GEMMs
@@ -274,37 +333,39 @@ def _backward(grad_out, q, k, v, out, m, z, kept, scale: float, clips: int, bloc
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     direct = k.dtype == acc_dtype and v.dtype == acc_dtype
-    s_buf = None if kept is not None else _tile_buffer(q, clips, block, acc_dtype)
-    dp_buf = _tile_buffer(q, clips, block, acc_dtype)
-    for b0 in range(0, B, clips):
-        cb = slice(b0, min(b0 + clips, B))
+    flat = kept if kept is not None else q.new_empty((0,), dtype=vc.dtype)
+    count, _ = kept_steps(B, L, clips, block, flat.numel())
+    kept_p = _Kept(flat, count, L)
+    s_tiles, dp_tiles = _Tiles(q, clips, block, acc_dtype), _Tiles(q, clips, block, acc_dtype)
+    dk_acc = dv_acc = None
+    for index, (cb, rb) in enumerate(steps(B, L, clips, block)):
+        n_clips, n_rows = cb.stop - cb.start, rb.stop - rb.start
         kb, kt, vt = kc[cb], kc[cb].transpose(1, 2), vc[cb].transpose(1, 2)
-        # dK and dV sum over the query blocks of a clip: accumulated in float32 (float64), in
-        # the outputs themselves when they have that dtype
-        if direct:
-            dk_acc, dv_acc = dk[cb].zero_(), dv[cb].zero_()
-        else:
-            dk_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
-            dv_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
-        for start in range(0, L, block):
-            rb = slice(start, min(start + block, L))
-            n_clips, n_rows = cb.stop - cb.start, rb.stop - rb.start
-            qb, dob = qc[cb, rb], doc[cb, rb]
-            delta = (grad_out[cb, rb].to(acc_dtype) * out[cb, rb].to(acc_dtype)).sum(-1)
-            dp = _scores(dob, vt, _tile(dp_buf, n_clips, n_rows, L), 1.0)
-            if kept is not None:
-                p, ds = kept, rows.backward_from_probs(kept, dp, delta, scale)
+        if rb.start == 0:
+            # dK and dV sum over the query blocks of a clip: accumulated in float32 (float64), in
+            # the outputs themselves when they have that dtype
+            if direct:
+                dk_acc, dv_acc = dk[cb].zero_(), dv[cb].zero_()
             else:
-                s = _scores(qb, kt, _tile(s_buf, n_clips, n_rows, L), gemm_scale)
-                stats = (m[cb, rb], z[cb, rb]) if m.numel() else (None, None)
-                p, ds = rows.backward(s, dp, *stats, delta, scale, vc.dtype)
-                del s
-            del dp
-            _mm_acc(dv_acc, p.transpose(1, 2), dob)
-            del p
-            _mm_to(dq[cb, rb], ds, kb, gemm_scale)
-            _mm_acc(dk_acc, ds.transpose(1, 2), qb, gemm_scale)
-        if not direct:
+                dk_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
+                dv_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
+        qb, dob = qc[cb, rb], doc[cb, rb]
+        delta = (grad_out[cb, rb].to(acc_dtype) * out[cb, rb].to(acc_dtype)).sum(-1)
+        dp = _scores(dob, vt, dp_tiles.get(n_clips, n_rows), 1.0)
+        p = kept_p.next(index, n_clips, n_rows)
+        if p is not None:
+            ds = rows.backward_from_probs(p, dp, delta, scale)
+        else:
+            s = _scores(qb, kt, s_tiles.get(n_clips, n_rows), gemm_scale)
+            stats = (m[cb, rb], z[cb, rb]) if m.numel() else (None, None)
+            p, ds = rows.backward(s, dp, *stats, delta, scale, vc.dtype)
+            del s
+        del dp
+        _mm_acc(dv_acc, p.transpose(1, 2), dob)
+        del p
+        _mm_to(dq[cb, rb], ds, kb, gemm_scale)
+        _mm_acc(dk_acc, ds.transpose(1, 2), qb, gemm_scale)
+        if rb.stop == L and not direct:
             dk[cb], dv[cb] = dk_acc, dv_acc
     return dq, dk, dv
 
@@ -312,25 +373,22 @@ def _backward(grad_out, q, k, v, out, m, z, kept, scale: float, clips: int, bloc
 # The engine as ``torch.library`` ops (``torch.ops.fastnl``), so that autograd, opcheck and
 # torch.compile (fullgraph; the ops are opaque to it) see one op per direction. The forward op
 # returns what the backward needs besides O: M, Z (empty tensors where the row work does not
-# use them) and the kept P (an empty tensor when not kept); nl_attention_chunked returns O only.
+# use them) and the kept P (flat; empty when none is kept); nl_attention_chunked returns O only.
 
-_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float scale, int clips, int block, str rowwise, bool keep) "
+_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float scale, int clips, int block, str rowwise, int keep) "
                "-> (Tensor, Tensor, Tensor, Tensor)")
 _BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor m, Tensor z, Tensor? kept, "
                "float scale, int clips, int block, str rowwise) -> (Tensor, Tensor, Tensor)")
 
 
 def _forward_op_body(q, k, v, scale, clips, block, rowwise, keep):
-    out, m, z, kept = _forward(q, k, v, scale, clips, block, rowwise, keep)
-    if kept is None:
-        kept = q.new_empty((0,), dtype=_operand_dtype(v))
-    return out, m, z, kept
+    return _forward(q, k, v, scale, clips, block, rowwise, keep)
 
 
 def _forward_fake(q, k, v, scale, clips, block, rowwise, keep):
     B, L, D = q.shape
     acc_dtype = _acc_dtype(q.dtype)
-    kept = q.new_empty((B, L, L) if _keeps_probs(q, clips, block, keep) else (0,), dtype=_operand_dtype(v))
+    kept = q.new_empty((kept_steps(B, L, clips, block, keep)[1],), dtype=_operand_dtype(v))
     stats = (B, L) if _uses_stats(rowwise, q.dtype) else (0,)
     return q.new_empty((B, L, D)), q.new_empty(stats, dtype=acc_dtype), q.new_empty(stats, dtype=acc_dtype), kept
 
@@ -342,13 +400,17 @@ def _backward_fake(grad_out, q, k, v, out, m, z, kept, scale, clips, block, roww
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, clips, block, rowwise, keep = inputs
     out, m, z, kept = output
-    ctx.save_for_backward(q, k, v, out, m, z, kept if _keeps_probs(q, clips, block, keep) else None)
+    ctx.save_for_backward(q, k, v, out, m, z, kept if kept.numel() else None)
     ctx.mark_non_differentiable(m, z, kept)
+    # no zero gradients made for M, Z and the kept P (as large as P itself) on the way back
+    ctx.set_materialize_grads(False)
     ctx.scale, ctx.clips, ctx.block, ctx.rowwise = scale, clips, block, rowwise
 
 
 def _backward_rule(ctx, grad_out, _grad_m, _grad_z, _grad_kept):
     q, k, v, out, m, z, kept = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None, None, None
     dq, dk, dv = _backward_op(grad_out, q, k, v, out, m, z, kept, ctx.scale, ctx.clips, ctx.block, ctx.rowwise)
     return dq, dk, dv, None, None, None, None, None
 
@@ -371,16 +433,22 @@ def op_bodies() -> dict:
 
 
 def nl_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0,
-                         block: int | None = None, rowwise: str = "torch", clips: int | None = None) -> torch.Tensor:
+                         block: int | None = None, rowwise: str = "torch", clips: int | None = None,
+                         keep: int | None = None) -> torch.Tensor:
     """``softmax(scale * q @ k^T) @ v`` for q, k, v [B, L, D], ``block`` query rows of ``clips``
-    clips at a time (default: :func:`plan`), the row work in ``rowwise`` ("triton" or "torch")."""
+    clips at a time (default: :func:`plan`), the row work in ``rowwise`` ("triton" or "torch").
+    When a gradient is wanted, the forward keeps the P of the leading steps within ``keep``
+    elements (default: :func:`keep_budget`; 0 recomputes every S in the backward)."""
     if rowwise not in ROWWISE:
         raise ValueError(f"rowwise must be one of {ROWWISE}, got {rowwise!r}")
-    default_clips, default_rows = plan(q.shape[1], q.shape[0], q.device.type)
+    B, L = q.shape[0], q.shape[1]
+    default_clips, default_rows = plan(L, B, q.device.type)
     clips = default_clips if clips is None else clips
     block = default_rows if block is None else block
     if block < 1 or clips < 1:
         raise ValueError(f"block and clips must be >= 1, got block={block}, clips={clips}")
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return _forward_op(q, k, v, float(scale), int(clips), int(block), rowwise, bool(keep))[0]
-
+    if keep is not None and keep < 0:
+        raise ValueError(f"keep must be >= 0 elements, got {keep}")
+    wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    budget = (keep_budget(L, B, q.device.type) if keep is None else keep) if wanted else 0
+    return _forward_op(q, k, v, float(scale), int(clips), int(block), rowwise, int(budget))[0]

@@ -74,11 +74,13 @@ def executed_flops(engine: str, L: int, D: int, configs: dict | None = None, bat
     BLOCK_DV of each kernel (default: their default configurations): a program grid of chunk
     width BLOCK_DV computes each score tile ceil(D / BLOCK_DV) times
     (``fastnl.kernels.nl_attention.executed_flops``). The chunked engines skip the backward's
-    recomputation of S where ``batch`` clips fit one tile on ``device_type``."""
+    recomputation of S for the share of P their forward keeps for ``batch`` clips on
+    ``device_type`` (``fastnl.attention_chunked.kept_fraction``: all of it where one tile holds
+    the scores, on a CPU the first blocks within a budget)."""
     unit = L * L * D
     useful = {"fwd": 4 * unit, "bwd": 10 * unit}
     if engine in ("chunked", "torch"):
-        executed = {"fwd": 4 * unit, "bwd": (8 if _keeps_probs(L, batch, device_type) else 10) * unit}
+        executed = {"fwd": 4 * unit, "bwd": (10 - 2 * _kept_fraction(L, batch, device_type)) * unit}
     elif engine in ("plain", "reference"):
         # autograd keeps P: no recomputation in the backward (dV, dP, dQ, dK)
         executed = {"fwd": 4 * unit, "bwd": 8 * unit}
@@ -91,12 +93,11 @@ def executed_flops(engine: str, L: int, D: int, configs: dict | None = None, bat
             "bwd_ratio": executed["bwd"] / useful["bwd"]}
 
 
-def _keeps_probs(L: int, B: int, device_type: str = "cuda") -> bool:
-    """Whether the chunked engine's forward keeps P (the whole score matrix fits one tile)."""
-    from fastnl.attention_chunked import plan
+def _kept_fraction(L: int, B: int, device_type: str = "cuda") -> float:
+    """The share of the score matrix whose P the chunked engine's forward keeps."""
+    from fastnl.attention_chunked import kept_fraction
 
-    clips, block = plan(L, B, device_type)
-    return clips >= B and block >= L
+    return kept_fraction(L, B, device_type)
 
 
 def _chunk_steps(L: int, B: int) -> tuple[int, int]:
@@ -123,7 +124,7 @@ def predict_ms(engine: str, dtype: str, B: int, L: int, D: int, gpu: GPU = HOPPE
     elif engine in ("chunked", "torch", "plain"):
         gemm = peak * gpu.gemm_efficiency
         steps, per_clip = _chunk_steps(L, B)
-        keeps = _keeps_probs(L, B)
+        keeps = _kept_fraction(L, B) >= 1.0  # on CUDA: all or nothing
         if engine == "chunked":
             two_pass = 4 if L > 16384 else 0
             # row kernels: read S, write P; read S and dP, write P and dS (or read the kept P)

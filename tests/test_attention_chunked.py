@@ -216,13 +216,14 @@ def test_auto_on_cpu_is_the_torch_engine_and_says_why():
 @pytest.mark.parametrize("backend", ["chunked", "torch"])
 def test_one_tile_keeps_p_and_skips_the_recomputation(backend):
     """Where every clip's whole score matrix fits one tile, the forward keeps P for the backward;
-    both paths agree and stay within twice the plain error."""
+    blocks of 16 rows with ``keep=0`` recompute it. Both paths agree and stay within twice the
+    plain error."""
     rowwise = "triton" if backend == "chunked" else "torch"
     q, k, v = [t.detach().requires_grad_() for t in make_qkv(2, 40, 32, BF16, "channel_first")]
     one_tile = attention_chunked.nl_attention_chunked(q, k, v, 0.3, rowwise=rowwise)
     kept = one_tile.grad_fn.saved_tensors[-1]
-    assert kept is not None and kept.shape == (2, 40, 40) and kept.dtype == attention_chunked._operands(v).dtype
-    blocked = attention_chunked.nl_attention_chunked(q, k, v, 0.3, block=16, rowwise=rowwise)
+    assert kept is not None and kept.shape == (2 * 40 * 40,) and kept.dtype == attention_chunked._operands(v).dtype
+    blocked = attention_chunked.nl_attention_chunked(q, k, v, 0.3, block=16, rowwise=rowwise, keep=0)
     assert blocked.grad_fn.saved_tensors[-1] is None
     grad = torch.randn(one_tile.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, BF16)
     g1 = torch.autograd.grad(one_tile, (q, k, v), grad)
@@ -232,6 +233,49 @@ def test_one_tile_keeps_p_and_skips_the_recomputation(backend):
     counts = attention_engines.executed_flops(backend, 40, 32, batch=2, device_type=DEVICE.type)
     assert counts["bwd_ratio"] == pytest.approx(0.8) and counts["fwd_ratio"] == 1.0
     check_within_twice_plain(engine(backend, 0.3), *make_qkv(2, 40, 32, BF16, "channel_first"), 0.3)
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.float64])
+def test_the_p_of_the_leading_steps_within_the_budget_is_kept(dtype):
+    """``keep`` elements hold the P of the leading steps that fit whole: 3 clips in steps of 2
+    clips x 16 rows of L = 40 (steps of 1280, 1280, 640 elements, then 640, 640, 320); 2600
+    elements keep the first two steps. The gradients equal those of a backward that recomputes
+    every S, bit for bit (float32 and float64 on a CPU: the same GEMM and softmax give the same P)."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = [torch.randn(3, 40, 24, generator=gen, dtype=dtype).to(DEVICE).requires_grad_() for _ in range(3)]
+    grad = torch.randn(3, 40, 24, generator=gen, dtype=dtype).to(DEVICE)
+    assert attention_chunked.kept_steps(3, 40, 2, 16, 2600) == (2, 2560)
+    results = {}
+    for keep in (2600, 0, 1 << 20):
+        out = attention_chunked.nl_attention_chunked(q, k, v, 0.4, block=16, clips=2, keep=keep)
+        saved = out.grad_fn.saved_tensors[-1]
+        results[keep] = (out, *torch.autograd.grad(out, (q, k, v), grad))
+        assert (0 if saved is None else saved.numel()) == {2600: 2560, 0: 0, 1 << 20: 3 * 40 * 40}[keep]
+    exact = dict(atol=0, rtol=0) if DEVICE.type == "cpu" else dict(atol=1e-5, rtol=1e-5)
+    for keep in (2600, 1 << 20):
+        for a, b in zip(results[keep], results[0]):
+            torch.testing.assert_close(a, b, **exact)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = torch.softmax(0.4 * ref[0] @ ref[1].transpose(1, 2), -1) @ ref[2]
+    expected = (out64, *torch.autograd.grad(out64, ref, grad.double()))
+    for a, b in zip(results[2600], expected):
+        torch.testing.assert_close(a.double(), b, **(dict(atol=1e-5, rtol=1e-4) if dtype == F32 else dict(atol=1e-12, rtol=1e-12)))
+
+
+def test_a_cpu_keeps_the_first_blocks_within_its_budget_and_counts_them():
+    """On a CPU the forward keeps up to KEEP_ELEMENTS of P: at L = 8192 (blocks of 512) the
+    first 4 of 16 blocks, so the backward executes 10 - 2/4 = 9.5 units of L^2 D; CUDA keeps
+    P only where one tile holds it."""
+    budget = attention_chunked.KEEP_ELEMENTS["cpu"]
+    assert attention_chunked.plan(8192, 1, "cpu") == (1, 512)
+    assert attention_chunked.kept_fraction(8192, 1, "cpu") == pytest.approx(budget // (512 * 8192) * 512 / 8192)
+    assert attention_chunked.kept_fraction(8192, 1, "cpu") == pytest.approx(0.25)
+    counts = attention_engines.executed_flops("torch", 8192, 512, batch=1, device_type="cpu")
+    assert counts["bwd_ratio"] == pytest.approx(0.95)
+    assert attention_chunked.kept_fraction(8192, 8, "cuda") == 0.0
+    assert attention_chunked.kept_fraction(1024, 8, "cuda") == 1.0  # one tile of 8 x 1024 x 1024
+    with pytest.raises(ValueError, match="keep must be >= 0"):
+        attention_chunked.nl_attention_chunked(*[torch.randn(1, 8, 4)] * 3, keep=-1)
 
 
 def test_gemm_falls_back_to_float32_where_out_dtype_is_refused(monkeypatch):
@@ -270,3 +314,27 @@ def test_softmax_in_place_is_torch_softmax_and_falls_back_where_refused(monkeypa
     assert attention_chunked._softmax_(tile).data_ptr() == tile.data_ptr()
     torch.testing.assert_close(tile, expected, rtol=0, atol=0)
     assert attention_chunked._SOFTMAX_IN_PLACE == {"ok": False}  # not asked again
+
+
+def test_the_backward_adds_no_tensor_the_size_of_the_kept_p():
+    """Counted by the live-storage tracker: the backward's extra memory is dQ, dK, dV and one
+    dP tile (the kept P spares the S tile) plus [block, D] temporaries, not a zero gradient as
+    large as the kept P."""
+    from fastnl.benchmarks import memory
+
+    B, L, D, block = 1, 256, 16, 64
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = [torch.randn(B, L, D, generator=gen).requires_grad_() for _ in range(3)]
+    grad = torch.randn(B, L, D, generator=gen)
+    with memory.LiveStorageTracker() as tracker:
+        for t in (q, k, v, grad):  # made before: counted from here, not where first seen
+            tracker.track(t)
+        out = attention_chunked.nl_attention_chunked(q, k, v, 0.5, block=block, keep=B * L * L)
+        assert out.grad_fn.saved_tensors[-1].numel() == B * L * L
+        after_forward = tracker.live
+        tracker.peak = tracker.live
+        torch.autograd.grad(out, (q, k, v), grad)
+        extra = tracker.peak - after_forward
+    expected = 3 * B * L * D * 4 + block * L * 4
+    assert expected <= extra <= expected + 2 * 4 * B * block * D, (extra, expected)
+    assert extra < B * L * L * 4

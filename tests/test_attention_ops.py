@@ -18,9 +18,11 @@ def _qkv(B, L, D, dtype, seed=0, requires_grad=True):
 
 
 def _chunked_args(dtype, one_tile, rowwise="torch"):
+    """One tile holding both clips' scores, P kept; or blocks of 8 rows of one clip, the P of
+    the first two of the six steps kept (keep: 2 * 8 * 24 elements)."""
     q, k, v = _qkv(2, 24, 16, dtype)
-    clips, block = (2, 32) if one_tile else (1, 8)
-    return (q, k, v, 0.3, clips, block, rowwise, True)
+    clips, block, keep = (2, 32, 2 * 24 * 24) if one_tile else (1, 8, 2 * 8 * 24)
+    return (q, k, v, 0.3, clips, block, rowwise, keep)
 
 
 CHUNKED_SAMPLES = [(dtype, one_tile) for dtype in (F32, BF16, F64) for one_tile in (True, False)]
@@ -40,7 +42,7 @@ def test_opcheck_chunked_attention(sample):
 def test_opcheck_chunked_attention_backward(sample):
     q, k, v, scale, clips, block, rowwise, keep = _chunked_args(*sample)
     out, m, z, kept = torch.ops.fastnl.nl_attention_chunked(q, k, v, scale, clips, block, rowwise, keep)
-    assert (kept.numel() > 0) == sample[1]  # P is kept only where one tile covers the scores
+    assert kept.numel() == keep  # the whole P, or the first two steps' P
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     args = [t.detach() for t in (grad, q, k, v, out, m, z)] + [kept.detach() if kept.numel() else None]
     torch.library.opcheck(torch.ops.fastnl.nl_attention_chunked_backward.default,
@@ -52,11 +54,11 @@ def test_chunked_op_returns_what_the_backward_reads_and_hides_it():
     the kept P and no row statistics (the backward recomputes P with the forward's softmax);
     the public function returns O only, equal to the op's O."""
     q, k, v = _qkv(2, 24, 16, F64)
-    out, m, z, kept = torch.ops.fastnl.nl_attention_chunked(q, k, v, 0.3, 2, 32, "torch", True)
+    out, m, z, kept = torch.ops.fastnl.nl_attention_chunked(q, k, v, 0.3, 2, 32, "torch", 2 * 24 * 24)
     scores = 0.3 * q @ k.transpose(1, 2)
     assert m.numel() == 0 and z.numel() == 0 and m.dtype == z.dtype == F64
     # float64 throughout: a few roundings of the same products in another order
-    torch.testing.assert_close(kept, torch.softmax(scores, -1), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(kept.view(2, 24, 24), torch.softmax(scores, -1), rtol=1e-13, atol=1e-13)
     public = attention_chunked.nl_attention_chunked(q, k, v, 0.3, block=32, clips=2)
     assert isinstance(public, torch.Tensor)
     torch.testing.assert_close(public, out, rtol=0, atol=0)
@@ -70,7 +72,7 @@ def test_chunked_op_with_triton_rows_saves_the_row_statistics():
     import math
 
     q, k, v = _qkv(2, 24, 16, F32)
-    out, m, z, kept = torch.ops.fastnl.nl_attention_chunked(q, k, v, 0.3, 1, 8, "triton", True)
+    out, m, z, kept = torch.ops.fastnl.nl_attention_chunked(q, k, v, 0.3, 1, 8, "triton", 0)
     assert kept.numel() == 0 and m.shape == z.shape == (2, 24) and m.dtype == z.dtype == F32
     scores = 0.3 * math.log2(math.e) * (q.double() @ k.double().transpose(1, 2))
     torch.testing.assert_close(m.double(), scores.amax(-1), rtol=1e-6, atol=1e-6)

@@ -183,17 +183,21 @@ def _cuda_autocast_mode():
 
 @contextlib.contextmanager
 def cuda_like():
-    """The chunked engine configured as on CUDA (tensor-core operands, the CUDA tile plan, dK/dV
-    accumulated in place) and CUDA autocast's float32 ops, for counts on fake CPU tensors."""
+    """The chunked engine configured as on CUDA (tensor-core operands, the CUDA tile plan and
+    keep budget, dK/dV accumulated in place) and CUDA autocast's float32 ops, for counts on fake
+    CPU tensors."""
     import torch
 
     from fastnl import attention_chunked as ac
 
-    saved = {name: getattr(ac, name) for name in ("plan", "tensor_core_operands", "_mm_acc")}
-    original_plan = saved["plan"]
+    saved = {name: getattr(ac, name) for name in ("plan", "keep_budget", "tensor_core_operands", "_mm_acc")}
+    original_plan, original_keep_budget = saved["plan"], saved["keep_budget"]
 
     def plan(seq_len, batch=1, device_type="cpu"):
         return original_plan(seq_len, batch, "cuda")
+
+    def keep_budget(seq_len, batch=1, device_type="cpu"):
+        return original_keep_budget(seq_len, batch, "cuda")
 
     def tensor_core_operands(t):
         return t.dtype in (torch.float16, torch.bfloat16) and ac._OUT_DTYPE
@@ -207,7 +211,7 @@ def cuda_like():
         else:
             torch.bmm(a, b, out_dtype=acc.dtype, out=acc)
 
-    ac.plan, ac.tensor_core_operands, ac._mm_acc = plan, tensor_core_operands, mm_acc
+    ac.plan, ac.keep_budget, ac.tensor_core_operands, ac._mm_acc = plan, keep_budget, tensor_core_operands, mm_acc
     try:
         with _cuda_autocast_mode():
             yield
