@@ -566,3 +566,24 @@ def test_timer_peak_leaves_out_the_first_library_op_call_of_the_process():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
     assert float(out.split()[-1]) < 40
+
+
+def test_paired_attention_script_times_both_backends_every_round(capsys):
+    """bench/paired_attention.py (the README's paired CPU figure): each backend's median and
+    minimum over the rounds, and the median per-round speed-up within the range it prints."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "paired_attention.py"
+    spec = importlib.util.spec_from_file_location("paired_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--length", "96", "--dim", "16", "--rounds", "3", "--engine", "torch", "--baseline", "plain"])
+    out = capsys.readouterr().out
+    for name in ("torch", "plain"):
+        median, minimum = map(float, re.search(rf"^{name}: median ([\d.e+-]+) s, min ([\d.e+-]+) s$", out, re.M).groups())
+        assert 0 < minimum <= median
+    line = re.search(r"torch over plain, B=1 L=96 D=16, 3 rounds: median speed-up ([\d.]+) \(range ([\d.]+)-([\d.]+)\)", out)
+    speedup, low, high = map(float, line.groups())
+    assert 0 < low <= speedup <= high
