@@ -197,8 +197,12 @@ class _TorchRows:
         return dp.sub_(delta.unsqueeze(-1)).mul_(p).to(p.dtype)
 
     @staticmethod
-    def forward(s, scale, out_dtype):
-        return _softmax_(s).to(out_dtype), None, None
+    def forward(s, scale, out_dtype, out=None):
+        p = _softmax_(s)
+        if out is None:
+            return p.to(out_dtype), None, None
+        same = p.data_ptr() == out.data_ptr() and p.dtype == out.dtype
+        return (p if same else out.copy_(p)), None, None
 
     @staticmethod
     def backward(s, dp, m, z, delta, scale, out_dtype):
@@ -220,8 +224,8 @@ class _TritonRows:
         return import_kernels().softmax_rows
 
     @classmethod
-    def forward(cls, s, scale, out_dtype):
-        return cls._kernels().softmax_rows(s, scale, out_dtype)
+    def forward(cls, s, scale, out_dtype, out=None):
+        return cls._kernels().softmax_rows(s, scale, out_dtype, out=out)
 
     @classmethod
     def backward(cls, s, dp, m, z, delta, scale, out_dtype):
@@ -310,12 +314,11 @@ def _forward(q, k, v, scale: float, clips: int, block: int, rowwise: str, keep: 
         # the PyTorch row ops turn S into P in place: a kept step's S goes to its slot directly
         in_slot = slot is not None and rows.SCALED_GEMMS and slot.dtype == acc_dtype and tiles.used
         s = _scores(qc[cb, rb], kc[cb].transpose(1, 2), slot if in_slot else tiles.get(n_clips, n_rows), gemm_scale)
-        p, m_blk, z_blk = rows.forward(s, scale, vc.dtype)
+        # P goes to the slot (in place on S there, or written there by the row work)
+        p, m_blk, z_blk = rows.forward(s, scale, vc.dtype, out=slot)
         if m_blk is not None:
             m[cb, rb], z[cb, rb] = m_blk, z_blk
         del s
-        if slot is not None and not in_slot:
-            slot.copy_(p)
         _mm_to(out[cb, rb], p, vc[cb])
     return out, m, z, kept.flat
 

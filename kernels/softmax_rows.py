@@ -111,11 +111,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1, t.shape[-1])
 
 
-def softmax_rows(s: torch.Tensor, scale: float, out_dtype: torch.dtype):
-    """s: unscaled float32 scores [B, R, L] -> (P [B, R, L] in out_dtype, M [B, R], Z [B, R] fp32)."""
+def softmax_rows(s: torch.Tensor, scale: float, out_dtype: torch.dtype, out: torch.Tensor | None = None):
+    """s: unscaled float32 scores [B, R, L] -> (P [B, R, L] in out_dtype, M [B, R], Z [B, R] fp32);
+    P written into ``out`` (row-major [B, R, L] of out_dtype) where given."""
     B, R, L = s.shape
     s2 = _rows(s)
-    p = torch.empty((B, R, L), device=s.device, dtype=out_dtype)
+    if out is not None and (out.shape != s.shape or out.dtype != out_dtype):
+        raise ValueError(f"out must be {tuple(s.shape)} {out_dtype}, got {tuple(out.shape)} {out.dtype}")
+    p = torch.empty((B, R, L), device=s.device, dtype=out_dtype) if out is None else out
+    _rows(p)  # row-major, as the kernel writes it
     m = torch.empty((B, R), device=s.device, dtype=torch.float32)
     z = torch.empty_like(m)
     meta = fwd_meta(L)
