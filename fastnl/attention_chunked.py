@@ -31,11 +31,15 @@ MIN_BLOCK = 64
 TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
 # Elements of P that the forward may keep for the backward of one call (when a gradient is
 # wanted), so that the backward skips recomputing S for those query blocks: the first blocks in
-# order, as many as fit. A CPU multiplies far slower than it moves memory (a kept element saves
-# 2 D flops of the recomputing GEMM for 8 bytes written and read): 64 MB of float32 P there,
-# 4 of the 16 blocks at L = 8192. An H100 does those flops about as fast as it moves the 4 bytes
-# of a bf16 P, so CUDA keeps P only where one tile holds the whole score matrix (as everywhere).
+# order, as many as fit, and never more elements than q, k, v and O hold together (4 B L D), so
+# that the extra memory stays O(L D). A kept element saves 2 D flops of the recomputing GEMM for
+# its bytes written and read. A CPU (about 0.2 TFLOP/s on 2 cores, float32) breaks even near
+# D = 32 and gains from D = KEEP_MIN_HEAD_DIM on: up to 64 MB of P there, 4 of the 16 blocks at
+# L = 8192, D = 512. An H100 does those flops about as fast as it moves the 4 bytes of a bf16 P
+# even at D = 512, so CUDA keeps P only where one tile holds the whole score matrix (as
+# everywhere, at any D).
 KEEP_ELEMENTS = {"cpu": 1 << 24, "cuda": 0}
+KEEP_MIN_HEAD_DIM = 128
 
 
 def plan(seq_len: int, batch: int = 1, device_type: str = "cpu") -> tuple[int, int]:
@@ -53,13 +57,15 @@ def plan(seq_len: int, batch: int = 1, device_type: str = "cpu") -> tuple[int, i
     return clips, block
 
 
-def keep_budget(seq_len: int, batch: int = 1, device_type: str = "cpu") -> int:
-    """Elements of P the forward keeps at most for B = ``batch`` clips of L = ``seq_len``:
-    KEEP_ELEMENTS[device], or the whole score matrix where :func:`plan` covers it in one tile."""
+def keep_budget(seq_len: int, head_dim: int, batch: int = 1, device_type: str = "cpu") -> int:
+    """Elements of P the forward keeps at most for B = ``batch`` clips of L = ``seq_len`` at head
+    dim D: KEEP_ELEMENTS[device] capped at 4 B L D where D >= KEEP_MIN_HEAD_DIM, or the whole
+    score matrix where :func:`plan` covers it in one tile."""
     kind = device_type if device_type in KEEP_ELEMENTS else "cpu"
     clips, block = plan(seq_len, batch, device_type)
     whole = batch * seq_len * seq_len if clips >= batch and block >= seq_len else 0
-    return max(KEEP_ELEMENTS[kind], whole)
+    blocks = min(KEEP_ELEMENTS[kind], 4 * batch * seq_len * head_dim) if head_dim >= KEEP_MIN_HEAD_DIM else 0
+    return max(blocks, whole)
 
 
 def steps(batch: int, seq_len: int, clips: int, block: int):
@@ -81,10 +87,10 @@ def kept_steps(batch: int, seq_len: int, clips: int, block: int, keep: int) -> t
     return count, total
 
 
-def kept_fraction(seq_len: int, batch: int = 1, device_type: str = "cpu") -> float:
+def kept_fraction(seq_len: int, head_dim: int, batch: int = 1, device_type: str = "cpu") -> float:
     """The share of the score matrix whose P the forward keeps (by default, with a gradient)."""
     clips, block = plan(seq_len, batch, device_type)
-    _, total = kept_steps(batch, seq_len, clips, block, keep_budget(seq_len, batch, device_type))
+    _, total = kept_steps(batch, seq_len, clips, block, keep_budget(seq_len, head_dim, batch, device_type))
     return total / (batch * seq_len * seq_len)
 
 
@@ -453,5 +459,5 @@ def nl_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     if keep is not None and keep < 0:
         raise ValueError(f"keep must be >= 0 elements, got {keep}")
     wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    budget = (keep_budget(L, B, q.device.type) if keep is None else keep) if wanted else 0
+    budget = (keep_budget(L, q.shape[2], B, q.device.type) if keep is None else keep) if wanted else 0
     return _forward_op(q, k, v, float(scale), int(clips), int(block), rowwise, int(budget))[0]

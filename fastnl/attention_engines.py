@@ -80,7 +80,7 @@ def executed_flops(engine: str, L: int, D: int, configs: dict | None = None, bat
     unit = L * L * D
     useful = {"fwd": 4 * unit, "bwd": 10 * unit}
     if engine in ("chunked", "torch"):
-        executed = {"fwd": 4 * unit, "bwd": (10 - 2 * _kept_fraction(L, batch, device_type)) * unit}
+        executed = {"fwd": 4 * unit, "bwd": (10 - 2 * _kept_fraction(L, D, batch, device_type)) * unit}
     elif engine in ("plain", "reference"):
         # autograd keeps P: no recomputation in the backward (dV, dP, dQ, dK)
         executed = {"fwd": 4 * unit, "bwd": 8 * unit}
@@ -93,11 +93,11 @@ def executed_flops(engine: str, L: int, D: int, configs: dict | None = None, bat
             "bwd_ratio": executed["bwd"] / useful["bwd"]}
 
 
-def _kept_fraction(L: int, B: int, device_type: str = "cuda") -> float:
+def _kept_fraction(L: int, D: int, B: int, device_type: str = "cuda") -> float:
     """The share of the score matrix whose P the chunked engine's forward keeps."""
     from fastnl.attention_chunked import kept_fraction
 
-    return kept_fraction(L, B, device_type)
+    return kept_fraction(L, D, B, device_type)
 
 
 def _chunk_steps(L: int, B: int) -> tuple[int, int]:
@@ -124,7 +124,7 @@ def predict_ms(engine: str, dtype: str, B: int, L: int, D: int, gpu: GPU = HOPPE
     elif engine in ("chunked", "torch", "plain"):
         gemm = peak * gpu.gemm_efficiency
         steps, per_clip = _chunk_steps(L, B)
-        keeps = _kept_fraction(L, B) >= 1.0  # on CUDA: all or nothing
+        keeps = _kept_fraction(L, D, B) >= 1.0  # on CUDA: all or nothing
         if engine == "chunked":
             two_pass = 4 if L > 16384 else 0
             # row kernels: read S, write P; read S and dP, write P and dS (or read the kept P)

@@ -263,17 +263,24 @@ def test_the_p_of_the_leading_steps_within_the_budget_is_kept(dtype):
 
 
 def test_a_cpu_keeps_the_first_blocks_within_its_budget_and_counts_them():
-    """On a CPU the forward keeps up to KEEP_ELEMENTS of P: at L = 8192 (blocks of 512) the
-    first 4 of 16 blocks, so the backward executes 10 - 2/4 = 9.5 units of L^2 D; CUDA keeps
-    P only where one tile holds it."""
+    """On a CPU the forward keeps up to KEEP_ELEMENTS of P and no more than q, k, v and O hold
+    (4 B L D): at L = 8192, D = 512 (blocks of 512) the first 4 of 16 blocks, so the backward
+    executes 10 - 2/4 = 9.5 units of L^2 D; at smaller D the cap keeps fewer whole blocks, and
+    below D = 128 none. CUDA keeps P only where one tile holds it."""
     budget = attention_chunked.KEEP_ELEMENTS["cpu"]
     assert attention_chunked.plan(8192, 1, "cpu") == (1, 512)
-    assert attention_chunked.kept_fraction(8192, 1, "cpu") == pytest.approx(budget // (512 * 8192) * 512 / 8192)
-    assert attention_chunked.kept_fraction(8192, 1, "cpu") == pytest.approx(0.25)
+    assert attention_chunked.keep_budget(8192, 512, 1, "cpu") == min(budget, 4 * 8192 * 512) == 1 << 24
+    assert attention_chunked.kept_fraction(8192, 512, 1, "cpu") == pytest.approx(0.25)
     counts = attention_engines.executed_flops("torch", 8192, 512, batch=1, device_type="cpu")
     assert counts["bwd_ratio"] == pytest.approx(0.95)
-    assert attention_chunked.kept_fraction(8192, 8, "cuda") == 0.0
-    assert attention_chunked.kept_fraction(1024, 8, "cuda") == 1.0  # one tile of 8 x 1024 x 1024
+    # D = 128: 4 L D is one block of 512 x 8192; below KEEP_MIN_HEAD_DIM nothing is kept
+    assert attention_chunked.keep_budget(8192, 128, 1, "cpu") == 4 * 8192 * 128 == 512 * 8192
+    assert attention_chunked.kept_fraction(8192, 128, 1, "cpu") == pytest.approx(1 / 16)
+    assert attention_chunked.KEEP_MIN_HEAD_DIM == 128
+    assert attention_chunked.keep_budget(8192, 64, 64, "cpu") == 0
+    assert attention_chunked.kept_fraction(1024, 32, 1, "cpu") == 1.0  # one tile: kept at any D
+    assert attention_chunked.kept_fraction(8192, 512, 8, "cuda") == 0.0
+    assert attention_chunked.kept_fraction(1024, 512, 8, "cuda") == 1.0  # one tile of 8 x 1024 x 1024
     with pytest.raises(ValueError, match="keep must be >= 0"):
         attention_chunked.nl_attention_chunked(*[torch.randn(1, 8, 4)] * 3, keep=-1)
 

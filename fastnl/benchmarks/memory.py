@@ -196,8 +196,8 @@ def cuda_like():
     def plan(seq_len, batch=1, device_type="cpu"):
         return original_plan(seq_len, batch, "cuda")
 
-    def keep_budget(seq_len, batch=1, device_type="cpu"):
-        return original_keep_budget(seq_len, batch, "cuda")
+    def keep_budget(seq_len, head_dim, batch=1, device_type="cpu"):
+        return original_keep_budget(seq_len, head_dim, batch, "cuda")
 
     def tensor_core_operands(t):
         return t.dtype in (torch.float16, torch.bfloat16) and ac._OUT_DTYPE
