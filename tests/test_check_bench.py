@@ -479,7 +479,8 @@ def test_channel_rows_follow_known_times(monkeypatch):
 
 def test_attention_speedups_follow_known_times(monkeypatch):
     """Stand-in backends of known cost (the engine 50 ms a call, plain 150 ms): each engine row's
-    speed-up over plain is 3, at each shape, forward and forward + backward."""
+    speed-up over plain is 3, at each shape, forward and forward + backward, timed row by row
+    and in paired rounds."""
     import time
 
     from fastnl.benchmarks import attention
@@ -499,6 +500,12 @@ def test_attention_speedups_follow_known_times(monkeypatch):
                 assert 1.6 < r[f"{mode}_speedup"] < 4.5, r
             else:
                 assert r[f"{mode}_speedup"] == 1.0 and r[f"{mode}_vs"] == "plain"
+        # and from the interleaved rounds that follow each shape's rows (the engine's row only)
+        if r["backend"] == "torch":
+            assert r["paired_rounds"] == 3 and r["paired_p20"] <= r["fwd_bwd_paired_speedup"] <= r["paired_p80"]
+            assert 1.6 < r["fwd_bwd_paired_speedup"] < 4.5, r
+        else:
+            assert "fwd_bwd_paired_speedup" not in r
 
 
 @pytest.mark.slow
@@ -587,3 +594,33 @@ def test_paired_attention_script_times_both_backends_every_round(capsys):
     line = re.search(r"torch over plain, B=1 L=96 D=16, 3 rounds: median speed-up ([\d.]+) \(range ([\d.]+)-([\d.]+)\)", out)
     speedup, low, high = map(float, line.groups())
     assert 0 < low <= speedup <= high
+
+
+def test_paired_rounds_interleave_the_functions_and_give_the_ratio_of_known_times():
+    """timer.paired runs each function once per round in a random order: per-round seconds at
+    least the known sleeps (20 ms, 60 ms), both orders among the rounds, and a median per-round
+    speed-up near their ratio 3 (a busy machine's late wake-ups move it by a few ms either way)."""
+    import time
+
+    from fastnl.benchmarks import timer
+
+    calls = []
+
+    def sleeper(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    result = timer.paired({"fast": sleeper("fast", 0.02), "slow": sleeper("slow", 0.06)}, "cpu", rounds=6,
+                          warmup=1, seed=3)
+    assert result.rounds == 6 and {k: len(v) for k, v in result.seconds.items()} == {"fast": 6, "slow": 6}
+    assert calls[:2] == ["fast", "slow"]  # the warm-up, one each
+    rounds = [tuple(calls[i:i + 2]) for i in range(2, len(calls), 2)]
+    assert set(rounds) == {("fast", "slow"), ("slow", "fast")}
+    assert min(result.seconds["fast"]) >= 0.02 and min(result.seconds["slow"]) >= 0.06
+    s = result.speedup("fast", "slow")
+    assert s["rounds"] == 6 and s["p20"] <= s["median"] <= s["p80"]
+    assert 2.0 < s["median"] < 4.0, s
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        timer.paired({"fast": sleeper("fast", 0.0)}, "cpu", rounds=0)

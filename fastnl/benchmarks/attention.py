@@ -12,7 +12,9 @@ engine's time over the fastest fair baseline that ran at that shape, side by sid
 
 GPU (bf16, channel-first q/k/v): the model's shapes (L, D) = (1024, 512), (256, 1024) at
 batch 8 and 32, and (8192, 512) at batch 8. CPU (fp32, D=512, L up to 8192): the torch engine
-against plain. TFLOP/s count the useful flops: 4*B*L*L*D forward, 14*B*L*L*D forward + backward.
+against plain, each timed on its own and then both in 8 interleaved rounds (the median
+per-round speed-up, ``fwd_bwd_paired_speedup``: a shared CPU's speed drifts between rows).
+TFLOP/s count the useful flops: 4*B*L*L*D forward, 14*B*L*L*D forward + backward.
 ``run_configs`` (suite ``configs``) times every Triton configuration the autotuner may pick;
 ``kernel_resources`` gives their sm_90 registers, stack and shared memory.
 """
@@ -33,6 +35,7 @@ from fastnl.vocabulary import ATTENTION_ENGINES, triton_interpreted
 GPU_SHAPES = ((8, 1024, 512), (8, 256, 1024), (8, 8192, 512), (32, 1024, 512), (32, 256, 1024))
 QUICK_GPU_SHAPES = ((8, 1024, 512), (8, 256, 1024))
 CPU_LENGTHS = (1024, 2048, 4096, 8192)
+CPU_PAIRED_ROUNDS = 8
 ENGINES = ATTENTION_ENGINES
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
@@ -68,12 +71,9 @@ def _attention_fn(backend: str, sdpa_backend=None):
     return sdpa
 
 
-def time_attention(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device, reps: int,
-                   modes: tuple = ("fwd", "fwd_bwd"), min_time_s: float = 0.1, warmup: int = 1) -> dict:
-    """Median and 20th/80th percentile seconds of ``fn``'s forward and/or forward+backward
-    (``modes``; ``warmup`` untimed and at least ``reps`` timed runs each, see
-    :mod:`fastnl.benchmarks.timer`), TFLOP/s
-    at the median and peak extra memory (CUDA only)."""
+def attention_steps(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """{"fwd": forward without gradients, "fwd_bwd": forward + backward} of ``fn`` on q, k, v
+    viewing one [B, 3D, L] conv output channel-first (seed 0: every backend sees the same inputs)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(B, 3 * D, L, generator=gen).to(device=device, dtype=dtype)
     q, k, v = [t.transpose(1, 2).detach().requires_grad_() for t in x.chunk(3, dim=1)]
@@ -87,8 +87,33 @@ def time_attention(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch
         out = fn(q, k, v)
         torch.autograd.grad(out, (q, k, v), grad)
 
+    return {"fwd": forward, "fwd_bwd": forward_backward}
+
+
+def paired_rounds(backends, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device, rounds: int,
+                  seed: int = 0) -> timer.Paired:
+    """Forward + backward of each backend in interleaved rounds (:func:`fastnl.benchmarks.timer.paired`)."""
+    steps = {name: attention_steps(_attention_fn(name), B, L, D, dtype, device)["fwd_bwd"] for name in backends}
+    return timer.paired(steps, device, rounds=rounds, seed=seed)
+
+
+def paired_speedup(engine: str, baseline: str, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device,
+                   rounds: int) -> dict:
+    """Row fields of :func:`paired_rounds` of two backends: ``fwd_bwd_paired_speedup`` (median
+    per-round speed-up of ``engine`` over ``baseline``), ``paired_p20``, ``paired_p80``, ``paired_rounds``."""
+    s = paired_rounds((engine, baseline), B, L, D, dtype, device, rounds).speedup(engine, baseline)
+    return {"fwd_bwd_paired_speedup": s["median"], "paired_p20": s["p20"], "paired_p80": s["p80"],
+            "paired_rounds": s["rounds"]}
+
+
+def time_attention(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device, reps: int,
+                   modes: tuple = ("fwd", "fwd_bwd"), min_time_s: float = 0.1, warmup: int = 1) -> dict:
+    """Median and 20th/80th percentile seconds of ``fn``'s forward and/or forward+backward
+    (``modes``; ``warmup`` untimed and at least ``reps`` timed runs each, see
+    :mod:`fastnl.benchmarks.timer`), TFLOP/s
+    at the median and peak extra memory (CUDA only)."""
     result = {}
-    steps = {"fwd": forward, "fwd_bwd": forward_backward}
+    steps = attention_steps(fn, B, L, D, dtype, device)
     flops = {"fwd": 4 * B * L * L * D, "fwd_bwd": 14 * B * L * L * D}
     for name in modes:
         timing = timer.measure(steps[name], device, warmup=warmup, runs=reps, min_time_s=min_time_s)
@@ -212,6 +237,11 @@ def run(device, quick: bool = False) -> list[dict]:
             if not quick:
                 row["peak_rss_growth_mb"] = cpu_peak_rss_mb(backend, L, D)
             rows.append(row)
+        # a shared CPU drifts: the speed-up also from rounds that run both back to back
+        engine_row = next(r for r in rows if r.get("L") == L and r.get("backend") == "torch")
+        if "refused" not in engine_row:
+            engine_row.update(paired_speedup("torch", "plain", 1, L, D, torch.float32, device,
+                                             rounds=3 if quick else CPU_PAIRED_ROUNDS))
     compare_to_baselines(rows)
     return rows
 
@@ -245,7 +275,8 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"auto at B={r['B']} L={r['L']} D={r['D']}: {r['backend']} ({r['why']})" for r in rows if r["kind"] == "auto"]
     columns = ["backend", "role", "B", "L", "D", "dtype", "fwd_s", "fwd_bwd_s", "fwd_bwd_p20_s", "fwd_bwd_p80_s",
                "fwd_bwd_tflops",
-               "fwd_bwd_peak_extra_mb", "fwd_bwd_vs", "fwd_speedup", "fwd_bwd_speedup", "memory_vs_plain",
+               "fwd_bwd_peak_extra_mb", "fwd_bwd_vs", "fwd_speedup", "fwd_bwd_speedup", "fwd_bwd_paired_speedup",
+               "paired_p20", "paired_p80", "memory_vs_plain",
                "peak_rss_growth_mb", "refused"]
     table = [r for r in rows if r["kind"] == "attention"]
     present = [c for c in columns if any(c in r for r in table)]

@@ -13,7 +13,9 @@ as an optimizer's), once more untimed for an estimate of its time, then times it
   ``blocked_autorange`` times them (it synchronizes CUDA around each block where CUDA is
   present).
 
-The timed runs number at least ``runs`` and last at least ``min_time_s`` in all. Peak memory
+The timed runs number at least ``runs`` and last at least ``min_time_s`` in all. :func:`paired`
+times several functions in interleaved rounds, for ratios that a drifting machine does not
+bias. Peak memory
 covers the untimed runs only (do_bench's flush buffer would count otherwise), from a peak mark
 reset when ``measure`` starts: on a GPU ``torch.cuda.max_memory_allocated``, on a CPU the
 process's peak resident set (``VmHWM``, see :func:`fastnl.benchmarks.peak_rss_mb`), above
@@ -77,6 +79,43 @@ def once_s(fn: Callable[[], object], device: str) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - t0
+
+
+@dataclass
+class Paired:
+    """Seconds of each function in every round of :func:`paired` (``seconds[name][round]``)."""
+
+    seconds: dict
+    rounds: int
+
+    def speedup(self, engine: str, baseline: str) -> dict:
+        """The per-round speed-ups of ``engine`` over ``baseline`` (the baseline's time over the
+        engine's, in the same round): their median and the 20th/80th percentiles."""
+        ratios = [b / e for b, e in zip(self.seconds[baseline], self.seconds[engine])]
+        return {"median": quantile(ratios, 0.5), "p20": quantile(ratios, QUANTILES[0]),
+                "p80": quantile(ratios, QUANTILES[1]), "rounds": self.rounds}
+
+
+def paired(fns: dict, device, rounds: int = 8, warmup: int = 1, seed: int = 0) -> Paired:
+    """Time the functions of ``fns`` ({name: fn}) in ``rounds`` rounds: each round runs every one
+    once, back to back in a random order (drawn from ``seed``), the device synchronized around
+    each run. On a machine whose speed drifts (a shared CPU), the per-round ratio of two of them
+    cancels drift that lasts longer than a round, which medians taken one function after the
+    other do not."""
+    import random
+
+    device = str(device)
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got {rounds}, {warmup}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    order = random.Random(seed)
+    seconds = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name in order.sample(list(fns), len(fns)):
+            seconds[name].append(once_s(fns[name], device))
+    return Paired(seconds, rounds)
 
 
 def measure(fn: Callable[[], object], device, *, warmup: int = 1, runs: int = 5, min_time_s: float = 0.1,
