@@ -7,15 +7,16 @@ cores: ``torch.bmm(..., out_dtype=torch.float32)``; elsewhere the operands are u
 float32), turns it into probabilities P in the operands' dtype, and multiplies ``P V``. The
 backward recomputes each block's S once, and gets dV, dS, dQ and dK from it: executed work is
 exactly the useful ``4 L^2 D`` (forward) and ``10 L^2 D`` (backward, the recomputation included)
-flops. Extra memory is O(block * L + L * D) instead of O(L^2): the float32 score tiles of one
-call live in buffers allocated once and reused by every block.
+flops, less the recomputation for the query blocks whose P the forward kept (:func:`keep_budget`).
+Extra memory is O(block * L + L * D) instead of O(L^2): the float32 score tiles of one call live
+in buffers allocated once and reused by every block, and the kept P is at most 4 B L D elements.
 
 The row work between the GEMMs runs in two Triton kernels (``rowwise="triton"``:
 :mod:`fastnl.kernels.softmax_rows`, one pass over each tile; the forward keeps O and two float32
 numbers per row, the row maximum M and the sum Z, and the backward recomputes P as
-``exp(scale * S - M) / Z``) or in PyTorch ops (``rowwise="torch"``, any device: the scale goes
-into the GEMMs, the softmax is torch's fused kernel written over the tile, and the backward
-recomputes P with the same kernel from the same S, so the forward keeps O only). Either way the
+``exp(scale * S - M) / Z``) or in PyTorch ops (``rowwise="torch"``, any device: the scale and
+torch's fused softmax written over the tile, as plain PyTorch computes them, and the backward
+recomputes P with the same ops from the same S, so the forward keeps O only). Either way the
 backward's probabilities round exactly like the forward's.
 """
 from __future__ import annotations
@@ -140,40 +141,38 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
-def _scores(a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """alpha * a @ b with a float32 (float64) result: written into ``buf`` (a reused tile of
-    that dtype) where a and b have it, else (half-precision operands) a new tile."""
+def _scores(a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """a @ b with a float32 (float64) result: written into ``buf`` (a reused tile of that dtype)
+    where a and b have it, else (half-precision operands) a new tile."""
     if buf is not None and a.dtype == buf.dtype:
-        return torch.baddbmm(buf, a, b, beta=0, alpha=alpha, out=buf)
-    s = _mm(a, b)
-    return s.mul_(alpha) if alpha != 1.0 else s
+        return torch.bmm(a, b, out=buf)
+    return _mm(a, b)
 
 
-def _mm_to(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-    """out[...] = alpha * a @ b, a and b in one dtype, out in that dtype or another."""
+def _mm_to(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out[...] = a @ b, a and b in one dtype, out in that dtype or another."""
     if out.dtype == a.dtype:
-        torch.baddbmm(out, a, b, beta=0, alpha=alpha, out=out)
+        torch.bmm(a, b, out=out)
         return
-    prod = torch.bmm(a, b)
-    out.copy_(prod.mul_(alpha) if alpha != 1.0 else prod)
+    out.copy_(torch.bmm(a, b))
 
 
 _ACC_IN_PLACE = {"ok": True}
 
 
-def _mm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-    """acc += alpha * a @ b, acc in float32 (float64) and a, b in acc's dtype or a half dtype
-    (then one GEMM that reads and writes acc, or, where torch refuses that, a float32 product added)."""
+def _mm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc in float32 (float64) and a, b in acc's dtype or a half dtype (then one
+    GEMM that reads and writes acc, or, where torch refuses that, a float32 product added)."""
     if a.dtype == acc.dtype:
-        acc.baddbmm_(a, b, alpha=alpha)
+        acc.baddbmm_(a, b)
         return
     if _ACC_IN_PLACE["ok"]:
         try:
-            torch.baddbmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
+            torch.baddbmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
         except RuntimeError:
             _ACC_IN_PLACE["ok"] = False
-    acc.add_(_mm(a, b), alpha=alpha)
+    acc.add_(_mm(a, b))
 
 
 _SOFTMAX_IN_PLACE = {"ok": True}
@@ -191,20 +190,28 @@ def _softmax_(s: torch.Tensor) -> torch.Tensor:
     return s.copy_(torch.softmax(s, -1))
 
 
-class _TorchRows:
-    """Softmax rows and their gradient in PyTorch ops, in place on the score tile. The scale is
-    applied by the GEMMs (S arrives scaled, dS leaves without it), and the backward recomputes P
-    with the forward's kernel from the same S, so no row statistics are kept (M, Z: None)."""
+def _scaled_(s: torch.Tensor, scale: float) -> torch.Tensor:
+    """s *= scale in place, skipped at scale 1. (Not folded into the GEMM as its alpha: a BLAS
+    scales an operand before multiplying, whose rounding the cancellation in a dot product then
+    magnifies: at logits x10 the output error reached 2.3x plain's that way.)"""
+    return s.mul_(scale) if scale != 1.0 else s
 
-    SCALED_GEMMS = True
+
+class _TorchRows:
+    """Softmax rows and their gradient in PyTorch ops, in place on the score tile: the scale,
+    then torch's fused softmax written over the tile, as plain PyTorch computes them. The
+    backward recomputes P with the same ops from the same S, so no row statistics are kept
+    (M, Z: None)."""
+
+    IN_PLACE = True
 
     @staticmethod
     def backward_from_probs(p, dp, delta, scale):
-        return dp.sub_(delta.unsqueeze(-1)).mul_(p).to(p.dtype)
+        return _scaled_(dp.sub_(delta.unsqueeze(-1)).mul_(p), scale).to(p.dtype)
 
     @staticmethod
     def forward(s, scale, out_dtype, out=None):
-        p = _softmax_(s)
+        p = _softmax_(_scaled_(s, scale))
         if out is None:
             return p.to(out_dtype), None, None
         same = p.data_ptr() == out.data_ptr() and p.dtype == out.dtype
@@ -212,16 +219,16 @@ class _TorchRows:
 
     @staticmethod
     def backward(s, dp, m, z, delta, scale, out_dtype):
-        p = _softmax_(s)
-        ds = dp.sub_(delta.unsqueeze(-1)).mul_(p)
+        p = _softmax_(_scaled_(s, scale))
+        ds = _scaled_(dp.sub_(delta.unsqueeze(-1)).mul_(p), scale)
         return p.to(out_dtype), ds.to(out_dtype)
 
 
 class _TritonRows:
     """The same with :mod:`fastnl.kernels.softmax_rows` (M in log2 units); float32 tiles only.
-    The kernels scale S and dS themselves, and the backward reads the forward's M and Z."""
+    The kernels write P and dS beside S, and the backward reads the forward's M and Z."""
 
-    SCALED_GEMMS = False
+    IN_PLACE = False
 
     @staticmethod
     def _kernels():
@@ -259,7 +266,7 @@ def _operand_dtype(t: torch.Tensor) -> torch.dtype:
 def _uses_stats(rowwise: str, dtype: torch.dtype) -> bool:
     """Whether the forward saves the row statistics M and Z (the Triton row kernels do; the
     PyTorch row ops recompute P without them)."""
-    return not _rows_impl(rowwise, _acc_dtype(dtype)).SCALED_GEMMS
+    return not _rows_impl(rowwise, _acc_dtype(dtype)).IN_PLACE
 
 
 class _Tiles:
@@ -306,7 +313,6 @@ def _forward(q, k, v, scale: float, clips: int, block: int, rowwise: str, keep: 
     B, L, D = q.shape
     acc_dtype = _acc_dtype(q.dtype)
     rows = _rows_impl(rowwise, acc_dtype)
-    gemm_scale = scale if rows.SCALED_GEMMS else 1.0
     out = torch.empty(B, L, D, device=q.device, dtype=q.dtype)
     stats = (B, L) if _uses_stats(rowwise, q.dtype) else (0,)
     m = torch.empty(stats, device=q.device, dtype=acc_dtype)
@@ -318,8 +324,8 @@ def _forward(q, k, v, scale: float, clips: int, block: int, rowwise: str, keep: 
         n_clips, n_rows = cb.stop - cb.start, rb.stop - rb.start
         slot = kept.next(index, n_clips, n_rows)
         # the PyTorch row ops turn S into P in place: a kept step's S goes to its slot directly
-        in_slot = slot is not None and rows.SCALED_GEMMS and slot.dtype == acc_dtype and tiles.used
-        s = _scores(qc[cb, rb], kc[cb].transpose(1, 2), slot if in_slot else tiles.get(n_clips, n_rows), gemm_scale)
+        in_slot = slot is not None and rows.IN_PLACE and slot.dtype == acc_dtype and tiles.used
+        s = _scores(qc[cb, rb], kc[cb].transpose(1, 2), slot if in_slot else tiles.get(n_clips, n_rows))
         # P goes to the slot (in place on S there, or written there by the row work)
         p, m_blk, z_blk = rows.forward(s, scale, vc.dtype, out=slot)
         if m_blk is not None:
@@ -334,8 +340,6 @@ def _backward(grad_out, q, k, v, out, m, z, kept, scale: float, clips: int, bloc
     kept P of the leading steps, flat: as many whole steps as it holds)."""
     acc_dtype = _acc_dtype(q.dtype)
     rows = _rows_impl(rowwise, acc_dtype)
-    # the factor scale of dS = scale * P * (dP - delta): in the row kernel or in the GEMMs
-    gemm_scale = scale if rows.SCALED_GEMMS else 1.0
     qc, kc, vc, doc = _operands(q), _operands(k), _operands(v), _operands(grad_out)
     B, L, D = q.shape
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -360,20 +364,20 @@ def _backward(grad_out, q, k, v, out, m, z, kept, scale: float, clips: int, bloc
                 dv_acc = torch.zeros(kb.shape, device=k.device, dtype=acc_dtype)
         qb, dob = qc[cb, rb], doc[cb, rb]
         delta = (grad_out[cb, rb].to(acc_dtype) * out[cb, rb].to(acc_dtype)).sum(-1)
-        dp = _scores(dob, vt, dp_tiles.get(n_clips, n_rows), 1.0)
+        dp = _scores(dob, vt, dp_tiles.get(n_clips, n_rows))
         p = kept_p.next(index, n_clips, n_rows)
         if p is not None:
             ds = rows.backward_from_probs(p, dp, delta, scale)
         else:
-            s = _scores(qb, kt, s_tiles.get(n_clips, n_rows), gemm_scale)
+            s = _scores(qb, kt, s_tiles.get(n_clips, n_rows))
             stats = (m[cb, rb], z[cb, rb]) if m.numel() else (None, None)
             p, ds = rows.backward(s, dp, *stats, delta, scale, vc.dtype)
             del s
         del dp
         _mm_acc(dv_acc, p.transpose(1, 2), dob)
         del p
-        _mm_to(dq[cb, rb], ds, kb, gemm_scale)
-        _mm_acc(dk_acc, ds.transpose(1, 2), qb, gemm_scale)
+        _mm_to(dq[cb, rb], ds, kb)  # ds carries the factor scale
+        _mm_acc(dk_acc, ds.transpose(1, 2), qb)
         if rb.stop == L and not direct:
             dk[cb], dv[cb] = dk_acc, dv_acc
     return dq, dk, dv

@@ -345,3 +345,24 @@ def test_the_backward_adds_no_tensor_the_size_of_the_kept_p():
     expected = 3 * B * L * D * 4 + block * L * 4
     assert expected <= extra <= expected + 2 * 4 * B * block * D, (extra, expected)
     assert extra < B * L * L * 4
+
+
+@pytest.mark.parametrize("B, L, D, scale, block", [(1, 300, 16, 2.5, 64), (1, 130, 64, 1.25, 64)],
+                         ids=["L300-D16-x10-blk64", "L130-D64-x10-blk64"])
+def test_torch_engine_within_twice_the_plain_error_over_seeds(B, L, D, scale, block):
+    """float32, logits x10, 20 seeds: the PyTorch row ops' error against float64 is at most twice
+    plain's for out, dq, dk and dv, with no slack (the plain error itself is the yardstick).
+    Folding the scale into the score GEMM as its alpha failed this: out 2.27x, dk 2.73x."""
+    worst = dict.fromkeys(("out", "dq", "dk", "dv"), 0.0)
+    for seed in range(20):
+        q, k, v = make_qkv(B, L, D, F32, "channel_first", seed=seed)
+        grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+        ref = run(lambda a, b, c: ops.nl_attention(a, b, c, scale=scale, backend="reference"),
+                  q.double(), k.double(), v.double(), grad)
+        plain = run(lambda a, b, c: ops.nl_attention(a, b, c, scale=scale, backend="plain"), q, k, v, grad)
+        got = run(lambda a, b, c: attention_chunked.nl_attention_chunked(a, b, c, scale, block=block, keep=0),
+                  q, k, v, grad)
+        for name, g, p, r in zip(worst, got, plain, ref):
+            ratio = ((g.double() - r).abs().max() / (p.double() - r).abs().max()).item()
+            worst[name] = max(worst[name], ratio)
+    assert max(worst.values()) <= 2.0, worst

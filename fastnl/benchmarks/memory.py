@@ -202,12 +202,12 @@ def cuda_like():
     def tensor_core_operands(t):
         return t.dtype in (torch.float16, torch.bfloat16) and ac._OUT_DTYPE
 
-    def mm_acc(acc, a, b, alpha=1.0):
-        # CUDA runs torch.baddbmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc): acc
-        # written in place, nothing allocated. torch's fake (decomposed) baddbmm with out_dtype
-        # fails, so the count writes acc through bmm(out=acc), which allocates nothing either.
+    def mm_acc(acc, a, b):
+        # CUDA runs torch.baddbmm(acc, a, b, out_dtype=acc.dtype, out=acc): acc written in place,
+        # nothing allocated. torch's fake (decomposed) baddbmm with out_dtype fails, so the
+        # count writes acc through bmm(out=acc), which allocates nothing either.
         if a.dtype == acc.dtype:
-            acc.baddbmm_(a, b, alpha=alpha)
+            acc.baddbmm_(a, b)
         else:
             torch.bmm(a, b, out_dtype=acc.dtype, out=acc)
 
