@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from fastnl._library import define_op_pair
 from fastnl.vocabulary import ROWWISE
 
 MAX_BLOCK = {"cpu": 1024, "cuda": 4096}
@@ -428,13 +429,9 @@ def _backward_rule(ctx, grad_out, _grad_m, _grad_z, _grad_kept):
     return dq, dk, dv, None, None, None, None, None
 
 
-_forward_op = torch.library.custom_op("fastnl::nl_attention_chunked", _forward_op_body, mutates_args=(),
-                                      schema=_FWD_SCHEMA)
-_backward_op = torch.library.custom_op("fastnl::nl_attention_chunked_backward", _backward, mutates_args=(),
-                                       schema=_BWD_SCHEMA)
-_forward_op.register_fake(_forward_fake)
-_backward_op.register_fake(_backward_fake)
-_forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_forward_op, _backward_op = define_op_pair("nl_attention_chunked", _forward_op_body, _backward,
+                                           (_FWD_SCHEMA, _BWD_SCHEMA), (_forward_fake, _backward_fake),
+                                           (_backward_rule, _setup_context))
 
 
 def op_bodies() -> dict:

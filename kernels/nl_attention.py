@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastnl._library import define_op_pair
 from fastnl.vocabulary import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM
 from fastnl.vocabulary import triton_head_dim_ok
 from fastnl.vocabulary import triton_interpreted as _interpreted
@@ -576,13 +577,8 @@ def _backward(ctx, grad_out, _grad_mz):
 def _define_ops() -> None:
     if hasattr(torch.ops.fastnl, "nl_attention_triton"):
         return
-    fwd = torch.library.custom_op("fastnl::nl_attention_triton", nl_attention_fwd, mutates_args=(),
-                                  schema=_FWD_SCHEMA)
-    bwd = torch.library.custom_op("fastnl::nl_attention_triton_backward", nl_attention_bwd_op, mutates_args=(),
-                                  schema=_BWD_SCHEMA)
-    fwd.register_fake(_fake_fwd)
-    bwd.register_fake(_fake_bwd)
-    fwd.register_autograd(_backward, setup_context=_setup_context)
+    define_op_pair("nl_attention_triton", nl_attention_fwd, nl_attention_bwd_op, (_FWD_SCHEMA, _BWD_SCHEMA),
+                   (_fake_fwd, _fake_bwd), (_backward, _setup_context))
 
 
 def nl_attention_bwd_op(grad_out, q, k, v, out, mz, scale: float):
