@@ -213,10 +213,7 @@ class _TorchRows:
     @staticmethod
     def forward(s, scale, out_dtype, out=None):
         p = _softmax_(_scaled_(s, scale))
-        if out is None:
-            return p.to(out_dtype), None, None
-        same = p.data_ptr() == out.data_ptr() and p.dtype == out.dtype
-        return (p if same else out.copy_(p)), None, None
+        return (p.to(out_dtype) if out is None else out.copy_(p)), None, None
 
     @staticmethod
     def backward(s, dp, m, z, delta, scale, out_dtype):
@@ -327,8 +324,8 @@ def _forward(q, k, v, scale: float, clips: int, block: int, rowwise: str, keep: 
         # the PyTorch row ops turn S into P in place: a kept step's S goes to its slot directly
         in_slot = slot is not None and rows.IN_PLACE and slot.dtype == acc_dtype and tiles.used
         s = _scores(qc[cb, rb], kc[cb].transpose(1, 2), slot if in_slot else tiles.get(n_clips, n_rows))
-        # P goes to the slot (in place on S there, or written there by the row work)
-        p, m_blk, z_blk = rows.forward(s, scale, vc.dtype, out=slot)
+        # P goes to the slot: in place on S there, or written there by the row work
+        p, m_blk, z_blk = rows.forward(s, scale, vc.dtype, out=None if in_slot else slot)
         if m_blk is not None:
             m[cb, rb], z[cb, rb] = m_blk, z_blk
         del s
