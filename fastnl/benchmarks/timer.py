@@ -90,10 +90,11 @@ class Paired:
 
     def speedup(self, engine: str, baseline: str) -> dict:
         """The per-round speed-ups of ``engine`` over ``baseline`` (the baseline's time over the
-        engine's, in the same round): their median and the 20th/80th percentiles."""
+        engine's, in the same round): their median, 20th/80th percentiles, minimum and maximum."""
         ratios = [b / e for b, e in zip(self.seconds[baseline], self.seconds[engine])]
         return {"median": quantile(ratios, 0.5), "p20": quantile(ratios, QUANTILES[0]),
-                "p80": quantile(ratios, QUANTILES[1]), "rounds": self.rounds}
+                "p80": quantile(ratios, QUANTILES[1]), "min": min(ratios), "max": max(ratios),
+                "rounds": self.rounds}
 
 
 def paired(fns: dict, device, rounds: int = 8, warmup: int = 1, seed: int = 0) -> Paired:
