@@ -565,10 +565,13 @@ def _setup_context(ctx, inputs, output):
     out, mz = output
     ctx.save_for_backward(q, k, v, out, mz)
     ctx.mark_non_differentiable(mz)
+    ctx.set_materialize_grads(False)  # no zero [B, 2, L] gradient made for M and Z on the way back
     ctx.scale = scale
 
 
 def _backward(ctx, grad_out, _grad_mz):
+    if grad_out is None:
+        return None, None, None, None
     q, k, v, out, mz = ctx.saved_tensors
     dq, dk, dv = torch.ops.fastnl.nl_attention_triton_backward.default(grad_out, q, k, v, out, mz, ctx.scale)
     return dq, dk, dv, None

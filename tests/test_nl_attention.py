@@ -302,3 +302,23 @@ def test_forward_keeps_q_on_chip_where_one_chunk_covers_the_head_dim(head_dim, o
     and 64 run that path, D = 512 and 1024 the sliced one)."""
     config = nla.default_config("fwd", head_dim)
     assert nla.keeps_q_on_chip(head_dim, config.kwargs["BLOCK_DV"]) is on_chip
+
+
+def test_the_flash_backward_makes_no_zero_gradient_for_m_and_z():
+    """Counted by the live-storage tracker: the backward's extra memory is dQ, dK and dV, the
+    op's outputs; no zero [B, 2, L] gradient is made for the forward's M and Z (non-differentiable)."""
+    from fastnl.benchmarks import memory
+
+    B, L, D = 2, 64, 16
+    q, k, v = [t.detach().requires_grad_() for t in make_qkv(B, L, D, torch.float32, "contiguous", seed=3)]
+    grad = torch.randn(B, L, D, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with memory.LiveStorageTracker() as tracker:
+        for t in (q, k, v, grad):
+            tracker.track(t)
+        out = nla.nl_attention_triton(q, k, v, scale=0.25)
+        after_forward = tracker.live
+        tracker.peak = tracker.live
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+        extra = tracker.peak - after_forward
+    assert extra == 3 * B * L * D * 4, (extra, 3 * B * L * D * 4)
+    assert torch.isfinite(dq).all() and dk.abs().sum() > 0 and dv.abs().sum() > 0
