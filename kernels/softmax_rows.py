@@ -10,6 +10,10 @@ the same S (the backward's GEMM gives the same bits as the forward's), so the ba
 probabilities round exactly like the forward's, and writes ``dS = scale * P * (dP - delta)``.
 A row of up to ``ONE_PASS_MAX`` columns is held in registers (one read of S); longer rows are
 reduced online and read twice.
+
+On fake tensors (``torch._subclasses.FakeTensorMode``) the three functions allocate their
+outputs and launch nothing: the memory count of :mod:`fastnl.benchmarks.memory` sees what the
+kernels allocate, without a GPU.
 """
 from __future__ import annotations
 
@@ -104,6 +108,13 @@ def bwd_meta(seq_len: int) -> dict:
     return {"BLOCK_L": block, "num_warps": _warps(block)}
 
 
+def _launches(t: torch.Tensor) -> bool:
+    """Whether to launch a kernel on ``t``: not on a fake tensor (allocations only)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[B, R, L] tile with unit column stride as a [B * R, L] view."""
     if t.stride(-1) != 1 or (t.shape[0] > 1 and t.stride(0) != t.shape[1] * t.stride(1)):
@@ -122,6 +133,8 @@ def softmax_rows(s: torch.Tensor, scale: float, out_dtype: torch.dtype, out: tor
     _rows(p)  # row-major, as the kernel writes it
     m = torch.empty((B, R), device=s.device, dtype=torch.float32)
     z = torch.empty_like(m)
+    if not _launches(s):
+        return p, m, z
     meta = fwd_meta(L)
     _softmax_rows_fwd[(B * R,)](s2, p, m, z, s2.stride(0), L, L, float(scale) * LOG2E,
                                 BLOCK_L=meta["BLOCK_L"], ONE_PASS=meta["ONE_PASS"], num_warps=meta["num_warps"])
@@ -136,8 +149,11 @@ def softmax_grad_rows(s: torch.Tensor, dp: torch.Tensor, m: torch.Tensor, z: tor
     s2, dp2 = _rows(s), _rows(dp)
     p = torch.empty((B, R, L), device=s.device, dtype=out_dtype)
     ds = torch.empty_like(p)
+    m, z, delta = m.contiguous(), z.contiguous(), delta.contiguous()
+    if not _launches(s):
+        return p, ds
     meta = bwd_meta(L)
-    _softmax_rows_bwd[(B * R,)](s2, dp2, m.contiguous(), z.contiguous(), delta.contiguous(), p, ds,
+    _softmax_rows_bwd[(B * R,)](s2, dp2, m, z, delta, p, ds,
                                 s2.stride(0), dp2.stride(0), L, L, L, float(scale) * LOG2E, float(scale),
                                 BLOCK_L=meta["BLOCK_L"], FROM_P=False, num_warps=meta["num_warps"])
     return p, ds
@@ -149,8 +165,11 @@ def softmax_grad_from_probs(p: torch.Tensor, dp: torch.Tensor, delta: torch.Tens
     B, R, L = p.shape
     p2, dp2 = _rows(p), _rows(dp)
     ds = torch.empty_like(p)
+    delta = delta.contiguous()
+    if not _launches(p):
+        return ds
     meta = bwd_meta(L)
-    _softmax_rows_bwd[(B * R,)](dp2, dp2, delta, delta, delta.contiguous(), p2, ds,
+    _softmax_rows_bwd[(B * R,)](dp2, dp2, delta, delta, delta, p2, ds,
                                 dp2.stride(0), dp2.stride(0), p2.stride(0), L, L, 1.0, float(scale),
                                 BLOCK_L=meta["BLOCK_L"], FROM_P=True, num_warps=meta["num_warps"])
     return ds

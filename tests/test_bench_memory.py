@@ -45,9 +45,10 @@ def test_counter_counts_a_storage_once_and_rounds_up():
 
 @pytest.mark.parametrize("tile", [None, 1])
 def test_counter_on_the_chunked_engine_sees_what_it_saves(monkeypatch, tile):
-    """q, k, v (bf16, kept by the caller anyway) and O (bf16; the PyTorch row ops keep no row
-    statistics); plus P (bf16 [B, L, L]) when the whole score matrix fits one tile (the default
-    budget at L = 64)."""
+    """q, k, v (bf16, kept by the caller anyway), O (bf16) and the row statistics M and Z
+    (float32 [B, L] each: counted as CUDA's Triton row kernels keep them, whichever row ops the
+    CPU call names); plus P (bf16 [B, L, L]) when the whole score matrix fits one tile (the
+    default budget at L = 64)."""
     from fastnl import attention_chunked
 
     if tile is not None:
@@ -58,7 +59,7 @@ def test_counter_on_the_chunked_engine_sees_what_it_saves(monkeypatch, tile):
         base = tracker.live
         out = attention_chunked.nl_attention_chunked(q, k, v, 1.0, rowwise="torch")
         kept = tracker.live - base
-        expected = B * L * D * 2 + (B * L * L * 2 if tile is None else 0)
+        expected = B * L * D * 2 + 2 * B * L * 4 + (B * L * L * 2 if tile is None else 0)
         assert kept == expected
         out.float().sum().backward()
         assert q.grad.dtype == torch.bfloat16

@@ -21,10 +21,11 @@ engine cannot run backward on fake CUDA tensors without a GPU):
   in the autocast dtype on both;
 - the fused model's attention is the chunked engine as ``backend="auto"`` runs it on sm_90
   for the model's shapes: half-precision operands kept for the tensor-core GEMMs, the CUDA tile
-  plan of :func:`fastnl.attention_chunked.plan`, dK/dV accumulated in place in float32. Its row
-  work runs in the engine's PyTorch ops (the Triton row kernels cannot run on fake tensors);
-  both write the same tensors. The flash kernel (``backend="triton"``) keeps the same O, M and Z
-  and has no score tiles, so this count is an upper bound for it;
+  plan of :func:`fastnl.attention_chunked.plan`, dK/dV accumulated in place in float32, and its
+  row work as the Triton row kernels do it (on fake tensors they allocate their outputs and
+  launch nothing): P and dS beside each float32 score tile, and the row statistics M and Z
+  [B, L] kept for the backward. The flash kernel (``backend="triton"``) keeps the same O, M and
+  Z and has no score tiles, so this count is an upper bound for it;
 - the channel attention is the extension's op through its registered fake kernels (it saves
   its input, as the CUDA op does).
 
@@ -181,17 +182,21 @@ def _cuda_autocast_mode():
     return _CudaAutocastPolicy()
 
 
+_FAKE_BMM_OUT_DTYPE = {"ok": True}
+
+
 @contextlib.contextmanager
 def cuda_like():
     """The chunked engine configured as on CUDA (tensor-core operands, the CUDA tile plan and
-    keep budget, dK/dV accumulated in place) and CUDA autocast's float32 ops, for counts on fake
-    CPU tensors."""
+    keep budget, dK/dV accumulated in place, the Triton row kernels' allocations) and CUDA
+    autocast's float32 ops, for counts on fake CPU tensors."""
     import torch
 
     from fastnl import attention_chunked as ac
 
-    saved = {name: getattr(ac, name) for name in ("plan", "keep_budget", "tensor_core_operands", "_mm_acc")}
-    original_plan, original_keep_budget = saved["plan"], saved["keep_budget"]
+    saved = {name: getattr(ac, name) for name in ("plan", "keep_budget", "tensor_core_operands", "_mm_acc",
+                                                  "_rows_impl")}
+    original_plan, original_keep_budget, original_rows = saved["plan"], saved["keep_budget"], saved["_rows_impl"]
 
     def plan(seq_len, batch=1, device_type="cpu"):
         return original_plan(seq_len, batch, "cuda")
@@ -206,12 +211,23 @@ def cuda_like():
         # CUDA runs torch.baddbmm(acc, a, b, out_dtype=acc.dtype, out=acc): acc written in place,
         # nothing allocated. torch's fake (decomposed) baddbmm with out_dtype fails, so the
         # count writes acc through bmm(out=acc), which allocates nothing either.
+        # (torch 2.11 has no fake kernel of bmm with out_dtype: there, nothing is counted for the
+        # in-place accumulation, which allocates nothing)
         if a.dtype == acc.dtype:
             acc.baddbmm_(a, b)
-        else:
-            torch.bmm(a, b, out_dtype=acc.dtype, out=acc)
+        elif _FAKE_BMM_OUT_DTYPE["ok"]:
+            try:
+                torch.bmm(a, b, out_dtype=acc.dtype, out=acc)
+            except NotImplementedError:
+                _FAKE_BMM_OUT_DTYPE["ok"] = False
+
+    def rows_impl(rowwise, compute_dtype):
+        # what backend="chunked" runs on CUDA: the Triton row kernels (on fake tensors they only
+        # allocate: P and dS beside S, M and Z per row), whatever row ops the CPU call names
+        return original_rows("triton", compute_dtype)
 
     ac.plan, ac.keep_budget, ac.tensor_core_operands, ac._mm_acc = plan, keep_budget, tensor_core_operands, mm_acc
+    ac._rows_impl = rows_impl
     try:
         with _cuda_autocast_mode():
             yield
