@@ -36,7 +36,8 @@ test-fast: install
 # < 2.4 for triton 3.6's CPU interpreter): a second virtualenv, the package used from the
 # source tree (the extension JIT-built on first use). Several GB of downloads on first run.
 COMPAT_VENV := .venv-compat
-COMPAT_PYTHON ?= $(shell command -v python3.12 || echo $(PYTHON))
+# (a python3.12 that runs: a pyenv shim of a version not selected is on PATH but fails)
+COMPAT_PYTHON ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || echo $(PYTHON))
 
 $(COMPAT_VENV)/.stamp-deps:
 	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
