@@ -478,34 +478,49 @@ def test_channel_rows_follow_known_times(monkeypatch):
 
 
 def test_attention_speedups_follow_known_times(monkeypatch):
-    """Stand-in backends of known cost (the engine 50 ms a call, plain 150 ms): each engine row's
-    speed-up over plain is 3, at each shape, forward and forward + backward, timed row by row
-    and in paired rounds."""
+    """Stand-in backends of known cost (the engine 50 ms a call, plain 150 ms, SDPA 250 ms, its
+    cuDNN backend refusing): each row's speed-up is over plain, the fastest baseline that ran (3
+    for the engine, 0.6 for SDPA), at each shape, forward and forward + backward, timed row by row
+    and in paired rounds of the engine and every baseline that ran."""
     import time
 
     from fastnl.benchmarks import attention
 
-    def backend(name, sdpa_backend=None):
+    calls = []
+
+    def backend(name):
         def fn(q, k, v):
-            time.sleep(0.05 if name == "torch" else 0.15)
+            calls.append(name)
+            if name == "sdpa-cudnn":
+                raise RuntimeError("No available kernel. Aborting execution.")
+            time.sleep({"torch": 0.05, "plain": 0.15}.get(name, 0.25))
             return q + 0 * (k.sum() + v.sum())
         return fn
 
     monkeypatch.setattr(attention, "_attention_fn", backend)
     rows = attention.run("cpu", quick=True)
+    assert {r["backend"] for r in rows} == {"torch", "plain", *attention._sdpa_backends()}
     for r in rows:
+        if r["backend"] == "sdpa-cudnn":
+            assert "No available kernel" in r["refused"] and "fwd_speedup" not in r
+            continue
         for mode in ("fwd", "fwd_bwd"):
             assert r[f"{mode}_p20_s"] <= r[f"{mode}_s"] <= r[f"{mode}_p80_s"]
+            assert r[f"{mode}_vs"] == "plain", r
             if r["backend"] == "torch":
                 assert 1.6 < r[f"{mode}_speedup"] < 4.5, r
+            elif r["backend"] == "plain":
+                assert r[f"{mode}_speedup"] == 1.0
             else:
-                assert r[f"{mode}_speedup"] == 1.0 and r[f"{mode}_vs"] == "plain"
+                assert 0.4 < r[f"{mode}_speedup"] < 0.8, r
         # and from the interleaved rounds that follow each shape's rows (the engine's row only)
         if r["backend"] == "torch":
             assert r["paired_rounds"] == 3 and r["paired_p20"] <= r["fwd_bwd_paired_speedup"] <= r["paired_p80"]
-            assert 1.6 < r["fwd_bwd_paired_speedup"] < 4.5, r
+            assert r["paired_vs"] == "plain" and 1.6 < r["fwd_bwd_paired_speedup"] < 4.5, r
         else:
             assert "fwd_bwd_paired_speedup" not in r
+    # the refused backend is tried once per shape and left out of the paired rounds
+    assert calls.count("sdpa-cudnn") == 2 and calls.count("sdpa-math") > calls.count("sdpa-cudnn")
 
 
 @pytest.mark.slow
@@ -527,9 +542,9 @@ def test_refused_sdpa_backends_are_listed_and_left_out_of_the_speedups():
     from fastnl.benchmarks import attention
 
     rows = []
-    for name, sdpa in attention._sdpa_backends():
+    for name in attention._sdpa_backends():
         label = {"kind": "attention", "backend": name, "role": "baseline", "B": 1, "L": 128, "D": 64, "dtype": "fp32"}
-        rows.append(attention._run_case(attention._attention_fn("sdpa", sdpa), label, 1, 128, 64, torch.float32,
+        rows.append(attention._run_case(attention._attention_fn(name), label, 1, 128, 64, torch.float32,
                                         torch.device("cpu"), 2))
     label = {"kind": "attention", "backend": "torch", "role": "engine", "B": 1, "L": 128, "D": 64, "dtype": "fp32"}
     rows.append(attention._run_case(attention._attention_fn("torch"), label, 1, 128, 64, torch.float32,

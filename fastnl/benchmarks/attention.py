@@ -12,8 +12,10 @@ engine's time over the fastest fair baseline that ran at that shape, side by sid
 
 GPU (bf16, channel-first q/k/v): the model's shapes (L, D) = (1024, 512), (256, 1024) at
 batch 8 and 32, and (8192, 512) at batch 8. CPU (fp32, D=512, L up to 8192): the torch engine
-against plain, each timed on its own and then both in 8 interleaved rounds (the median
-per-round speed-up, ``fwd_bwd_paired_speedup``: a shared CPU's speed drifts between rows).
+against plain and every SDPA backend (on a CPU flash and math run, efficient and cuDNN refuse),
+each timed on its own with its peak resident memory, then the engine and every baseline that
+ran in 8 interleaved rounds: ``fwd_bwd_paired_speedup`` is the median per-round speed-up over
+``paired_vs``, the baseline fastest in those rounds (a shared CPU's speed drifts between rows).
 TFLOP/s count the useful flops: 4*B*L*L*D forward, 14*B*L*L*D forward + backward.
 ``run_configs`` (suite ``configs``) times every Triton configuration the autotuner may pick;
 ``kernel_resources`` gives their sm_90 registers, stack and shared memory.
@@ -21,6 +23,7 @@ TFLOP/s count the useful flops: 4*B*L*L*D forward, 14*B*L*L*D forward + backward
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 
@@ -41,34 +44,38 @@ SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_A
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 
 
-def _sdpa_backends():
+def _sdpa_backends() -> list[str]:
+    """The ``sdpa-<backend>`` names this torch has a backend for (run or refused, each its own row)."""
     from torch.nn.attention import SDPBackend
 
-    return [(name, getattr(SDPBackend, member)) for name, member in SDPA_BACKENDS.items()
-            if hasattr(SDPBackend, member)]
+    return [name for name, member in SDPA_BACKENDS.items() if hasattr(SDPBackend, member)]
 
 
-def _attention_fn(backend: str, sdpa_backend=None):
+def _attention_fn(name: str):
     """f(q, k, v) for q, k, v [B, L, D]: an ``nl_attention`` backend ("plain" under autocast in
-    q's dtype), or SDPA restricted to ``sdpa_backend`` on contiguous [B, 1, L, D] copies."""
-    if sdpa_backend is None:
-        def engine(q, k, v):
-            scale = 1.0 / q.shape[-1] ** 0.5
-            if backend != "plain" or q.dtype == torch.float32:
-                return ops.nl_attention(q, k, v, scale=scale, backend=backend)
-            with torch.autocast(q.device.type, dtype=q.dtype):
-                return ops.nl_attention(q, k, v, scale=scale, backend="plain")
-        return engine
+    q's dtype), or, for ``sdpa-<backend>``, SDPA restricted to that backend on contiguous
+    [B, 1, L, D] copies (made inside f, so their time counts)."""
+    if name in SDPA_BACKENDS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def sdpa(q, k, v):
-        from torch.nn.attention import sdpa_kernel
+        sdpa_backend = getattr(SDPBackend, SDPA_BACKENDS[name])
 
-        with sdpa_kernel(sdpa_backend):
-            out = torch.nn.functional.scaled_dot_product_attention(
-                *(t.unsqueeze(1).contiguous() for t in (q, k, v)), scale=1.0 / q.shape[-1] ** 0.5)
-        return out.squeeze(1)
+        def sdpa(q, k, v):
+            with sdpa_kernel(sdpa_backend):
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    *(t.unsqueeze(1).contiguous() for t in (q, k, v)), scale=1.0 / q.shape[-1] ** 0.5)
+            return out.squeeze(1)
 
-    return sdpa
+        return sdpa
+
+    def engine(q, k, v):
+        scale = 1.0 / q.shape[-1] ** 0.5
+        if name != "plain" or q.dtype == torch.float32:
+            return ops.nl_attention(q, k, v, scale=scale, backend=name)
+        with torch.autocast(q.device.type, dtype=q.dtype):
+            return ops.nl_attention(q, k, v, scale=scale, backend="plain")
+
+    return engine
 
 
 def attention_steps(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -97,13 +104,17 @@ def paired_rounds(backends, B: int, L: int, D: int, dtype: torch.dtype, device: 
     return timer.paired(steps, device, rounds=rounds, seed=seed)
 
 
-def paired_speedup(engine: str, baseline: str, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device,
+def paired_speedup(engine: str, baselines, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device,
                    rounds: int) -> dict:
-    """Row fields of :func:`paired_rounds` of two backends: ``fwd_bwd_paired_speedup`` (median
-    per-round speed-up of ``engine`` over ``baseline``), ``paired_p20``, ``paired_p80``, ``paired_rounds``."""
-    s = paired_rounds((engine, baseline), B, L, D, dtype, device, rounds).speedup(engine, baseline)
-    return {"fwd_bwd_paired_speedup": s["median"], "paired_p20": s["p20"], "paired_p80": s["p80"],
-            "paired_rounds": s["rounds"]}
+    """Row fields of :func:`paired_rounds` of ``engine`` and ``baselines`` (one name or several):
+    ``paired_vs`` (the baseline of the smallest median time over the rounds), ``fwd_bwd_paired_speedup``
+    (the median per-round speed-up of ``engine`` over it), ``paired_p20``, ``paired_p80``, ``paired_rounds``."""
+    baselines = (baselines,) if isinstance(baselines, str) else tuple(baselines)
+    result = paired_rounds((engine, *baselines), B, L, D, dtype, device, rounds)
+    fastest = min(baselines, key=lambda name: statistics.median(result.seconds[name]))
+    s = result.speedup(engine, fastest)
+    return {"paired_vs": fastest, "fwd_bwd_paired_speedup": s["median"], "paired_p20": s["p20"],
+            "paired_p80": s["p80"], "paired_rounds": s["rounds"]}
 
 
 def time_attention(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device, reps: int,
@@ -158,18 +169,20 @@ def _run_case(fn, label: dict, *args, **kwargs) -> dict:
 
 
 def cpu_peak_rss_mb(backend: str, L: int, D: int) -> float:
-    """Peak resident memory (MB) that fp32 forward+backward at [1, L, D] adds, in a fresh process.
-    A tiny call of the same backend runs first, so that one-time costs (the first call of a
-    ``torch.library`` op imports torch._dynamo: about 150 MB of modules) stay out of it."""
+    """Peak resident memory (MB) that fp32 forward+backward at [1, L, D] of a backend (an engine,
+    ``plain`` or ``sdpa-<backend>``) adds, in a fresh process, on the channel-first q, k, v that
+    the timed rows see (:func:`attention_steps`; SDPA's contiguous copies count). A tiny call of the same backend runs
+    first, so that one-time costs (the first call of a ``torch.library`` op imports torch._dynamo:
+    about 150 MB of modules) stay out of it."""
     script = f"""
 import torch
-from fastnl import ops
 from fastnl.benchmarks import peak_rss_mb, reset_peak_rss_mb
-w = [torch.randn(1, 16, 16, requires_grad=True) for _ in range(3)]
-ops.nl_attention(*w, backend={backend!r}).sum().backward()
-q, k, v = [torch.randn(1, {L}, {D}, requires_grad=True) for _ in range(3)]
+from fastnl.benchmarks.attention import _attention_fn, attention_steps
+fn, cpu = _attention_fn({backend!r}), torch.device("cpu")
+attention_steps(fn, 1, 16, 16, torch.float32, cpu)["fwd_bwd"]()
+step = attention_steps(fn, 1, {L}, {D}, torch.float32, cpu)["fwd_bwd"]
 base = reset_peak_rss_mb()
-ops.nl_attention(q, k, v, scale={D ** -0.5}, backend={backend!r}).sum().backward()
+step()
 print(peak_rss_mb() - base)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
@@ -221,7 +234,7 @@ def run(device, quick: bool = False) -> list[dict]:
             print(f"  auto at B={B} L={L} D={D}: {chosen} ({why})", file=sys.stderr, flush=True)
             cases = [(b, "engine", _attention_fn(b)) for b in ENGINES]
             cases += [("plain", "baseline", _attention_fn("plain"))]
-            cases += [(name, "baseline", _attention_fn("sdpa", sb)) for name, sb in _sdpa_backends()]
+            cases += [(name, "baseline", _attention_fn(name)) for name in _sdpa_backends()]
             for name, role, fn in cases:
                 label = {"kind": "attention", "backend": name, "role": role, "B": B, "L": L, "D": D, "dtype": "bf16"}
                 rows.append(_run_case(fn, label, B, L, D, torch.bfloat16, device, reps))
@@ -230,17 +243,21 @@ def run(device, quick: bool = False) -> list[dict]:
         return rows
     lengths = (256, 1024) if quick else CPU_LENGTHS
     D = 128 if quick else 512
+    cases = [("torch", "engine"), ("plain", "baseline")] + [(name, "baseline") for name in _sdpa_backends()]
     for L in lengths:
-        for backend, role in (("torch", "engine"), ("plain", "baseline")):
+        shape_rows = []
+        for backend, role in cases:
             label = {"kind": "attention", "backend": backend, "role": role, "B": 1, "L": L, "D": D, "dtype": "fp32"}
             row = _run_case(_attention_fn(backend), label, 1, L, D, torch.float32, device, 3)
-            if not quick:
+            if not quick and "refused" not in row:
                 row["peak_rss_growth_mb"] = cpu_peak_rss_mb(backend, L, D)
             rows.append(row)
-        # a shared CPU drifts: the speed-up also from rounds that run both back to back
-        engine_row = next(r for r in rows if r.get("L") == L and r.get("backend") == "torch")
-        if "refused" not in engine_row:
-            engine_row.update(paired_speedup("torch", "plain", 1, L, D, torch.float32, device,
+            shape_rows.append(row)
+            _log(row)
+        # a shared CPU drifts: the speed-up also from rounds that run every backend back to back
+        engine_row, ran = shape_rows[0], [r["backend"] for r in shape_rows[1:] if "refused" not in r]
+        if "refused" not in engine_row and ran:
+            engine_row.update(paired_speedup("torch", ran, 1, L, D, torch.float32, device,
                                              rounds=3 if quick else CPU_PAIRED_ROUNDS))
     compare_to_baselines(rows)
     return rows
@@ -275,8 +292,8 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"auto at B={r['B']} L={r['L']} D={r['D']}: {r['backend']} ({r['why']})" for r in rows if r["kind"] == "auto"]
     columns = ["backend", "role", "B", "L", "D", "dtype", "fwd_s", "fwd_bwd_s", "fwd_bwd_p20_s", "fwd_bwd_p80_s",
                "fwd_bwd_tflops",
-               "fwd_bwd_peak_extra_mb", "fwd_bwd_vs", "fwd_speedup", "fwd_bwd_speedup", "fwd_bwd_paired_speedup",
-               "paired_p20", "paired_p80", "memory_vs_plain",
+               "fwd_bwd_peak_extra_mb", "fwd_bwd_vs", "fwd_speedup", "fwd_bwd_speedup", "paired_vs",
+               "fwd_bwd_paired_speedup", "paired_p20", "paired_p80", "memory_vs_plain",
                "peak_rss_growth_mb", "refused"]
     table = [r for r in rows if r["kind"] == "attention"]
     present = [c for c in columns if any(c in r for r in table)]
