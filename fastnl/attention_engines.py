@@ -6,7 +6,8 @@ Engines (backends of :func:`fastnl.ops.nl_attention`):
   but at large D each score tile is recomputed once per output column chunk.
 - ``chunked``: query blocks on tensor-core GEMMs, each score tile computed once, the row work
   in Triton (``fastnl/attention_chunked.py``); O(block * L) extra memory.
-- ``torch``: the same chunked engine with the row work in PyTorch ops (more passes over a tile).
+- ``torch``: the same chunked engine with the row work in PyTorch ops (more passes over a
+  tile: the scale and torch's fused softmax in place, casts, dS in three in-place ops).
 
 ``auto`` looks the engine up in a table keyed by (GPU capability, dtype, D, L): the nearest D
 and L (log scale) of the entry for the GPU's capability and the dtype. The committed table,
@@ -132,9 +133,13 @@ def predict_ms(engine: str, dtype: str, B: int, L: int, D: int, gpu: GPU = HOPPE
             fwd_launches, bwd_launches = 3 * steps, 7 * steps
             acc_bytes = per_clip * 2 * 2 * B * L * D * 4  # dK and dV read and written per block
         elif engine == "torch":
-            # scale, max, sub+exp, sum, div, cast; backward: scale-sub-exp-div, sub-mul-mul, casts
-            fwd_bytes, bwd_bytes = 4 * 8 + 4 + e, 4 * 10 + 8 + 2 * e
-            fwd_launches, bwd_launches = 8 * steps, 14 * steps
+            # in place on the float32 tile: the scale and torch's fused softmax (one read and one
+            # write each), then P cast for the GEMM; backward: S again (scale, softmax), then
+            # dP - delta, times P (which it reads), the scale, P and dS cast; where the forward
+            # kept P, the backward starts from it (no S GEMM, scale or softmax)
+            fwd_bytes = 8 + 8 + (4 + e)
+            bwd_bytes = (8 + (8 + e) + 8 + (4 + e)) if keeps else (8 + 8 + 8 + 12 + 8 + 2 * (4 + e))
+            fwd_launches, bwd_launches = 5 * steps, (8 if keeps else 12) * steps
             acc_bytes = per_clip * 2 * 2 * B * L * D * 4
         else:
             # under autocast: S written in the autocast dtype, scaled, cast to float32 for the
