@@ -639,3 +639,29 @@ def test_paired_rounds_interleave_the_functions_and_give_the_ratio_of_known_time
     assert 2.0 < s["median"] < 4.0, s
     with pytest.raises(ValueError, match="rounds >= 1"):
         timer.paired({"fast": sleeper("fast", 0.0)}, "cpu", rounds=0)
+
+
+def test_gpu_cases_add_the_keeping_variant_only_where_the_cuda_default_keeps_no_p():
+    """At (8, 8192, 512) the score matrix is more than one CUDA tile and the default keeps none
+    of P: the suite adds ``chunked-keep`` (4 B L D elements kept); at (8, 1024, 512) one tile
+    holds it and P is kept already. The variant computes what the engine does (a small shape,
+    float32, the Triton row kernels interpreted on a CPU) and keeps P for the backward."""
+    from fastnl import attention_chunked
+    from fastnl.benchmarks import attention
+
+    long = {name: (role, extra) for name, role, _, extra in attention.gpu_cases(8, 8192, 512)}
+    short = {name for name, *_ in attention.gpu_cases(8, 1024, 512)}
+    assert long["chunked-keep"] == ("variant", {"keep_elements": 4 * 8 * 8192 * 512})
+    assert "chunked-keep" not in short and {"triton", "chunked", "torch", "plain", "sdpa-math"} <= short
+    assert attention_chunked.kept_fraction(8192, 512, 8, "cuda") == 0.0
+    B, L, D = 1, 96, 16
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = [torch.randn(B, L, D, generator=gen, dtype=torch.float64).float().requires_grad_() for _ in range(3)]
+    out = attention._chunked_keeping(B * L * L)(q, k, v)
+    assert out.grad_fn.saved_tensors[-1].numel() == B * L * L  # P, for the backward
+    ref = torch.softmax(q.double() @ k.double().transpose(1, 2) / 4, -1) @ v.double()
+    assert (out.double() - ref).abs().max() < 1e-5
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    refs = torch.autograd.grad(ref.sum(), (q, k, v))
+    for g, r in zip(grads, refs):
+        assert (g.double() - r).abs().max() < 1e-4

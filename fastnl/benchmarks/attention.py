@@ -11,7 +11,8 @@ The float32 ``reference`` is the numerics ground truth and is not timed. Every s
 engine's time over the fastest fair baseline that ran at that shape, side by side in one run.
 
 GPU (bf16, channel-first q/k/v): the model's shapes (L, D) = (1024, 512), (256, 1024) at
-batch 8 and 32, and (8192, 512) at batch 8. CPU (fp32, D=512, L up to 8192): the torch engine
+batch 8 and 32, and (8192, 512) at batch 8; where the score matrix is more than one tile, also
+the variant ``chunked-keep`` (P of the leading blocks kept: does it pay on a GPU?). CPU (fp32, D=512, L up to 8192): the torch engine
 against plain and every SDPA backend (on a CPU flash and math run, efficient and cuDNN refuse),
 each timed on its own with its peak resident memory, then the engine and every baseline that
 ran in 8 interleaved rounds: ``fwd_bwd_paired_speedup`` is the median per-round speed-up over
@@ -115,6 +116,33 @@ def paired_speedup(engine: str, baselines, B: int, L: int, D: int, dtype: torch.
     s = result.speedup(engine, fastest)
     return {"paired_vs": fastest, "fwd_bwd_paired_speedup": s["median"], "paired_p20": s["p20"],
             "paired_p80": s["p80"], "paired_rounds": s["rounds"]}
+
+
+def _chunked_keeping(keep: int):
+    """f(q, k, v): the chunked engine (Triton row kernels) keeping the P of its leading query
+    blocks within ``keep`` elements, whose S its backward then does not recompute."""
+    from fastnl.attention_chunked import nl_attention_chunked
+
+    def chunked_keep(q, k, v):
+        return nl_attention_chunked(q, k, v, 1.0 / q.shape[-1] ** 0.5, rowwise="triton", keep=keep)
+
+    return chunked_keep
+
+
+def gpu_cases(B: int, L: int, D: int) -> list[tuple]:
+    """(name, role, f, extra label fields) of each row of a GPU shape: the engines, the fair
+    baselines, and, where the CUDA default keeps no P (the score matrix is more than one tile),
+    the variant ``chunked-keep`` that keeps 4 B L D elements of it (as much as q, k, v and O
+    hold): whether skipping the backward's recomputation of S pays on a GPU."""
+    from fastnl.attention_chunked import kept_fraction
+
+    cases = [(b, "engine", _attention_fn(b), {}) for b in ENGINES]
+    cases += [("plain", "baseline", _attention_fn("plain"), {})]
+    cases += [(name, "baseline", _attention_fn(name), {}) for name in _sdpa_backends()]
+    if kept_fraction(L, D, B, "cuda") < 1:
+        keep = 4 * B * L * D
+        cases.append(("chunked-keep", "variant", _chunked_keeping(keep), {"keep_elements": keep}))
+    return cases
 
 
 def time_attention(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device, reps: int,
@@ -232,11 +260,9 @@ def run(device, quick: bool = False) -> list[dict]:
             chosen, why = ops.explain_auto_backend("cuda", torch.bfloat16, D, L, device)
             rows.append({"kind": "auto", "B": B, "L": L, "D": D, "dtype": "bf16", "backend": chosen, "why": why})
             print(f"  auto at B={B} L={L} D={D}: {chosen} ({why})", file=sys.stderr, flush=True)
-            cases = [(b, "engine", _attention_fn(b)) for b in ENGINES]
-            cases += [("plain", "baseline", _attention_fn("plain"))]
-            cases += [(name, "baseline", _attention_fn(name)) for name in _sdpa_backends()]
-            for name, role, fn in cases:
-                label = {"kind": "attention", "backend": name, "role": role, "B": B, "L": L, "D": D, "dtype": "bf16"}
+            for name, role, fn, extra in gpu_cases(B, L, D):
+                label = {"kind": "attention", "backend": name, "role": role, "B": B, "L": L, "D": D, "dtype": "bf16",
+                         **extra}
                 rows.append(_run_case(fn, label, B, L, D, torch.bfloat16, device, reps))
                 _log(rows[-1])
         compare_to_baselines(rows)
@@ -290,7 +316,7 @@ def measured_engine_table(rows: list[dict], environment: dict | None = None) -> 
 def format_table(rows: list[dict]) -> str:
     """The attention suite's table: matmul yardstick, ``auto``'s choices, one line per backend and shape."""
     lines = [f"auto at B={r['B']} L={r['L']} D={r['D']}: {r['backend']} ({r['why']})" for r in rows if r["kind"] == "auto"]
-    columns = ["backend", "role", "B", "L", "D", "dtype", "fwd_s", "fwd_bwd_s", "fwd_bwd_p20_s", "fwd_bwd_p80_s",
+    columns = ["backend", "role", "B", "L", "D", "dtype", "keep_elements", "fwd_s", "fwd_bwd_s", "fwd_bwd_p20_s", "fwd_bwd_p80_s",
                "fwd_bwd_tflops",
                "fwd_bwd_peak_extra_mb", "fwd_bwd_vs", "fwd_speedup", "fwd_bwd_speedup", "paired_vs",
                "fwd_bwd_paired_speedup", "paired_p20", "paired_p80", "memory_vs_plain",
