@@ -1,12 +1,13 @@
-"""Paired timing of two attention backends, forward + backward, for a machine whose speed drifts.
+"""Paired timing of attention backends, forward + backward, for a machine whose speed drifts.
 
-Each round runs both backends once, back to back in random order, on the same float32 q, k, v
+Each round runs every backend once, back to back in random order, on the same float32 q, k, v
 (one [B, 3D, L] conv output viewed as channel-first [B, L, D]), as ``fastnl bench attention``
 does after its CPU rows (``fastnl.benchmarks.attention.paired_rounds``); the speed-up of a round is the
 baseline's time over the engine's. The median over rounds is robust to drift that lasts longer
 than a round, which single medians per backend (``fastnl bench attention``) are not.
 
     python bench/paired_attention.py --length 8192 --rounds 12            # torch vs plain, CPU
+    python bench/paired_attention.py --baseline plain sdpa-flash sdpa-math  # and SDPA's CPU backends
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import statistics
 
 import torch
 
-from fastnl.benchmarks.attention import paired_rounds
+from fastnl.benchmarks.attention import CPU_WARMUP, paired_rounds
 
 
 def main(argv=None) -> None:
@@ -25,18 +26,23 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=1, help="B (default 1)")
     parser.add_argument("--rounds", type=int, default=12, help="paired rounds (default 12)")
     parser.add_argument("--engine", default="torch", help="backend timed (default torch)")
-    parser.add_argument("--baseline", default="plain", help="backend it is compared to (default plain)")
+    parser.add_argument("--baseline", nargs="+", default=["plain"],
+                        help="backends it is compared to: plain, sdpa-flash, sdpa-math, ... (default plain)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the order of each round")
+    parser.add_argument("--warmup", type=int, default=CPU_WARMUP,
+                        help=f"untimed runs of each backend first (default {CPU_WARMUP})")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     B, L, D = args.batch, args.length, args.dim
-    result = paired_rounds((args.engine, args.baseline), B, L, D, torch.float32, device, args.rounds, seed=args.seed)
+    result = paired_rounds((args.engine, *args.baseline), B, L, D, torch.float32, device, args.rounds,
+                           seed=args.seed, warmup=args.warmup)
     for name, ts in result.seconds.items():
         print(f"{name}: median {statistics.median(ts):.4g} s, min {min(ts):.4g} s")
-    s = result.speedup(args.engine, args.baseline)
-    print(f"{args.engine} over {args.baseline}, B={B} L={L} D={D}, {args.rounds} rounds: median speed-up "
-          f"{s['median']:.3f} (range {s['min']:.2f}-{s['max']:.2f})")
+    for baseline in args.baseline:
+        s = result.speedup(args.engine, baseline)
+        print(f"{args.engine} over {baseline}, B={B} L={L} D={D}, {args.rounds} rounds: median speed-up "
+              f"{s['median']:.3f} (range {s['min']:.2f}-{s['max']:.2f})")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """pytest-benchmark of the NLAM attention on CPU (small shapes): the chunked torch engine against
-the plain PyTorch baseline, forward+backward, through the functions ``fastnl bench`` calls; and
+the plain PyTorch baseline and SDPA's CPU backends (flash, math), forward+backward, through the functions ``fastnl bench`` calls; and
 the bookkeeping that turns timed rows into speed-ups and an engine table."""
 import pytest
 import torch
@@ -9,13 +9,13 @@ from fastnl.benchmarks import attention
 pytest.importorskip("pytest_benchmark")
 
 
-@pytest.mark.parametrize("backend", ["torch", "plain"])
+@pytest.mark.parametrize("backend", ["torch", "plain", "sdpa-flash", "sdpa-math"])
 @pytest.mark.parametrize("L", [256, 1024])
 def test_attention_forward_backward_cpu(benchmark, backend, L):
     result = benchmark.pedantic(attention.time_attention,
                                 args=(attention._attention_fn(backend), 1, L, 128, torch.float32,
                                       torch.device("cpu"), 1),
-                                rounds=3, iterations=1)
+                                kwargs={"warmup": attention.CPU_WARMUP}, rounds=3, iterations=1)
     for mode in ("fwd", "fwd_bwd"):
         assert result[f"{mode}_p20_s"] <= result[f"{mode}_s"] <= result[f"{mode}_p80_s"]
     if L >= 1024:  # the backward's 2.5x the forward's flops on top (at L = 256 a busy machine's noise is as large)
@@ -23,15 +23,21 @@ def test_attention_forward_backward_cpu(benchmark, backend, L):
     assert result["timer"] == "torch.utils.benchmark"
 
 
-def test_run_quick_cpu_reports_the_engine_and_its_baseline():
+def test_run_quick_cpu_reports_the_engine_and_its_baselines():
     rows = attention.run("cpu", quick=True)
+    baselines = ["plain", *attention._sdpa_backends()]
     assert {(r["backend"], r["role"], r["L"]) for r in rows} == \
-        {(b, role, L) for b, role in (("torch", "engine"), ("plain", "baseline")) for L in (256, 1024)}
-    assert all("refused" not in r and r["fwd_bwd_vs"] == "plain" for r in rows)
-    for L in (256, 1024):  # each engine row's speed-up is over the plain row of its own shape
-        engine, plain = (next(r for r in rows if r["L"] == L and r["backend"] == b) for b in ("torch", "plain"))
-        assert engine["fwd_bwd_speedup"] == pytest.approx(plain["fwd_bwd_s"] / engine["fwd_bwd_s"])
-        assert plain["fwd_bwd_speedup"] == 1.0 and engine["fwd_bwd_s"] != plain["fwd_bwd_s"]
+        {(b, role, L) for b, role in (("torch", "engine"), *((b, "baseline") for b in baselines)) for L in (256, 1024)}
+    # on a CPU SDPA's efficient and cuDNN backends have no kernel; flash and math run
+    assert {r["backend"] for r in rows if "refused" in r} == {"sdpa-efficient", "sdpa-cudnn"} & set(baselines)
+    for L in (256, 1024):  # each row's speed-up is over the fastest baseline of its own shape
+        ran = [r for r in rows if r["L"] == L and "refused" not in r]
+        fastest = min((r for r in ran if r["role"] == "baseline"), key=lambda r: r["fwd_bwd_s"])
+        engine = next(r for r in ran if r["backend"] == "torch")
+        assert all(r["fwd_bwd_vs"] == fastest["backend"] for r in ran)
+        assert engine["fwd_bwd_speedup"] == pytest.approx(fastest["fwd_bwd_s"] / engine["fwd_bwd_s"])
+        assert fastest["fwd_bwd_speedup"] == 1.0 and engine["fwd_bwd_s"] != fastest["fwd_bwd_s"]
+        assert engine["paired_vs"] in {r["backend"] for r in ran if r["role"] == "baseline"}
 
 
 def _row(backend, role, ms, B=8, L=1024, D=512, **extra):

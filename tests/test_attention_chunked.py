@@ -3,8 +3,8 @@ row ops) against float64, its tile plan, and the cost table that ``auto`` reads.
 
 Accuracy rule (FlashAttention's): each engine's max error against float64 is at most twice the
 error of the plain path in the same dtype (``backend="plain"``: bmm, softmax, bmm in that
-dtype) on the same inputs, for out, dq, dk and dv; plus one float32 rounding of the largest
-value for outputs the plain path gets exactly (dq at L=1).
+dtype) on the same inputs, for out, dq, dk and dv; where the plain path is exact or nearly
+(dq and dk at L=1), at most one float32 rounding of the largest value instead.
 """
 import json
 import math
@@ -48,7 +48,8 @@ def check_within_twice_plain(fn, q, k, v, scale, seed=1):
         assert torch.isfinite(g).all(), name
         err = (g.double() - r).abs().max().item()
         plain_err = (p.double() - r).abs().max().item()
-        tol = 2 * plain_err + eps * max(r.abs().max().item(), ref[0].abs().max().item())
+        # one float32 rounding of the largest value is the floor where plain is (almost) exact
+        tol = max(2 * plain_err, eps * max(r.abs().max().item(), ref[0].abs().max().item()))
         assert err <= tol, f"{name}: error {err:.3g} > {tol:.3g} (plain {q.dtype} error {plain_err:.3g})"
 
 

@@ -40,6 +40,10 @@ GPU_SHAPES = ((8, 1024, 512), (8, 256, 1024), (8, 8192, 512), (32, 1024, 512), (
 QUICK_GPU_SHAPES = ((8, 1024, 512), (8, 256, 1024))
 CPU_LENGTHS = (1024, 2048, 4096, 8192)
 CPU_PAIRED_ROUNDS = 8
+# Untimed runs before a CPU measurement: glibc's malloc raises its mmap threshold as large
+# blocks are freed, so the first few calls of a backend fault in fresh pages (SDPA's math
+# backend: 3 calls at 3x its steady time at L = 1024)
+CPU_WARMUP = 3
 ENGINES = ATTENTION_ENGINES
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
@@ -99,10 +103,10 @@ def attention_steps(fn, B: int, L: int, D: int, dtype: torch.dtype, device: torc
 
 
 def paired_rounds(backends, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device, rounds: int,
-                  seed: int = 0) -> timer.Paired:
+                  seed: int = 0, warmup: int = 1) -> timer.Paired:
     """Forward + backward of each backend in interleaved rounds (:func:`fastnl.benchmarks.timer.paired`)."""
     steps = {name: attention_steps(_attention_fn(name), B, L, D, dtype, device)["fwd_bwd"] for name in backends}
-    return timer.paired(steps, device, rounds=rounds, seed=seed)
+    return timer.paired(steps, device, rounds=rounds, seed=seed, warmup=warmup)
 
 
 def paired_speedup(engine: str, baselines, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device,
@@ -111,7 +115,7 @@ def paired_speedup(engine: str, baselines, B: int, L: int, D: int, dtype: torch.
     ``paired_vs`` (the baseline of the smallest median time over the rounds), ``fwd_bwd_paired_speedup``
     (the median per-round speed-up of ``engine`` over it), ``paired_p20``, ``paired_p80``, ``paired_rounds``."""
     baselines = (baselines,) if isinstance(baselines, str) else tuple(baselines)
-    result = paired_rounds((engine, *baselines), B, L, D, dtype, device, rounds)
+    result = paired_rounds((engine, *baselines), B, L, D, dtype, device, rounds, warmup=CPU_WARMUP)
     fastest = min(baselines, key=lambda name: statistics.median(result.seconds[name]))
     s = result.speedup(engine, fastest)
     return {"paired_vs": fastest, "fwd_bwd_paired_speedup": s["median"], "paired_p20": s["p20"],
@@ -274,7 +278,7 @@ def run(device, quick: bool = False) -> list[dict]:
         shape_rows = []
         for backend, role in cases:
             label = {"kind": "attention", "backend": backend, "role": role, "B": 1, "L": L, "D": D, "dtype": "fp32"}
-            row = _run_case(_attention_fn(backend), label, 1, L, D, torch.float32, device, 3)
+            row = _run_case(_attention_fn(backend), label, 1, L, D, torch.float32, device, 3, warmup=CPU_WARMUP)
             if not quick and "refused" not in row:
                 row["peak_rss_growth_mb"] = cpu_peak_rss_mb(backend, L, D)
             rows.append(row)
