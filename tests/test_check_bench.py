@@ -519,6 +519,9 @@ def test_attention_speedups_follow_known_times(monkeypatch):
             assert r["paired_vs"] == "plain" and 1.6 < r["fwd_bwd_paired_speedup"] < 4.5, r
         else:
             assert "fwd_bwd_paired_speedup" not in r
+        # and every backend that ran: its median over the rounds (a forward + backward sleeps once)
+        expected = {"torch": 0.05, "plain": 0.15}.get(r["backend"], 0.25)
+        assert expected <= r["paired_s"] < expected + 0.1, r
     # the refused backend is tried once per shape and left out of the paired rounds
     assert calls.count("sdpa-cudnn") == 2 and calls.count("sdpa-math") > calls.count("sdpa-cudnn")
 

@@ -15,8 +15,9 @@ batch 8 and 32, and (8192, 512) at batch 8; where the score matrix is more than 
 the variant ``chunked-keep`` (P of the leading blocks kept: does it pay on a GPU?). CPU (fp32, D=512, L up to 8192): the torch engine
 against plain and every SDPA backend (on a CPU flash and math run, efficient and cuDNN refuse),
 each timed on its own with its peak resident memory, then the engine and every baseline that
-ran in 8 interleaved rounds: ``fwd_bwd_paired_speedup`` is the median per-round speed-up over
-``paired_vs``, the baseline fastest in those rounds (a shared CPU's speed drifts between rows).
+ran in 8 interleaved rounds (``paired_s``: each one's median forward + backward there):
+``fwd_bwd_paired_speedup`` is the median per-round speed-up over ``paired_vs``, the baseline
+fastest in those rounds (a shared CPU's speed drifts between rows).
 TFLOP/s count the useful flops: 4*B*L*L*D forward, 14*B*L*L*D forward + backward.
 ``run_configs`` (suite ``configs``) times every Triton configuration the autotuner may pick;
 ``kernel_resources`` gives their sm_90 registers, stack and shared memory.
@@ -110,16 +111,18 @@ def paired_rounds(backends, B: int, L: int, D: int, dtype: torch.dtype, device: 
 
 
 def paired_speedup(engine: str, baselines, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device,
-                   rounds: int) -> dict:
-    """Row fields of :func:`paired_rounds` of ``engine`` and ``baselines`` (one name or several):
-    ``paired_vs`` (the baseline of the smallest median time over the rounds), ``fwd_bwd_paired_speedup``
-    (the median per-round speed-up of ``engine`` over it), ``paired_p20``, ``paired_p80``, ``paired_rounds``."""
+                   rounds: int) -> tuple[dict, dict]:
+    """:func:`paired_rounds` of ``engine`` and ``baselines`` (one name or several): the fields of
+    the engine's row, ``paired_vs`` (the baseline of the smallest median time over the rounds),
+    ``fwd_bwd_paired_speedup`` (the median per-round speed-up of ``engine`` over it),
+    ``paired_p20``, ``paired_p80``, ``paired_rounds``; and {backend: its median seconds over the rounds}."""
     baselines = (baselines,) if isinstance(baselines, str) else tuple(baselines)
     result = paired_rounds((engine, *baselines), B, L, D, dtype, device, rounds, warmup=CPU_WARMUP)
-    fastest = min(baselines, key=lambda name: statistics.median(result.seconds[name]))
+    medians = {name: statistics.median(ts) for name, ts in result.seconds.items()}
+    fastest = min(baselines, key=medians.get)
     s = result.speedup(engine, fastest)
-    return {"paired_vs": fastest, "fwd_bwd_paired_speedup": s["median"], "paired_p20": s["p20"],
-            "paired_p80": s["p80"], "paired_rounds": s["rounds"]}
+    return ({"paired_vs": fastest, "fwd_bwd_paired_speedup": s["median"], "paired_p20": s["p20"],
+             "paired_p80": s["p80"], "paired_rounds": s["rounds"]}, medians)
 
 
 def _chunked_keeping(keep: int):
@@ -287,8 +290,12 @@ def run(device, quick: bool = False) -> list[dict]:
         # a shared CPU drifts: the speed-up also from rounds that run every backend back to back
         engine_row, ran = shape_rows[0], [r["backend"] for r in shape_rows[1:] if "refused" not in r]
         if "refused" not in engine_row and ran:
-            engine_row.update(paired_speedup("torch", ran, 1, L, D, torch.float32, device,
-                                             rounds=3 if quick else CPU_PAIRED_ROUNDS))
+            fields, medians = paired_speedup("torch", ran, 1, L, D, torch.float32, device,
+                                             rounds=3 if quick else CPU_PAIRED_ROUNDS)
+            engine_row.update(fields)
+            for r in shape_rows:  # each backend's median forward + backward over those rounds
+                if r["backend"] in medians:
+                    r["paired_s"] = medians[r["backend"]]
     compare_to_baselines(rows)
     return rows
 
@@ -321,7 +328,7 @@ def format_table(rows: list[dict]) -> str:
     """The attention suite's table: matmul yardstick, ``auto``'s choices, one line per backend and shape."""
     lines = [f"auto at B={r['B']} L={r['L']} D={r['D']}: {r['backend']} ({r['why']})" for r in rows if r["kind"] == "auto"]
     columns = ["backend", "role", "B", "L", "D", "dtype", "keep_elements", "fwd_s", "fwd_bwd_s", "fwd_bwd_p20_s", "fwd_bwd_p80_s",
-               "fwd_bwd_tflops",
+               "paired_s", "fwd_bwd_tflops",
                "fwd_bwd_peak_extra_mb", "fwd_bwd_vs", "fwd_speedup", "fwd_bwd_speedup", "paired_vs",
                "fwd_bwd_paired_speedup", "paired_p20", "paired_p80", "memory_vs_plain",
                "peak_rss_growth_mb", "refused"]
