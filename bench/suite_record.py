@@ -238,9 +238,9 @@ def cmd_tune(args) -> None:
 # Columns shown in the summary per kind of row (every field stays in results.json).
 COLUMNS = {
     "check": ["op", "shape", "dtype", "max_abs", "tol", "status", "note"],
-    "attention": ["kind", "backend", "L", "D", "dtype", "fwd_s", "fwd_bwd_s", "fwd_bwd_p20_s", "fwd_bwd_p80_s",
-                  "fwd_tflops", "fwd_bwd_tflops",
-                  "fwd_bwd_peak_extra_mb", "tflops", "refused"],
+    "attention": ["kind", "backend", "role", "B", "L", "D", "dtype", "keep_elements", "fwd_s", "fwd_bwd_s",
+                  "fwd_bwd_p20_s", "fwd_bwd_p80_s", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_peak_extra_mb",
+                  "fwd_bwd_vs", "fwd_speedup", "fwd_bwd_speedup", "memory_vs_plain", "tflops", "refused"],
     "channel": ["shape", "dtype", "pass", "backend", "ms", "p20_ms", "p80_ms", "gb_per_s", "floor_ratio",
                 "speedup_vs_reference"],
     "nlam": ["case", "shape", "L", "amp", "reference_ms", "fused_ms", "speedup", "reference_peak_mb",
