@@ -12,7 +12,6 @@ than a round, which single medians per backend (``fastnl bench attention``) are 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
@@ -37,8 +36,8 @@ def main(argv=None) -> None:
     B, L, D = args.batch, args.length, args.dim
     result = paired_rounds((args.engine, *args.baseline), B, L, D, torch.float32, device, args.rounds,
                            seed=args.seed, warmup=args.warmup)
-    for name, ts in result.seconds.items():
-        print(f"{name}: median {statistics.median(ts):.4g} s, min {min(ts):.4g} s")
+    for name, median in result.medians().items():
+        print(f"{name}: median {median:.4g} s, min {min(result.seconds[name]):.4g} s")
     for baseline in args.baseline:
         s = result.speedup(args.engine, baseline)
         print(f"{args.engine} over {baseline}, B={B} L={L} D={D}, {args.rounds} rounds: median speed-up "

@@ -25,7 +25,7 @@ def test_attention_forward_backward_cpu(benchmark, backend, L):
 
 def test_run_quick_cpu_reports_the_engine_and_its_baselines():
     rows = attention.run("cpu", quick=True)
-    baselines = ["plain", *attention._sdpa_backends()]
+    baselines = attention.fair_baselines()
     assert {(r["backend"], r["role"], r["L"]) for r in rows} == \
         {(b, role, L) for b, role in (("torch", "engine"), *((b, "baseline") for b in baselines)) for L in (256, 1024)}
     # on a CPU SDPA's efficient and cuDNN backends have no kernel; flash and math run

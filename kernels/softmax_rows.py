@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 LOG2E = 1.4426950408889634
 ONE_PASS_MAX = 16384  # columns a row program holds at once (64 KB of fp32 over its warps)
@@ -110,8 +111,6 @@ def bwd_meta(seq_len: int) -> dict:
 
 def _launches(t: torch.Tensor) -> bool:
     """Whether to launch a kernel on ``t``: not on a fake tensor (allocations only)."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return not is_fake(t)
 
 

@@ -640,6 +640,10 @@ def test_paired_rounds_interleave_the_functions_and_give_the_ratio_of_known_time
     s = result.speedup("fast", "slow")
     assert s["rounds"] == 6 and s["min"] <= s["p20"] <= s["median"] <= s["p80"] <= s["max"]
     assert 2.0 < s["median"] < 4.0, s
+    medians = result.medians()  # the middle of each one's six rounds
+    for name, ts in result.seconds.items():
+        assert medians[name] == pytest.approx(sum(sorted(ts)[2:4]) / 2)
+    assert 0.06 <= medians["slow"] < 0.1
     with pytest.raises(ValueError, match="rounds >= 1"):
         timer.paired({"fast": sleeper("fast", 0.0)}, "cpu", rounds=0)
 

@@ -12,8 +12,8 @@ engine's time over the fastest fair baseline that ran at that shape, side by sid
 
 GPU (bf16, channel-first q/k/v): the model's shapes (L, D) = (1024, 512), (256, 1024) at
 batch 8 and 32, and (8192, 512) at batch 8; where the score matrix is more than one tile, also
-the variant ``chunked-keep`` (P of the leading blocks kept: does it pay on a GPU?). CPU (fp32, D=512, L up to 8192): the torch engine
-against plain and every SDPA backend (on a CPU flash and math run, efficient and cuDNN refuse),
+the variant ``chunked-keep`` (P of the leading blocks kept: does it pay on a GPU?).
+CPU (fp32, D=512, L up to 8192): the torch engine against plain and every SDPA backend (on a CPU flash and math run, efficient and cuDNN refuse),
 each timed on its own with its peak resident memory, then the engine and every baseline that
 ran in 8 interleaved rounds (``paired_s``: each one's median forward + backward there):
 ``fwd_bwd_paired_speedup`` is the median per-round speed-up over ``paired_vs``, the baseline
@@ -25,7 +25,6 @@ TFLOP/s count the useful flops: 4*B*L*L*D forward, 14*B*L*L*D forward + backward
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 
@@ -55,6 +54,11 @@ def _sdpa_backends() -> list[str]:
     from torch.nn.attention import SDPBackend
 
     return [name for name, member in SDPA_BACKENDS.items() if hasattr(SDPBackend, member)]
+
+
+def fair_baselines() -> list[str]:
+    """What a user would otherwise run: ``plain`` and every ``sdpa-<backend>`` this torch has."""
+    return ["plain", *_sdpa_backends()]
 
 
 def _attention_fn(name: str):
@@ -110,15 +114,14 @@ def paired_rounds(backends, B: int, L: int, D: int, dtype: torch.dtype, device: 
     return timer.paired(steps, device, rounds=rounds, seed=seed, warmup=warmup)
 
 
-def paired_speedup(engine: str, baselines, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device,
-                   rounds: int) -> tuple[dict, dict]:
-    """:func:`paired_rounds` of ``engine`` and ``baselines`` (one name or several): the fields of
-    the engine's row, ``paired_vs`` (the baseline of the smallest median time over the rounds),
+def paired_speedup(engine: str, baselines: list[str], B: int, L: int, D: int, dtype: torch.dtype,
+                   device: torch.device, rounds: int) -> tuple[dict, dict]:
+    """:func:`paired_rounds` of ``engine`` and ``baselines``: the fields of the engine's row,
+    ``paired_vs`` (the baseline of the smallest median time over the rounds),
     ``fwd_bwd_paired_speedup`` (the median per-round speed-up of ``engine`` over it),
     ``paired_p20``, ``paired_p80``, ``paired_rounds``; and {backend: its median seconds over the rounds}."""
-    baselines = (baselines,) if isinstance(baselines, str) else tuple(baselines)
     result = paired_rounds((engine, *baselines), B, L, D, dtype, device, rounds, warmup=CPU_WARMUP)
-    medians = {name: statistics.median(ts) for name, ts in result.seconds.items()}
+    medians = result.medians()
     fastest = min(baselines, key=medians.get)
     s = result.speedup(engine, fastest)
     return ({"paired_vs": fastest, "fwd_bwd_paired_speedup": s["median"], "paired_p20": s["p20"],
@@ -144,8 +147,7 @@ def gpu_cases(B: int, L: int, D: int) -> list[tuple]:
     from fastnl.attention_chunked import kept_fraction
 
     cases = [(b, "engine", _attention_fn(b), {}) for b in ENGINES]
-    cases += [("plain", "baseline", _attention_fn("plain"), {})]
-    cases += [(name, "baseline", _attention_fn(name), {}) for name in _sdpa_backends()]
+    cases += [(name, "baseline", _attention_fn(name), {}) for name in fair_baselines()]
     if kept_fraction(L, D, B, "cuda") < 1:
         keep = 4 * B * L * D
         cases.append(("chunked-keep", "variant", _chunked_keeping(keep), {"keep_elements": keep}))
@@ -276,7 +278,7 @@ def run(device, quick: bool = False) -> list[dict]:
         return rows
     lengths = (256, 1024) if quick else CPU_LENGTHS
     D = 128 if quick else 512
-    cases = [("torch", "engine"), ("plain", "baseline")] + [(name, "baseline") for name in _sdpa_backends()]
+    cases = [("torch", "engine")] + [(name, "baseline") for name in fair_baselines()]
     for L in lengths:
         shape_rows = []
         for backend, role in cases:

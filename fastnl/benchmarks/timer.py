@@ -88,6 +88,10 @@ class Paired:
     seconds: dict
     rounds: int
 
+    def medians(self) -> dict:
+        """{name: its median seconds over the rounds}."""
+        return {name: quantile(ts, 0.5) for name, ts in self.seconds.items()}
+
     def speedup(self, engine: str, baseline: str) -> dict:
         """The per-round speed-ups of ``engine`` over ``baseline`` (the baseline's time over the
         engine's, in the same round): their median, 20th/80th percentiles, minimum and maximum."""
