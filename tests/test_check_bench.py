@@ -308,7 +308,10 @@ def test_timer_times_every_call_it_reports_and_scales_with_the_work():
     t1 = timer.measure(work(1), "cpu", warmup=2, runs=20, min_time_s=0.05)
     assert t1.runs == len(calls) - 3 and t1.runs >= 20  # 2 warm-up runs and the estimate are untimed
     t8 = timer.measure(work(8), "cpu", warmup=1, runs=20, min_time_s=0.05)
-    assert 4 < t8.median_s / t1.median_s < 16
+    # the 20th percentiles: a shared machine's slow spells only lengthen runs (one run of this
+    # test saw t8's median at twice its 20th percentile, a ratio of 19.5 by medians, 10.4 by these)
+    assert t1.p20_s <= t1.median_s and t8.p20_s <= t8.median_s
+    assert 4 < t8.p20_s / t1.p20_s < 16
 
 
 def test_timer_peak_memory_covers_the_untimed_runs():
