@@ -33,6 +33,7 @@ SUITES = {
     "model": "fastnl.benchmarks.model:run_model:format_table",
     "configs": "fastnl.benchmarks.attention:run_configs:format_configs",
     "memory": "fastnl.benchmarks.memory:run:format_table",
+    "step-cost": "fastnl.benchmarks.step_cost:run:format_table",
     "loader": "fastnl.benchmarks.loader:run:format_table",
 }
 RESULT_PREFIX = "FASTNL_RESULT "

@@ -12,9 +12,11 @@ HELP = ("Benchmark fused vs reference: the attention and channel-attention kerne
         "ratios); `fastnl bench capacity` searches the largest batch and the longest clips that train; "
         "`fastnl bench configs` times every Triton configuration the autotuner may pick (GPU); "
         "`fastnl bench memory` counts the memory of a training step on fake tensors (no GPU needed) "
-        "and projects the largest N and batch within a budget; `fastnl bench loader` times the clip loaders.")
+        "and projects the largest N and batch within a budget; `fastnl bench step-cost` predicts, on fake "
+        "tensors, the training step's time on an H100/H200 and what share the attention takes (an estimate); "
+        "`fastnl bench loader` times the clip loaders.")
 DEFAULT_SUITES = ("attention", "channel", "nlam", "model")
-ALL = DEFAULT_SUITES + ("configs", "capacity", "memory", "loader")
+ALL = DEFAULT_SUITES + ("configs", "capacity", "memory", "step-cost", "loader")
 
 
 def add_arguments(parser) -> None:

@@ -1,0 +1,382 @@
+"""What the attention engine can change in a training step's time: a roofline estimate of the
+whole step on a GPU, counted on fake tensors (``fastnl bench step-cost``; no GPU needed).
+
+The step is the one ``fastnl bench memory`` counts (``build_model``, forward under autocast,
+the paper's loss, backward, fused Adam) on fake tensors, with CUDA autocast's float32 ops. A
+``TorchDispatchMode`` sees every op and prices it on the GPU model of
+:mod:`fastnl.attention_engines` (H100/H200: GEMM and convolution flops at 75% of the tensor-core
+peak, memory at the HBM bandwidth): ``max(flops / GEMM rate, bytes / bandwidth)``, where the
+flops are torch's own formulas (``torch.utils.flop_counter``: mm, bmm, convolutions and their
+backward) and the bytes are those of the op's tensor arguments (read) and of its new outputs
+and mutated arguments (written), each storage once; the channel-attention extension's ops by
+the passes of its CUDA kernels (``OWN_OP_BYTES``). Views and allocations cost nothing.
+
+The NLAM's spatial attention is not priced op by op: ``fastnl.ops.nl_attention`` is replaced by
+a stand-in that returns an output of the right shape and records the call, and each call
+costs what the attention cost model (:func:`fastnl.attention_engines.predict_ms`) predicts
+for the engine that runs it: ``plain`` (bmm, softmax, bmm under autocast) in the reference
+model, the engine ``auto`` picks on sm_90 in the fused one. Everything else (the backbone,
+the NLAM's 1x1 convolutions, the channel attention, the loss, the optimizer) is priced the
+same way in both models, so their predicted ratio is what the attention engine changes.
+
+This is an estimate, and an optimistic one for everything but the attention: no launch
+overheads, no kernel below the roofline, no cuDNN inefficiency at small spatial sizes. The
+less time the rest of the step takes, the more of it the attention is, so the predicted
+speed-up of the fused model is, as far as the rest of the step goes, an upper bound.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+from fastnl.benchmarks import BENCH_IMPLS, generic_table
+
+MB = 2.0**20
+
+
+@dataclass
+class StepCase:
+    name: str
+    batch: int  # clips
+    frames: int  # N
+    height: int = 256
+    width: int = 128
+    amp: str = "bf16"
+    grad_checkpoint: bool = False
+    num_classes: int = 625  # MARS's training identities
+
+    @property
+    def positions(self) -> tuple[int, int]:
+        """(L after layer3, L after layer4) of a clip."""
+        return (self.frames * (self.height // 16) * (self.width // 16),
+                self.frames * (self.height // 32) * (self.width // 32))
+
+
+def default_cases(quick: bool = False) -> list[StepCase]:
+    if quick:
+        return [StepCase("quick", 2, 4, 64, 32), StepCase("quick, long clips", 1, 16, 64, 32)]
+    # the cases of `fastnl bench model` on a GPU, and clips between
+    return [StepCase("paper setting", 32, 8), StepCase("paper setting, grad checkpoint", 32, 8, grad_checkpoint=True),
+            StepCase("long clips", 8, 32), StepCase("long clips", 8, 64),
+            StepCase("long clips, grad checkpoint", 8, 128, grad_checkpoint=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# Pricing one op
+# --------------------------------------------------------------------------------------------
+
+
+def _tensor_bytes(t) -> int:
+    """Bytes of ``t`` as a kernel touches them: its elements, at most its storage (broadcasts)."""
+    n = t.numel() * t.element_size()
+    try:
+        return min(n, int(t.untyped_storage().nbytes()))
+    except (RuntimeError, NotImplementedError):
+        return n
+
+
+def _channel_attention_bytes(args, out) -> int:
+    # the CUDA forward reads x twice (the pooling pass, then the scale pass) and writes out
+    return 2 * _tensor_bytes(args[0]) + _tensor_bytes(out)
+
+
+def _channel_attention_backward_bytes(args, out) -> int:
+    # the pooling pass of grad_out * x reads both, the grad-input pass reads grad_out again and
+    # writes grad_x; the weights' gradients are tiny
+    return 2 * _tensor_bytes(args[0]) + _tensor_bytes(args[1]) + _tensor_bytes(out[0])
+
+
+# The extension's ops, priced by the passes their CUDA kernels make (not one read per argument)
+OWN_OP_BYTES = {("fastnl", "channel_attention"): _channel_attention_bytes,
+                ("fastnl", "channel_attention_backward"): _channel_attention_backward_bytes}
+
+
+class Roofline:
+    """A ``TorchDispatchMode`` that prices every op it sees on ``gpu`` (see the module's doc) and
+    sums ``gemm_s`` (ops with flops, each at max(flops, bytes) time), ``memory_s`` (the others),
+    ``flops`` and ``bytes``; ``per_op`` holds (seconds, count) per op name. Enter it inside a
+    ``FakeTensorMode`` to price without computing."""
+
+    FREE = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "lift_fresh",
+                      "detach", "alias", "_local_scalar_dense", "set_", "resize_", "record_stream",
+                      "promote_types"})
+    # metadata queries (prim.device, as fake tensors answer .device under a mode) and markers
+    FREE_NAMESPACES = frozenset({"prim", "profiler"})
+
+    def __init__(self, gpu=None):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        from fastnl.attention_engines import HOPPER
+
+        self.gpu = gpu or HOPPER
+        self.gemm_s = self.memory_s = 0.0
+        self.flops = self.bytes = 0
+        self.ops = 0
+        self.per_op: dict = {}
+        roofline = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                packet = func._overloadpacket
+                name = packet.__name__
+                if func.is_view or name in Roofline.FREE or func.namespace in Roofline.FREE_NAMESPACES:
+                    return out
+                flops = 0
+                formula = flop_registry.get(packet)
+                if formula is not None:
+                    flops = int(formula(*args, **kwargs, out_val=out))
+                own = OWN_OP_BYTES.get((func.namespace, name))
+                nbytes = own(args, out) if own is not None else roofline.op_bytes(func, args, kwargs, out)
+                roofline.add(name, flops, nbytes, roofline.op_dtype(args, out))
+                return out
+
+        self._mode = _Mode()
+        self._torch = torch
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    @staticmethod
+    def op_bytes(func, args, kwargs, out) -> int:
+        """Bytes read (the tensor arguments) plus bytes written (new outputs, mutated arguments),
+        each storage once per side."""
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        def key(t):
+            return t.untyped_storage()._cdata
+
+        schema_args = func._schema.arguments
+        mutated = []
+        for i, a in enumerate(schema_args):
+            if a.alias_info is not None and a.alias_info.is_write:
+                value = args[i] if i < len(args) else kwargs.get(a.name)
+                mutated += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+        reads = {key(t): _tensor_bytes(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        writes = {key(t): _tensor_bytes(t) for t in mutated}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                writes.setdefault(key(t), _tensor_bytes(t))
+        return sum(reads.values()) + sum(writes.values())
+
+    @staticmethod
+    def op_dtype(args, out):
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        for t in tree_leaves((out, args)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
+    def seconds(self, flops: int, nbytes: int, dtype) -> float:
+        torch = self._torch
+        gpu = self.gpu
+        if dtype in (torch.float16, torch.bfloat16):
+            rate = gpu.tensor_tflops * gpu.gemm_efficiency
+        elif dtype == torch.float32:
+            # cuDNN convolutions may use TF32 (torch's default), matmuls do not: the fp32 rate
+            rate = gpu.fp32_tflops * gpu.gemm_efficiency
+        else:
+            rate = gpu.fp32_tflops / 2 * gpu.gemm_efficiency
+        return max(flops / (rate * 1e12), nbytes / (gpu.bandwidth_tbs * 1e12))
+
+    def add(self, name: str, flops: int, nbytes: int, dtype) -> None:
+        s = self.seconds(flops, nbytes, dtype)
+        if flops:
+            self.gemm_s += s
+        else:
+            self.memory_s += s
+        self.flops += flops
+        self.bytes += nbytes
+        self.ops += 1
+        seconds, count = self.per_op.get(name, (0.0, 0))
+        self.per_op[name] = (seconds + s, count + 1)
+
+    @property
+    def total_s(self) -> float:
+        return self.gemm_s + self.memory_s
+
+
+# --------------------------------------------------------------------------------------------
+# The attention stand-in
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionCalls:
+    """The calls the stand-in saw: (engine, dtype, B, L, D, "fwd" or "bwd") and their predicted
+    milliseconds (forward; backward = forward + backward less forward)."""
+
+    gpu: object = None
+    calls: list = field(default_factory=list)
+    ms: float = 0.0
+
+    def engine(self, backend: str, dtype, L: int, D: int) -> str:
+        if backend == "plain":
+            return "plain"
+        if backend == "auto":
+            from fastnl.attention_engines import choose
+
+            return choose(dtype, D, L, tuple(self.gpu.capability))[0]
+        return backend
+
+    def clear(self) -> None:
+        self.calls, self.ms = [], 0.0
+
+    def record(self, engine: str, dtype, B: int, L: int, D: int, part: str) -> None:
+        from fastnl.attention_engines import dtype_name, predict_ms
+
+        pred = predict_ms(engine, dtype_name(dtype), B, L, D, self.gpu)
+        ms = pred["fwd_ms"] if part == "fwd" else pred["fwd_bwd_ms"] - pred["fwd_ms"]
+        self.calls.append({"engine": engine, "dtype": dtype_name(dtype), "B": B, "L": L, "D": D, "part": part,
+                           "ms": ms})
+        self.ms += ms
+
+
+@contextlib.contextmanager
+def attention_stand_in(calls: AttentionCalls):
+    """``fastnl.ops.nl_attention`` replaced by a shape-only stand-in that records each forward
+    and backward in ``calls`` (priced by the attention cost model, not by the op counter)."""
+    import torch
+
+    from fastnl import ops
+
+    class _StandIn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, engine):
+            ctx.engine, ctx.shape, ctx.dtype = engine, tuple(q.shape), q.dtype
+            B, L, D = q.shape
+            calls.record(engine, q.dtype, B, L, D, "fwd")
+            return q.new_empty(B, L, v.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            B, L, D = ctx.shape
+            calls.record(ctx.engine, ctx.dtype, B, L, D, "bwd")
+            return grad.new_empty(B, L, D), grad.new_empty(B, L, D), grad.new_empty(B, L, D), None
+
+    original = ops.nl_attention
+
+    def stand_in(q, k, v, *, scale=1.0, backend="auto"):
+        return _StandIn.apply(q, k, v, calls.engine(backend, q.dtype, q.shape[1], q.shape[-1]))
+
+    ops.nl_attention = stand_in
+    try:
+        yield
+    finally:
+        ops.nl_attention = original
+
+
+# --------------------------------------------------------------------------------------------
+# One step
+# --------------------------------------------------------------------------------------------
+
+
+def price_step(case: StepCase, impl: str, gpu=None) -> dict:
+    """The predicted time of one training step of ``impl`` at ``case`` on ``gpu`` (default
+    H100/H200): the op counter's seconds for everything but the attention, the cost model's
+    for the attention calls."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastnl import runtime
+    from fastnl.attention_engines import HOPPER
+    from fastnl.benchmarks.memory import _amp_dtype, _loss, _pids, cuda_like
+    from fastnl.model import build_model
+
+    gpu = gpu or HOPPER
+    dtype = _amp_dtype(case.amp)
+    calls = AttentionCalls(gpu)
+    t0 = time.perf_counter()
+    with cuda_like(), attention_stand_in(calls), FakeTensorMode(allow_non_fake_inputs=True):
+        torch.manual_seed(0)
+        model = build_model(case.num_classes, impl=impl, verbose=False).train()
+        model.set_grad_checkpointing(case.grad_checkpoint)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+        clips = torch.randn(case.batch, case.frames, 3, case.height, case.width)
+        pids = _pids(case.batch, case.num_classes)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with runtime.autocast("cpu", dtype):
+                logits, descriptors = model(clips)
+                loss = _loss(logits, descriptors, pids)
+            loss.backward()
+            optimizer.step()
+
+        step()  # Adam's state is created here, as in training before the steps that repeat
+        calls.clear()
+        with Roofline(gpu) as roof:
+            step()
+        del model, optimizer
+    engines = sorted({(c["engine"], c["L"], c["D"]) for c in calls.calls})
+    rest_ms = 1e3 * roof.total_s
+    L3, L4 = case.positions
+    return {"case": case.name, "impl": impl, "batch": case.batch, "frames": case.frames, "L_layer3": L3,
+            "L_layer4": L4, "resolution": f"{case.height}x{case.width}", "amp": case.amp,
+            "grad_checkpoint": case.grad_checkpoint, "step_ms": rest_ms + calls.ms, "attention_ms": calls.ms,
+            "rest_ms": rest_ms, "gemm_ms": 1e3 * roof.gemm_s, "memory_ms": 1e3 * roof.memory_s,
+            "tflops": roof.flops / 1e12, "gbytes": roof.bytes / 1e9, "ops": roof.ops,
+            "attention_calls": len(calls.calls),
+            "top_ops_ms": {name: round(1e3 * sec, 3) for name, (sec, _n) in
+                           sorted(roof.per_op.items(), key=lambda kv: -kv[1][0])[:10]},
+            "engines": ", ".join(f"{e} (L={L}, D={D})" for e, L, D in engines),
+            "gpu": gpu.name, "seconds": time.perf_counter() - t0}
+
+
+def compare(case: StepCase, gpu=None) -> dict:
+    """Both models at ``case``: the fused step's predicted speed-up over the reference's, and the
+    share of the reference step that its attention takes."""
+    rows = {impl: price_step(case, impl, gpu) for impl in BENCH_IMPLS}
+    ref, fused = rows["reference"], rows["fused"]
+    return {"case": case.name, "batch": case.batch, "frames": case.frames, "L_layer3": case.positions[0],
+            "amp": case.amp, "grad_checkpoint": case.grad_checkpoint,
+            "reference_ms": ref["step_ms"], "fused_ms": fused["step_ms"],
+            "rest_ms": ref["rest_ms"], "rest_fused_ms": fused["rest_ms"],
+            "attention_plain_ms": ref["attention_ms"], "attention_fused_ms": fused["attention_ms"],
+            "attention_share": ref["attention_ms"] / ref["step_ms"],
+            "predicted_speedup": ref["step_ms"] / fused["step_ms"],
+            "speedup_if_attention_free": ref["step_ms"] / fused["rest_ms"],
+            "engines": fused["engines"], "gpu": fused["gpu"], "rows": rows}
+
+
+def run(device=None, quick: bool = False, cases: list[StepCase] | None = None, log=print) -> list[dict]:
+    """Suite ``step-cost``: :func:`compare` at every case (default: the GPU cases of ``fastnl
+    bench model`` and longer clips; ``quick``: 64x32). ``device`` is not used: the prediction
+    is for an H100/H200 on any machine."""
+    from fastnl.benchmarks import live_rows
+
+    out = live_rows()
+    for case in cases or default_cases(quick):
+        if log:
+            log(f"  pricing {case.name}: {case.batch} clips x {case.frames} frames, {case.height}x{case.width}, "
+                f"amp {case.amp}{', grad checkpoint' if case.grad_checkpoint else ''} ...")
+        row = compare(case)
+        row.pop("rows")
+        out.append(row)
+    return list(out)
+
+
+COLUMNS = ["case", "batch", "frames", "L_layer3", "grad_checkpoint", "reference_ms", "fused_ms", "rest_ms",
+           "attention_plain_ms", "attention_fused_ms", "attention_share", "predicted_speedup",
+           "speedup_if_attention_free", "engines"]
+
+
+def format_table(rows: list[dict]) -> str:
+    gpu = rows[0].get("gpu", "GPU") if rows else "GPU"
+    return (f"predicted training step on {gpu} (an estimate: the rest of the step at its roofline, "
+            f"the attention by the cost model)\n" + generic_table(rows, COLUMNS))
+
+
+__all__ = ["AttentionCalls", "Roofline", "StepCase", "attention_stand_in", "compare", "default_cases",
+           "format_table", "price_step", "run"]

@@ -1,0 +1,139 @@
+"""`fastnl bench step-cost`: the op pricer, the attention stand-in, the whole step."""
+import json
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fastnl import reference, runtime
+from fastnl.attention_engines import HOPPER, choose, predict_ms
+from fastnl.benchmarks import memory, step_cost
+
+
+def _rates():
+    gemm = HOPPER.tensor_tflops * HOPPER.gemm_efficiency * 1e12
+    bw = HOPPER.bandwidth_tbs * 1e12
+    return gemm, bw
+
+
+def test_roofline_prices_a_gemm_by_its_flops_and_an_elementwise_op_by_its_bytes():
+    gemm, bw = _rates()
+    B, M, K, N = 4, 512, 256, 384
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        a = torch.randn(B, M, K, dtype=torch.bfloat16)
+        b = torch.randn(B, K, N, dtype=torch.bfloat16)
+        with step_cost.Roofline() as roof:
+            c = torch.bmm(a, b)
+        assert roof.flops == 2 * B * M * K * N
+        assert roof.bytes == 2 * (B * M * K + B * K * N + B * M * N)
+        assert roof.gemm_s == pytest.approx(max(2 * B * M * K * N / gemm, roof.bytes / bw))
+        assert roof.memory_s == 0.0
+        x = torch.randn(1000, 300)
+        y = torch.randn(1000, 300)
+        with step_cost.Roofline() as roof:
+            x.t().view(300, 1000)  # views: free
+            z = x + y  # reads 2, writes 1
+            z.add_(y)  # reads z and y, writes z
+            w = z * torch.ones(300)  # the broadcast row is read as its 300 elements
+        n = 1000 * 300 * 4
+        assert roof.ops == 4  # the views cost nothing; ones is a write
+        assert roof.per_op["add"][1] == 1 and roof.per_op["add_"][1] == 1
+        assert roof.bytes == 3 * n + 3 * n + 300 * 4 + (n + 300 * 4 + n)
+        assert roof.memory_s == pytest.approx(roof.bytes / bw)
+        assert roof.flops == 0 and w.shape == z.shape and c.shape == (B, M, N)
+
+
+@pytest.mark.parametrize("B,L,D", [(8, 1024, 512), (32, 1024, 512), (8, 8192, 512), (8, 2048, 1024)])
+def test_op_pricer_and_attention_cost_model_agree_on_plain_attention(B, L, D):
+    """Two independent estimates of the plain bf16 attention (bmm, softmax, bmm under CUDA's
+    autocast policy, forward and backward): the op pricer from the ops autograd runs, the cost
+    model from its own pass count. They must agree within 25% (launch overheads, which only the
+    cost model has, taken out), else one of them misprices the baseline of every speed-up."""
+    with memory.cuda_like(), FakeTensorMode(allow_non_fake_inputs=True):
+        q, k, v = (torch.randn(B, D, L, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        grad = torch.randn(B, L, D, dtype=torch.bfloat16)
+        with step_cost.Roofline() as roof:
+            with runtime.autocast("cpu", torch.bfloat16):
+                out = reference.nl_attention_plain(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   D ** -0.5)
+            out.backward(grad)
+    predicted = predict_ms("plain", "bf16", B, L, D)["fwd_bwd_ms"] - 15 * HOPPER.launch_us * 1e-3
+    priced = 1e3 * roof.total_s
+    assert roof.per_op["bmm"][1] == 6  # S, O; dV, dP, dQ, dK
+    assert abs(priced / predicted - 1) < 0.25, (priced, predicted)
+
+
+def test_stand_in_records_each_call_and_prices_it_by_the_cost_model():
+    calls = step_cost.AttentionCalls(HOPPER)
+    B, L, D = 2, 96, 32
+    from fastnl import ops
+
+    with FakeTensorMode(), step_cost.attention_stand_in(calls):
+        q, k, v = (torch.randn(B, D, L, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        out = ops.nl_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend="auto")
+        assert out.shape == (B, L, D) and out.dtype == torch.bfloat16
+        out.sum().backward()
+        assert q.grad.shape == q.shape and v.grad.shape == v.shape
+    assert ops.nl_attention is not None and ops.nl_attention.__name__ == "nl_attention"  # restored
+    engine = choose(torch.bfloat16, D, L, HOPPER.capability)[0]
+    assert [(c["engine"], c["part"], c["B"], c["L"], c["D"]) for c in calls.calls] == \
+        [(engine, "fwd", B, L, D), (engine, "bwd", B, L, D)]
+    pred = predict_ms(engine, "bf16", B, L, D)
+    assert calls.ms == pytest.approx(pred["fwd_bwd_ms"])
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_step_prices_both_models_with_only_the_attention_and_channel_op_differing(grad_checkpoint):
+    case = step_cost.StepCase("tiny", 2, 4, 64, 32, grad_checkpoint=grad_checkpoint)
+    row = step_cost.compare(case)
+    ref, fused = row["rows"]["reference"], row["rows"]["fused"]
+    # two NLAMs (after layer3 and layer4), each a forward and a backward
+    assert ref["attention_calls"] == fused["attention_calls"] == 4
+    assert ref["engines"] == "plain (L=8, D=1024), plain (L=32, D=512)"
+    for impl in (ref, fused):
+        assert impl["step_ms"] == pytest.approx(impl["rest_ms"] + impl["attention_ms"])
+        assert impl["rest_ms"] == pytest.approx(impl["gemm_ms"] + impl["memory_ms"])
+    # the backbone is the same in both: the same convolution flops to within the NLAM's
+    # channel attention (the reference's two small MLP matmuls per pool are its only flops)
+    assert fused["tflops"] == pytest.approx(ref["tflops"], rel=0.01)
+    assert fused["rest_ms"] < ref["rest_ms"]  # the extension reads its input twice, not 6 passes
+    assert row["predicted_speedup"] == pytest.approx(ref["step_ms"] / fused["step_ms"])
+    assert row["attention_share"] == pytest.approx(ref["attention_ms"] / ref["step_ms"])
+    assert row["speedup_if_attention_free"] > row["predicted_speedup"]
+    # checkpointing recomputes the backbone's forward: more work, the same attention
+    if grad_checkpoint:
+        plain = step_cost.price_step(step_cost.StepCase("tiny", 2, 4, 64, 32), "reference")
+        assert ref["tflops"] > 1.2 * plain["tflops"] and ref["attention_ms"] == pytest.approx(plain["attention_ms"])
+
+
+def test_step_flops_match_the_backbone_by_hand():
+    """SE-ResNet50's convolutions at 64x32: the forward's flops are counted once per op; the
+    step (forward, backward with both input and weight gradients) is 3x the forward's conv
+    flops to within the first conv (no input gradient) and the small linear layers."""
+    case = step_cost.StepCase("tiny", 2, 4, 64, 32)
+    with memory.cuda_like(), step_cost.attention_stand_in(step_cost.AttentionCalls(HOPPER)), \
+            FakeTensorMode(allow_non_fake_inputs=True):
+        from fastnl.model import build_model
+
+        model = build_model(625, impl="reference", verbose=False).train()
+        clips = torch.randn(2, 4, 3, 64, 32)
+        with step_cost.Roofline() as forward:
+            with torch.no_grad(), runtime.autocast("cpu", torch.bfloat16):
+                model(clips)
+    step = step_cost.price_step(case, "reference")
+    ratio = step["tflops"] * 1e12 / forward.flops
+    assert 2.7 < ratio < 3.0, ratio
+
+
+def test_cli_runs_the_suite_and_writes_its_rows(tmp_path, capsys):
+    from fastnl import cli
+    from fastnl.commands import bench
+
+    assert "step-cost" in bench.ALL and "step-cost" not in bench.DEFAULT_SUITES
+    out = tmp_path / "sc.json"
+    assert cli.main(["bench", "step-cost", "--quick", "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["suites"]["step-cost"]
+    assert [r["case"] for r in rows] == [c.name for c in step_cost.default_cases(quick=True)]
+    assert all(r["predicted_speedup"] > 1.0 and 0 < r["attention_share"] < 1 for r in rows)
+    printed = capsys.readouterr().out
+    assert "an estimate" in printed and "predicted_speedup" in printed
