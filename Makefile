@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh) setup.py
 
 .PHONY: demo test test-fast install clean test-compat
 

@@ -30,7 +30,7 @@ def _extensions():
     )
     # No -std here: torch adds the C++ standard its headers need (C++17 or C++20).
     cxx_flags = ["-O3"]
-    depends = sorted(glob.glob(os.path.join("csrc", "*.h")))
+    depends = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh")))
     if use_cuda:
         arch = os.environ.get("FASTNL_CUDA_ARCH", "90")
         nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]

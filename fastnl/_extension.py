@@ -1,4 +1,5 @@
-"""The C++/CUDA channel-attention operators (``torch.ops.fastnl``, paper eq. 3).
+"""The C++/CUDA operators (``torch.ops.fastnl``): the NLAM channel attention (paper eq. 3) and
+the tail of an SE-ResNet50 bottleneck.
 
 ``load()`` imports the extension built by setup.py (``fastnl._C``); where the package was not
 built (e.g. a machine whose Python ships its own torch), it compiles csrc/ once with
@@ -16,6 +17,10 @@ the shared MLP between them, on [B, N, C] pooled values, runs in float64 on ever
   grad_b1, grad_w2, grad_b2)``: the pooled values and the GMP argmax are recomputed in the same
   read of x that gives sum_hw grad_out * x; a max routes its gradient to the first maximum
   (over positions and over frames). grad_b1 / grad_b2 are returned even when b1 / b2 is None.
+- ``fastnl::se_residual_relu(x, gate, shortcut) -> out``: relu(x * gate[n, c] + shortcut) for x,
+  shortcut [N, C, H, W] (contiguous or channels_last), gate [N, C] in float32 (float64 for
+  float64 x), one pass; ``fastnl::se_residual_relu_backward(grad_out, out, x, gate) -> (grad_x,
+  grad_gate, grad_shortcut)`` in one pass over grad_out, out and x.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ _BUILD_HINT = (
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 _lock = threading.Lock()
 _state: dict = {}
-_warned = False
+_warned: set = set()
 
 
 def _build_dir(with_cuda: bool) -> str:
@@ -107,11 +112,18 @@ def load():
 
         _channel_ops.register()
         # read once here, so that torch.compile traces has_kernels_for as a constant
-        _state["device_types"] = frozenset(
-            kind for kind, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-            if torch._C._dispatch_has_kernel_for_dispatch_key("fastnl::channel_attention", key))
+        _state["device_types"] = _device_types("fastnl::channel_attention")
+        from fastnl import _se_ops
+
+        # a library built before the SE tail op existed has none: the callers fall back
+        _state["se_device_types"] = _device_types("fastnl::se_residual_relu") if _se_ops.register() else frozenset()
         _state["ops"] = torch.ops.fastnl
         return _state["ops"]
+
+
+def _device_types(op: str) -> frozenset:
+    return frozenset(kind for kind, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
 
 
 def available() -> bool:
@@ -128,17 +140,29 @@ def has_kernels_for(device: torch.device) -> bool:
     return torch.device(device).type in _state.get("device_types", ())
 
 
+def has_se_kernels_for(device: torch.device) -> bool:
+    """Whether the loaded extension has ``se_residual_relu`` kernels for ``device``'s type."""
+    return torch.device(device).type in _state.get("se_device_types", ())
+
+
+def missing_se_kernels_reason(device: torch.device) -> str:
+    if "se_device_types" in _state and not _state["se_device_types"]:
+        return ("the loaded fastnl._C extension predates fastnl::se_residual_relu "
+                "(rebuild it: `make install`)")
+    return missing_kernels_reason(device)
+
+
 def missing_kernels_reason(device: torch.device) -> str:
     return (f"the fastnl._C extension was built without {torch.device(device).type.upper()} kernels "
             f"(rebuild it where nvcc and a CUDA build of torch are present: `make install`)")
 
 
-def warn_missing_once(reason: str | None = None) -> None:
-    global _warned
-    if not _warned:
+def warn_missing_once(reason: str | None = None, what: str = "channel attention") -> None:
+    """One warning per op (``what``) that falls back to plain PyTorch."""
+    if what not in _warned:
         reason = reason or _state.get("error", _BUILD_HINT)
-        warnings.warn(f"{reason}; using the plain PyTorch channel attention", RuntimeWarning, stacklevel=3)
-        _warned = True
+        warnings.warn(f"{reason}; using the plain PyTorch {what}", RuntimeWarning, stacklevel=3)
+        _warned.add(what)
 
 
 def channel_attention(x, w1, b1, w2, b2):
@@ -149,3 +173,9 @@ def channel_attention(x, w1, b1, w2, b2):
 def channel_pool(x):
     """Per-frame GMP and GAP of x [B, N, C, H, W] -> two [B, N, C] tensors (float32/float64)."""
     return load().channel_pool.default(x)
+
+
+def se_residual_relu(x, gate, shortcut):
+    """relu(x * gate + shortcut) through ``torch.ops.fastnl.se_residual_relu`` (gate [N, C] in
+    the accumulation dtype)."""
+    return load().se_residual_relu.default(x, gate, shortcut)

@@ -2,6 +2,7 @@
 
 ``nl_attention``: the NLAM spatial attention, paper eq. (1).
 ``channel_attention``: the NLAM channel attention, paper eq. (3).
+``se_residual_relu``: the tail of an SE-ResNet50 bottleneck (SE rescale, residual sum, ReLU).
 
 Inputs are validated here once, so every backend sees well-formed tensors.
 """
@@ -244,3 +245,51 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
             _extension.warn_missing_once(reason)
             return reference.channel_attention(x, w1, b1, w2, b2)
         return _extension.channel_attention(x, w1, b1, w2, b2)
+
+
+def se_residual_relu(x: torch.Tensor, gate: torch.Tensor, shortcut: torch.Tensor, *,
+                     backend: str = "auto") -> torch.Tensor:
+    """``relu(x * gate + shortcut)``: the squeeze-and-excitation rescale, the residual sum and the
+    ReLU that end every SE-ResNet bottleneck, in one pass (one read of x and shortcut, one write;
+    the backward one read of the gradient, the output and x, and one write of each input's
+    gradient, where plain PyTorch makes three passes forward and five backward).
+
+    x, shortcut: [N, C, H, W] (contiguous or channels_last kept, any other layout copied);
+    gate: [N, C] or [N, C, 1, 1] (the SE module's sigmoid). Differentiable in all three. The
+    result has the dtype plain PyTorch would give (the promotion of the three); the extension
+    computes in float32 (float64 for float64) and rounds once.
+
+    backend: "auto" (the compiled extension: CUDA kernels on GPU, C++ on CPU; plain PyTorch
+    with a warning where it is missing), "extension", or "reference" (plain PyTorch).
+    """
+    if backend not in CHANNEL_BACKENDS:
+        raise ValueError(f"backend must be one of {CHANNEL_BACKENDS}, got {backend!r}")
+    _check_tensor("x", x, 4, "[N, C, H, W]")
+    _check_tensor("shortcut", shortcut, 4, "[N, C, H, W]")
+    if shortcut.shape != x.shape:
+        raise ValueError(f"shortcut must have x's shape {tuple(x.shape)}, got {tuple(shortcut.shape)}")
+    N, C = x.shape[:2]
+    if not isinstance(gate, torch.Tensor) or tuple(gate.shape) not in ((N, C), (N, C, 1, 1)):
+        got = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
+        raise ValueError(f"gate must have shape [N, C] = [{N}, {C}] or [{N}, {C}, 1, 1], got {got}")
+    if not gate.is_floating_point():
+        raise TypeError(f"gate must be floating point, got {gate.dtype}")
+    for name, t in (("shortcut", shortcut), ("gate", gate)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must be on one device")
+    if backend == "reference":
+        return reference.se_residual_relu(x, gate, shortcut)
+    from fastnl import _extension
+
+    if not _extension.available() or not _extension.has_se_kernels_for(x.device):
+        reason = (_extension.missing_se_kernels_reason(x.device) if _extension.available()
+                  else None)
+        if backend == "extension":
+            _extension.load()  # ImportError naming the cause
+            raise RuntimeError(f"se_residual_relu on {x.device}: {reason}")
+        _extension.warn_missing_once(reason, what="SE block tail")
+        return reference.se_residual_relu(x, gate, shortcut)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), shortcut.dtype)  # as plain ops give
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    with _no_autocast(x):
+        return _extension.se_residual_relu(x.to(dtype), gate.reshape(N, C).to(acc), shortcut.to(dtype))

@@ -56,3 +56,9 @@ def nl_attention_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     s = torch.bmm(q, k.transpose(1, 2))
     p = torch.softmax(s * scale if scale != 1.0 else s, dim=-1)
     return torch.bmm(p, v)
+
+
+def se_residual_relu(x: torch.Tensor, gate: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """The tail of an SE-ResNet bottleneck as timm writes it: ``relu(x * gate + shortcut)`` with
+    ``gate`` [N, C] broadcast over H, W, in the dtype those ops give (each op rounding)."""
+    return torch.relu(x * gate.reshape(*gate.shape[:2], 1, 1) + shortcut)

@@ -28,7 +28,7 @@ def test_check_passes_on_tiny_shapes(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     ops_seen = {r["op"].split(" ")[0] for r in rows}
     assert ops_seen == {"nl_attention[triton]", "nl_attention[chunked]", "nl_attention[torch]",
-                        "channel_attention[extension]",
+                        "channel_attention[extension]", "se_residual_relu[extension]",
                         "NLAM[fused]", "model[fused]"}
     assert all(r["status"] == "PASS" for r in rows), text
     assert all(0 <= r["max_abs"] <= r["tol"] and 0 <= r["norm_rel"] <= r["norm_tol"] < 0.1 for r in rows)

@@ -80,7 +80,7 @@ def test_channel_extension_without_kernels_for_the_device(monkeypatch):
     assert _extension.has_kernels_for(torch.device("cpu"))
     assert not _extension.has_kernels_for(torch.device("meta"))
     monkeypatch.setattr(_extension, "has_kernels_for", lambda device: False)
-    monkeypatch.setattr(_extension, "_warned", False)
+    monkeypatch.setattr(_extension, "_warned", set())
     args = _channel_args()
     with pytest.raises(RuntimeError, match="built without CPU kernels"):
         ops.channel_attention(*args, backend="extension")

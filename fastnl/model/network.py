@@ -74,6 +74,10 @@ class VideoReIDNet(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.grad_checkpointing = False
         self.backbone = seresnet50()
+        if impl == "fused":  # the bottlenecks' SE rescale + residual + ReLU in one op
+            from fastnl.model.se_bottleneck import fuse_se_tails
+
+            fuse_se_tails(self.backbone)
         self.nlam = nn.ModuleDict({
             str(b): NLAM(BLOCK_CHANNELS[b], reduction=nlam_reduction, scale=nlam_scale, impl=impl)
             for b in blocks
