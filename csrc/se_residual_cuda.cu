@@ -1,6 +1,7 @@
 // SE-ResNet bottleneck tail (se_residual.h): CUDA kernels and their registration.
 //
-// Forward and backward: contiguous x takes one warp per (n, c) plane of H*W elements, with
+// relu and its mask as torch has them (NaN propagates: v < 0 ? 0 : v, and g passes unless
+// out <= 0). Forward and backward: contiguous x takes one warp per (n, c) plane of H*W elements, with
 // 16-byte packs where H*W and the pointers allow (the backward's sum of m * x over the plane
 // reduced across the warp, no atomics); channels_last takes one thread per (n, c) looping over
 // H*W, consecutive threads on consecutive channels (coalesced).
@@ -43,7 +44,7 @@ __global__ void __launch_bounds__(kThreads) se_forward_rows_kernel(const scalar_
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const acc_t v = static_cast<acc_t>(xv.v[j]) * s + static_cast<acc_t>(rv.v[j]);
-        o.v[j] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+        o.v[j] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
       }
       *reinterpret_cast<P*>(out + base + i) = o;
     }
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) se_forward_columns_kernel(const scal
     for (int64_t hw = 0; hw < HW; ++hw) {
       const int64_t i = (n * HW + hw) * C + c;
       const acc_t v = static_cast<acc_t>(x[i]) * s + static_cast<acc_t>(r[i]);
-      out[i] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+      out[i] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
     }
   }
 }
@@ -92,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) se_backward_rows_kernel(
       P gx, gr;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const acc_t m = static_cast<acc_t>(ov.v[j]) > acc_t(0) ? static_cast<acc_t>(gv.v[j]) : acc_t(0);
+        const acc_t m = !(static_cast<acc_t>(ov.v[j]) <= acc_t(0)) ? static_cast<acc_t>(gv.v[j]) : acc_t(0);
         gx.v[j] = static_cast<scalar_t>(m * s);
         gr.v[j] = static_cast<scalar_t>(m);
         d += static_cast<dot_t>(m) * static_cast<dot_t>(xv.v[j]);
@@ -124,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) se_backward_columns_kernel(
     dot_t d = 0;
     for (int64_t hw = 0; hw < HW; ++hw) {
       const int64_t i = (n * HW + hw) * C + c;
-      const acc_t m = static_cast<acc_t>(out[i]) > acc_t(0) ? static_cast<acc_t>(g[i]) : acc_t(0);
+      const acc_t m = !(static_cast<acc_t>(out[i]) <= acc_t(0)) ? static_cast<acc_t>(g[i]) : acc_t(0);
       grad_x[i] = static_cast<scalar_t>(m * s);
       grad_r[i] = static_cast<scalar_t>(m);
       d += static_cast<dot_t>(m) * static_cast<dot_t>(x[i]);

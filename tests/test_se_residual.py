@@ -110,6 +110,25 @@ def test_relu_kink_and_zeros_route_no_gradient():
     assert gate.grad.tolist() == [[2.0]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_nan_and_inf_propagate_as_in_torch(dtype):
+    """A NaN pre-activation stays NaN (torch.relu keeps it) and its gradient passes, as
+    torch's ReLU backward passes it; -inf gives 0 and no gradient. Nothing is silently zeroed."""
+    x = torch.tensor([[[[float("nan"), 1.0, float("-inf"), 2.0]]]], dtype=dtype).requires_grad_()
+    gate = torch.tensor([[0.5]], dtype=dtype).requires_grad_()
+    shortcut = torch.tensor([[[[0.0, float("nan"), 0.0, -3.0]]]], dtype=dtype).requires_grad_()
+    g = torch.tensor([[[[1.0, 2.0, 4.0, 8.0]]]], dtype=dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, gate, shortcut)]
+    out = ops.se_residual_relu(x, gate, shortcut, backend="extension")
+    want = reference.se_residual_relu(*leaves)
+    torch.testing.assert_close(out, want, equal_nan=True, rtol=0, atol=0)
+    out.backward(g)
+    want.backward(g)
+    for got, ref in zip((x, shortcut), leaves[::2]):
+        torch.testing.assert_close(got.grad, ref.grad, equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(gate.grad).all() and torch.isnan(leaves[1].grad).all()
+
+
 def test_gate_in_any_float_dtype_and_shape_gives_plain_pytorchs_dtype():
     x, gate, shortcut = _inputs((2, 8, 3, 3), torch.bfloat16)
     for g in (gate, gate.float(), gate[..., None, None]):
