@@ -241,7 +241,7 @@ COLUMNS = {
     "attention": ["kind", "backend", "role", "B", "L", "D", "dtype", "keep_elements", "fwd_s", "fwd_bwd_s",
                   "fwd_bwd_p20_s", "fwd_bwd_p80_s", "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_peak_extra_mb",
                   "fwd_bwd_vs", "fwd_speedup", "fwd_bwd_speedup", "memory_vs_plain", "tflops", "refused"],
-    "channel": ["shape", "dtype", "pass", "backend", "ms", "p20_ms", "p80_ms", "gb_per_s", "floor_ratio",
+    "channel": ["op", "shape", "dtype", "pass", "backend", "ms", "p20_ms", "p80_ms", "gb_per_s", "floor_ratio",
                 "speedup_vs_reference"],
     "nlam": ["case", "shape", "L", "amp", "reference_ms", "fused_ms", "speedup", "reference_peak_mb",
              "fused_peak_mb", "memory_ratio"],

@@ -464,11 +464,18 @@ def test_channel_rows_follow_known_times(monkeypatch):
         time.sleep(0.05 if backend == "extension" else 0.15)
         return x + 0 * (w1.sum() + b1.sum() + w2.sum() + b2.sum())
 
+    def se_op(x, gate, shortcut, backend):
+        time.sleep(0.05 if backend == "extension" else 0.15)
+        return x + 0 * (gate.sum() + shortcut.sum())
+
     monkeypatch.setattr(channel.ops, "channel_attention", op)
+    monkeypatch.setattr(channel.ops, "se_residual_relu", se_op)
     monkeypatch.setattr(channel, "QUICK_SHAPES", channel.QUICK_SHAPES[:1])
+    monkeypatch.setattr(channel, "SE_QUICK_SHAPES", channel.SE_QUICK_SHAPES[:1])
     records = channel.run("cpu", quick=True)
-    assert [(r["pass"], r["backend"]) for r in records] == [("fwd", "extension"), ("fwd+bwd", "extension"),
-                                                           ("fwd", "reference"), ("fwd+bwd", "reference")]
+    order = [("fwd", "extension"), ("fwd+bwd", "extension"), ("fwd", "reference"), ("fwd+bwd", "reference")]
+    assert [(r["op"], r["pass"], r["backend"]) for r in records] == \
+        [("channel_attention", *o) for o in order] + [("se_residual_relu", *o) for o in order]
     for r in records:
         known = 0.05 if r["backend"] == "extension" else 0.15  # a busy machine wakes a sleep late
         late = 2 * known + 0.02  # a loaded machine wakes a sleeper tens of ms late
@@ -478,6 +485,13 @@ def test_channel_rows_follow_known_times(monkeypatch):
             0.8 < r["speedup_vs_reference"] < 1.25
     fwd, both = records[0], records[1]
     assert both["floor_bytes"] == 2.5 * fwd["floor_bytes"]  # backward reads grad_out and x, writes grad_x
+    # the SE tail: forward reads x and shortcut and writes out; backward reads grad_out, out and x
+    # and writes grad_x and grad_shortcut
+    se_fwd, se_both = records[4], records[5]
+    numel = 1
+    for s in se_fwd["shape"]:
+        numel *= s
+    assert se_fwd["floor_bytes"] == 3 * 4 * numel and se_both["floor_bytes"] == 8 * 4 * numel
 
 
 def test_attention_speedups_follow_known_times(monkeypatch):

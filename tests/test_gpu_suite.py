@@ -78,7 +78,9 @@ def test_dry_run_keeps_its_rules_and_survives_a_timed_out_step(tmp_path):
     assert len(attention) == 2 * 6 and all(r["suite"] == "attention" for r in attention)
     assert all(r["fwd_s"] > 0 for r in attention if r["backend"] not in ("sdpa-efficient", "sdpa-cudnn"))
     assert all("refused" in r for r in attention if r["backend"] in ("sdpa-efficient", "sdpa-cudnn"))
-    assert len(status["bench-channel"]["rows"]) == 8
+    # per quick shape (2 of each op, float32 on a CPU): forward and both, extension and reference
+    channel_ops = [r["op"] for r in status["bench-channel"]["rows"]]
+    assert channel_ops == ["channel_attention"] * 8 + ["se_residual_relu"] * 8
     assert status["pytest-rest"]["data"]["passed"] > 0 and status["pytest-rest"]["data"]["failures"] == 0
 
     # tuned-configs.json: the fastest swept configuration of each kernel and shape
@@ -164,7 +166,7 @@ def test_a_failed_step_sets_the_exit_status_and_the_suite_goes_on(tmp_path):
     steps = {s["name"]: s for s in strict_json((out / "results.json").read_text())["steps"]}
     assert steps["sanitizer-memcheck"]["status"] == "failed"
     assert steps["sanitizer-memcheck"]["reason"] == "exit 1: ========= ERROR SUMMARY: 3 errors"
-    assert steps["bench-channel"]["status"] == "ok" and len(steps["bench-channel"]["rows"]) == 8
+    assert steps["bench-channel"]["status"] == "ok" and len(steps["bench-channel"]["rows"]) == 16
     assert "| sanitizer-memcheck | failed |" in (out / "summary.md").read_text()
 
 

@@ -1,9 +1,14 @@
-"""Channel-attention benchmark (paper eq. 3): the extension vs the plain reference.
+"""The extension's ops against plain PyTorch: the channel attention (paper eq. 3) and the SE
+bottleneck tail.
 
-``run(device, quick=False)`` times the forward and the forward+backward (gradients of x, W1,
-b1, W2, b2) of ``fastnl.ops.channel_attention`` with backend "extension" and "reference" on
-the NLAM shapes of a 256x128 input with B*N = 256 frames: C = 1024 at 16x8 (after layer3)
-and C = 2048 at 8x4 (after layer4), R = C/16; float32 and bfloat16 on CUDA, float32 on CPU.
+``run(device, quick=False)`` times the forward and the forward+backward of
+``fastnl.ops.channel_attention`` (gradients of x, W1, b1, W2, b2) with backend "extension" and
+"reference" on the NLAM shapes of a 256x128 input with B*N = 256 frames: C = 1024 at 16x8
+(after layer3) and C = 2048 at 8x4 (after layer4), R = C/16; and of
+``fastnl.ops.se_residual_relu`` (gradients of x, gate, shortcut) at the four stages' bottleneck
+outputs of those 256 frames (layer1 256 x 64x32 to layer4 2048 x 8x4); float32 and bfloat16
+on CUDA, float32 on CPU. The SE tail's traffic floor: forward read x and shortcut, write out;
+backward read grad_out, out and x, write grad_x and grad_shortcut.
 
 Each record gives the median time and its 20th/80th percentiles, the achieved bandwidth over the memory-traffic floor (forward:
 read x, write out; backward: read grad_out and x, write grad_x) and the floor ratio: the time
@@ -19,6 +24,9 @@ from fastnl.benchmarks import live_rows, timer
 
 REAL_SHAPES = [(32, 8, 1024, 16, 8), (32, 8, 2048, 8, 4)]  # (B, N, C, H, W), B*N = 256 frames
 QUICK_SHAPES = [(4, 4, 256, 16, 8), (4, 4, 512, 8, 4)]
+# SE tails: (frames, C, H, W) after layer1..layer4 at 256x128
+SE_REAL_SHAPES = [(256, 256, 64, 32), (256, 512, 32, 16), (256, 1024, 16, 8), (256, 2048, 8, 4)]
+SE_QUICK_SHAPES = [(16, 256, 16, 8), (16, 2048, 2, 1)]
 REDUCTION = 16
 
 
@@ -42,6 +50,61 @@ def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, measure
     return 2 * numel * src.element_size() / measure(lambda: dst.copy_(src)).median_s
 
 
+def _se_inputs(shape, dtype, device, requires_grad):
+    N, C = shape[:2]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    shortcut = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    gate = torch.rand(N, C, 1, 1, generator=gen).to(device=device, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (x, gate, shortcut)]
+
+
+def _time_op(records, op, shape, dtype, device, measure, floor_passes, make, call) -> None:
+    """Forward and forward+backward of ``call`` on ``make``'s tensors, backend "extension" and
+    "reference", appended as records; the floors are x-sized passes (forward, both)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    copy_bps = copy_bandwidth(numel, dtype, device, measure)
+    floors = {"fwd": floor_passes[0] * numel * itemsize, "fwd+bwd": floor_passes[1] * numel * itemsize}
+    times = {}
+    for backend in ("extension", "reference"):
+        with torch.no_grad():
+            args = make(False)
+            times[("fwd", backend)] = measure(lambda: call(args, backend))
+        leaves = make(True)
+        grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+
+        def step(leaves=leaves, grad_out=grad_out, backend=backend):
+            out = call(leaves, backend)
+            torch.autograd.grad(out, leaves, grad_out)
+
+        times[("fwd+bwd", backend)] = measure(step)
+        del leaves, grad_out, args
+    for (pass_, backend), timing in times.items():
+        floor_bytes, seconds = floors[pass_], timing.median_s
+        records.append(
+            {
+                "op": op,
+                "pass": pass_,
+                "backend": backend,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "threads": torch.get_num_threads(),
+                "dtype": str(dtype).replace("torch.", ""),
+                "shape": list(shape),
+                **timing.fields(),
+                "timer": timing.timer,
+                "floor_bytes": floor_bytes,
+                "gb_per_s": floor_bytes / seconds / 1e9,
+                "copy_gb_per_s": copy_bps / 1e9,
+                "floor_ms": floor_bytes / copy_bps * 1e3,
+                "floor_ratio": seconds * copy_bps / floor_bytes,
+                "speedup_vs_reference": times[(pass_, "reference")].median_s / seconds,
+            }
+        )
+
+
 def run(device, quick: bool = False) -> list[dict]:
     """Benchmark records (one per shape, dtype, pass and backend) on ``device``."""
     device = torch.device(device)
@@ -54,60 +117,28 @@ def run(device, quick: bool = False) -> list[dict]:
 
     records = live_rows()
     for shape in shapes:
-        numel = 1
-        for s in shape:
-            numel *= s
         for dtype in dtypes:
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            copy_bps = copy_bandwidth(numel, dtype, device, measure)
-            floors = {"fwd": 2 * numel * itemsize, "fwd+bwd": 5 * numel * itemsize}
-            times = {}
-            for backend in ("extension", "reference"):
-                with torch.no_grad():
-                    args = _inputs(shape, dtype, device, requires_grad=False)
-                    times[("fwd", backend)] = measure(lambda: ops.channel_attention(*args, backend=backend))
-                leaves = _inputs(shape, dtype, device, requires_grad=True)
-                grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
-
-                def step(leaves=leaves, grad_out=grad_out, backend=backend):
-                    out = ops.channel_attention(*leaves, backend=backend)
-                    torch.autograd.grad(out, leaves, grad_out)
-
-                times[("fwd+bwd", backend)] = measure(step)
-                del leaves, grad_out, args
-            for (pass_, backend), timing in times.items():
-                floor_bytes, seconds = floors[pass_], timing.median_s
-                records.append(
-                    {
-                        "op": "channel_attention",
-                        "pass": pass_,
-                        "backend": backend,
-                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                        "threads": torch.get_num_threads(),
-                        "dtype": str(dtype).replace("torch.", ""),
-                        "shape": list(shape),
-                        **timing.fields(),
-                        "timer": timing.timer,
-                        "floor_bytes": floor_bytes,
-                        "gb_per_s": floor_bytes / seconds / 1e9,
-                        "copy_gb_per_s": copy_bps / 1e9,
-                        "floor_ms": floor_bytes / copy_bps * 1e3,
-                        "floor_ratio": seconds * copy_bps / floor_bytes,
-                        "speedup_vs_reference": times[(pass_, "reference")].median_s / seconds,
-                    }
-                )
+            _time_op(records, "channel_attention", shape, dtype, device, measure, floor_passes=(2, 5),
+                     make=lambda requires_grad, shape=shape, dtype=dtype: _inputs(shape, dtype, device, requires_grad),
+                     call=lambda args, backend: ops.channel_attention(*args, backend=backend))
+    for shape in SE_QUICK_SHAPES if quick else SE_REAL_SHAPES:
+        for dtype in dtypes:
+            _time_op(records, "se_residual_relu", shape, dtype, device, measure, floor_passes=(3, 8),
+                     make=lambda requires_grad, shape=shape, dtype=dtype: _se_inputs(shape, dtype, device, requires_grad),
+                     call=lambda args, backend: ops.se_residual_relu(*args, backend=backend))
     return records
 
 
 def format_table(records: list[dict]) -> str:
     """One line per record: shape, dtype, pass, backend, median ms (20th-80th percentile), GB/s,
     floor ratio, speedup."""
-    lines = [f"{'shape':>22} {'dtype':>8} {'pass':>7} {'backend':>9} {'ms':>9} {'p20-p80 ms':>17} {'GB/s':>7} "
-             f"{'floor x':>7} {'speedup':>7}"]
+    lines = [f"{'op':>17} {'shape':>22} {'dtype':>8} {'pass':>7} {'backend':>9} {'ms':>9} {'p20-p80 ms':>17} "
+             f"{'GB/s':>7} {'floor x':>7} {'speedup':>7}"]
     for r in records:
         spread = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}" if "p20_ms" in r else "-"
         lines.append(
-            f"{'x'.join(map(str, r['shape'])):>22} {r['dtype']:>8} {r['pass']:>7} {r['backend']:>9} "
+            f"{r.get('op', 'channel_attention'):>17} {'x'.join(map(str, r['shape'])):>22} {r['dtype']:>8} "
+            f"{r['pass']:>7} {r['backend']:>9} "
             f"{r['ms']:9.2f} {spread:>17} {r['gb_per_s']:7.1f} {r['floor_ratio']:7.2f} {r['speedup_vs_reference']:7.2f}"
         )
     return "\n".join(lines)
