@@ -163,13 +163,11 @@ void backward_cpu(const at::Tensor& g, const at::Tensor& out, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastnl_se_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using dot_t = se_dot_t<scalar_t>;
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* op = out.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const acc_t* sp = gate.const_data_ptr<acc_t>();
-    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
-    scalar_t* grp = grad_shortcut.mutable_data_ptr<scalar_t>();
-    acc_t* ggp = grad_gate.mutable_data_ptr<acc_t>();
+    const SeBackwardPointers<scalar_t, acc_t> p(g, out, x, gate, grad_x, grad_gate, grad_shortcut);
+    const scalar_t *gp = p.g, *op = p.out, *xp = p.x;
+    const acc_t* sp = p.gate;
+    scalar_t *gxp = p.grad_x, *grp = p.grad_shortcut;
+    acc_t* ggp = p.grad_gate;
     const int64_t C = l.C, HW = l.HW;
     if (!l.channels_last) {
       at::parallel_for(0, l.N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t b, int64_t e) {

@@ -35,6 +35,28 @@ struct SeKernels {
                    const SeLayout& l, at::Tensor& grad_x, at::Tensor& grad_gate, at::Tensor& grad_shortcut);
 };
 
+// The typed pointers of a backward call, as every device's kernels read them.
+template <typename scalar_t, typename acc_t>
+struct SeBackwardPointers {
+  const scalar_t* g;
+  const scalar_t* out;
+  const scalar_t* x;
+  const acc_t* gate;
+  scalar_t* grad_x;
+  scalar_t* grad_shortcut;
+  acc_t* grad_gate;
+
+  SeBackwardPointers(const at::Tensor& g_, const at::Tensor& out_, const at::Tensor& x_, const at::Tensor& gate_,
+                     at::Tensor& grad_x_, at::Tensor& grad_gate_, at::Tensor& grad_shortcut_)
+      : g(g_.const_data_ptr<scalar_t>()),
+        out(out_.const_data_ptr<scalar_t>()),
+        x(x_.const_data_ptr<scalar_t>()),
+        gate(gate_.const_data_ptr<acc_t>()),
+        grad_x(grad_x_.mutable_data_ptr<scalar_t>()),
+        grad_shortcut(grad_shortcut_.mutable_data_ptr<scalar_t>()),
+        grad_gate(grad_gate_.mutable_data_ptr<acc_t>()) {}
+};
+
 extern const SeKernels kSeCpuKernels;
 
 at::Tensor se_residual_relu_impl(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& shortcut,

@@ -167,13 +167,11 @@ void se_backward_cuda(const at::Tensor& g, const at::Tensor& out, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastnl_se_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t planes = l.N * l.C;
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* op = out.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const acc_t* sp = gate.const_data_ptr<acc_t>();
-    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
-    scalar_t* grp = grad_shortcut.mutable_data_ptr<scalar_t>();
-    acc_t* ggp = grad_gate.mutable_data_ptr<acc_t>();
+    const SeBackwardPointers<scalar_t, acc_t> p(g, out, x, gate, grad_x, grad_gate, grad_shortcut);
+    const scalar_t *gp = p.g, *op = p.out, *xp = p.x;
+    const acc_t* sp = p.gate;
+    scalar_t *gxp = p.grad_x, *grp = p.grad_shortcut;
+    acc_t* ggp = p.grad_gate;
     if (l.channels_last) {
       se_backward_columns_kernel<scalar_t, acc_t><<<grid_for(planes, kThreads), kThreads, 0, stream>>>(
           gp, op, xp, sp, gxp, grp, ggp, planes, l.C, l.HW);
