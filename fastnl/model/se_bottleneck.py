@@ -9,10 +9,38 @@ from torch import nn
 from fastnl import ops
 
 
+class _SpatialMean(torch.autograd.Function):
+    """``x.mean((2, 3), keepdim=True)`` whose backward returns ``grad / (H*W)`` broadcast over
+    the map, a stride-0 view, where torch's ``mean`` backward writes it out at full size. The
+    autograd engine adds the view into the tail op's ``grad_x`` in one pass: the SE squeeze's
+    gradient then costs one read and one write of the map, not four passes (the full-size
+    division, then an add of two full-size tensors). The values are the same to the last bit:
+    every element is the same division."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        return x.mean((2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        height, width = ctx.shape[2], ctx.shape[3]
+        return (grad / (height * width)).expand(ctx.shape)
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """The SE squeeze, ``x.mean((2, 3), keepdim=True)`` of a [B, C, H, W] map, with the lean
+    backward of :class:`_SpatialMean`."""
+    if x.dim() != 4:
+        raise ValueError(f"spatial_mean: expected a [B, C, H, W] map, got shape {tuple(x.shape)}")
+    return _SpatialMean.apply(x)
+
+
 class FusedSEBottleneck(Bottleneck):
     """timm's Bottleneck whose tail, the SE rescale, the residual sum and the ReLU, runs as
     :func:`fastnl.ops.se_residual_relu`: one pass where plain PyTorch makes three forward and
-    five backward. The same modules and parameters, so the same state_dict."""
+    five backward. The SE squeeze's gradient is added to the op's in one pass
+    (:func:`spatial_mean`). The same modules and parameters, so the same state_dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -20,7 +48,7 @@ class FusedSEBottleneck(Bottleneck):
         x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
         x = self.bn3(self.conv3(x))
         se = self.se
-        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(x.mean((2, 3), keepdim=True))))))
+        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(spatial_mean(x))))))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
         return ops.se_residual_relu(x, gate, shortcut)
