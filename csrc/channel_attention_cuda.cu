@@ -45,10 +45,9 @@ __global__ void __launch_bounds__(kThreads) pool_rows_kernel(const scalar_t* __r
                                                              int64_t HW, acc_t inv_hw, acc_t* __restrict__ gmp,
                                                              acc_t* __restrict__ gap, int64_t* __restrict__ argmax,
                                                              acc_t* __restrict__ dot) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps_per_block = blockDim.x / kWarp;
-  const int64_t stride = int64_t(gridDim.x) * warps_per_block;
-  for (int64_t r = int64_t(blockIdx.x) * warps_per_block + threadIdx.x / kWarp; r < rows; r += stride) {
+  const WarpStride w;
+  const int lane = w.lane;
+  for (int64_t r = w.first; r < rows; r += w.step) {
     const scalar_t* xr = x + r * HW;
     acc_t mx = -std::numeric_limits<acc_t>::infinity();
     acc_t sum = 0;

@@ -21,6 +21,17 @@ struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
 };
 
+// A grid-stride loop of warps: this thread's lane, the first item its warp takes and the step
+// to the next, for kernels that give each warp one item (a plane, a row) at a time.
+struct WarpStride {
+  int lane;
+  int64_t first, step;
+  __device__ WarpStride()
+      : lane(threadIdx.x % kWarp),
+        first(int64_t(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp),
+        step(int64_t(gridDim.x) * (blockDim.x / kWarp)) {}
+};
+
 inline int grid_for(int64_t items, int64_t per_block) {
   const int64_t blocks = (items + per_block - 1) / per_block;
   int device = 0, sms = 0;

@@ -30,11 +30,9 @@ __global__ void __launch_bounds__(kThreads) se_forward_rows_kernel(const scalar_
                                                                    scalar_t* __restrict__ out, int64_t planes,
                                                                    int64_t HW) {
   using P = Pack<scalar_t, kVec>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps_per_block = blockDim.x / kWarp;
-  const int64_t stride = int64_t(gridDim.x) * warps_per_block;
-  for (int64_t plane = int64_t(blockIdx.x) * warps_per_block + threadIdx.x / kWarp; plane < planes;
-       plane += stride) {
+  const WarpStride w;
+  const int lane = w.lane;
+  for (int64_t plane = w.first; plane < planes; plane += w.step) {
     const acc_t s = gate[plane];
     const int64_t base = plane * HW;
     for (int64_t i = int64_t(lane) * kVec; i < HW; i += int64_t(kWarp) * kVec) {
@@ -77,11 +75,9 @@ __global__ void __launch_bounds__(kThreads) se_backward_rows_kernel(
     const acc_t* __restrict__ gate, scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_r,
     acc_t* __restrict__ grad_gate, int64_t planes, int64_t HW) {
   using P = Pack<scalar_t, kVec>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps_per_block = blockDim.x / kWarp;
-  const int64_t stride = int64_t(gridDim.x) * warps_per_block;
-  for (int64_t plane = int64_t(blockIdx.x) * warps_per_block + threadIdx.x / kWarp; plane < planes;
-       plane += stride) {
+  const WarpStride w;
+  const int lane = w.lane;
+  for (int64_t plane = w.first; plane < planes; plane += w.step) {
     using dot_t = se_dot_t<scalar_t>;
     const acc_t s = gate[plane];
     const int64_t base = plane * HW;

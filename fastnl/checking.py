@@ -31,7 +31,6 @@ as in training; for the single ops the inputs themselves are cast.
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import math
 import sys
@@ -81,7 +80,7 @@ class Check:
     shape: str
     run: Callable[[str, torch.dtype, int], tuple[dict, dict]]
     available: Callable[[], str | None] = lambda: None
-    note: Callable[[], str] = lambda: ""
+    note: Callable[[torch.dtype], str] = lambda dtype: ""  # a note on the dtype's rows
     dtypes: tuple = field(default_factory=tuple)  # empty: every requested dtype
 
 
@@ -343,7 +342,7 @@ def nlam_check(batch: int, frames: int, channels: int, height: int, width: int, 
         return outs, _grads(outs, {"x": x, **dict(module.named_parameters())}, seed)
 
     return Check("NLAM[fused]", f"x=[{batch}*{frames},{channels},{height},{width}]", run,
-                 note=lambda: _fused_backends(device))
+                 note=lambda dtype: _fused_backends(device))
 
 
 def _fused_backends(device: str) -> str:
@@ -373,8 +372,8 @@ def model_check(batch: int, frames: int, height: int, width: int, device: str, n
         with _without_onednn_half(device, dtype):
             return outs, _grads(outs, dict(model.named_parameters()), seed)
 
-    def note():
-        extra = f"; {_ONEDNN_NOTE}" if not device.startswith("cuda") and min(height, width) < 128 else ""
+    def note(dtype):
+        extra = f"; {_ONEDNN_NOTE}" if _onednn_off(device, dtype) else ""
         return _fused_backends(device) + extra
 
     return Check("model[fused]", f"clips=[{batch},{frames},3,{height},{width}]", run, note=note)
@@ -387,9 +386,14 @@ def model_check(batch: int, frames: int, height: int, width: int, device: str, n
 _ONEDNN_NOTE = "half-precision CPU convolutions without oneDNN (its bf16 backward reads unwritten memory at 2x1 maps)"
 
 
+def _onednn_off(device: str, dtype: torch.dtype) -> bool:
+    """Whether the model check's rows in ``dtype`` on ``device`` run without oneDNN."""
+    return not device.startswith("cuda") and dtype in (torch.float16, torch.bfloat16)
+
+
 @contextlib.contextmanager
 def _without_onednn_half(device: str, dtype: torch.dtype):
-    if device.startswith("cuda") or dtype == torch.float32:
+    if not _onednn_off(device, dtype):
         yield
         return
     # (torch.backends.mkldnn.flags would also reset oneDNN's TF32 flag, with a warning)
@@ -460,7 +464,7 @@ def run_check(check: Check, dtype: torch.dtype, seed: int = 0) -> list[Result]:
     except Exception as err:  # a crash of the op under test is a failure, shown in one line
         msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         return [Result(op, check.shape, dname, "FAIL", note=msg) for op in rows]
-    results, note = [], check.note()
+    results, note = [], check.note(dtype)
     for op, part in zip(rows, range(2)):
         c = compare(fused[part], lowp[part], exact[part], dtype)
         results.append(Result(op, check.shape, dname, "PASS" if c.passed else "FAIL", c.max_abs, c.max_rel, c.tol,

@@ -65,6 +65,22 @@ def test_check_shows_unavailable_backends_as_skip(monkeypatch):
     assert by_op["nl_attention[torch] grad"].status == "PASS"
 
 
+def test_model_rows_say_when_they_run_without_onednn_and_exactly_then():
+    """The CPU half-precision model rows run their convolutions without oneDNN (its bf16
+    backward reads unwritten memory at 2x1 maps); the note says so on those rows only."""
+    cpu, gpu = checking.model_check(2, 2, 64, 32, "cpu"), checking.model_check(2, 2, 256, 128, "cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        assert "without oneDNN" in cpu.note(dtype) and checking._onednn_off("cpu", dtype)
+        assert "oneDNN" not in gpu.note(dtype) and not checking._onednn_off("cuda", dtype)
+    assert "oneDNN" not in cpu.note(torch.float32) and not checking._onednn_off("cpu", torch.float32)
+    enabled = torch._C._get_mkldnn_enabled()
+    with checking._without_onednn_half("cpu", torch.bfloat16):
+        assert not torch._C._get_mkldnn_enabled()
+    with checking._without_onednn_half("cpu", torch.float32):
+        assert torch._C._get_mkldnn_enabled() == enabled
+    assert torch._C._get_mkldnn_enabled() == enabled
+
+
 def test_tolerance_comes_from_the_reference_error():
     exact = {"a.weight": torch.tensor([1.0, -2.0], dtype=torch.float64),
              "a.bias": torch.tensor([1e-15], dtype=torch.float64)}  # zero in exact arithmetic
