@@ -223,8 +223,8 @@ class _TorchRows:
 
 
 class _TritonRows:
-    """The same with :mod:`fastnl.kernels.softmax_rows` (M in log2 units); float32 tiles only.
-    The kernels write P and dS beside S, and the backward reads the forward's M and Z."""
+    """The same with :mod:`fastnl.kernels.softmax_rows` (M: the row maximum of sign(scale) * S);
+    float32 tiles only. The kernels write P and dS beside S, and the backward reads the forward's M and Z."""
 
     IN_PLACE = False
 

@@ -2,10 +2,14 @@
 gradient, each in one pass over the tile (:mod:`fastnl.attention_chunked` runs the matmuls).
 
 The scores ``S = Q_blk K^T`` arrive unscaled in float32 (a tensor-core GEMM with float32
-output). ``softmax_rows`` writes ``P = softmax(scale * S)`` in the matmul dtype and the row
-maximum ``M`` (log2 units, ``log2(e)`` folded into the scale) and the row sum ``Z`` of
-``exp2(scale * S - M)``; ``softmax_grad_from_probs`` gives dS from a P the forward kept (when
-the whole score matrix fits one tile); ``softmax_grad_rows`` recomputes ``P = exp2(scale * S - M) / Z`` from
+output). ``softmax_rows`` writes ``P = softmax(scale * S)`` in the matmul dtype, the row
+maximum ``M`` of ``sign(scale) * S`` (the scores' units) and the row sum ``Z`` of
+``exp2((sign(scale) * S - M) * |scale| * log2(e))``. The maximum is taken off before the
+scaling: the exponent then rounds relative to a score's distance from the row's maximum, which
+is small where the probabilities are large (``exp2(scale * log2(e) * S - M)`` rounds relative
+to the whole scaled score: in float32 at logits x10 that doubled dq's error in one seed of 10).
+``softmax_grad_from_probs`` gives dS from a P the forward kept (when the whole score matrix
+fits one tile); ``softmax_grad_rows`` recomputes P with the forward's expression from
 the same S (the backward's GEMM gives the same bits as the forward's), so the backward's
 probabilities round exactly like the forward's, and writes ``dS = scale * P * (dP - delta)``.
 A row of up to ``ONE_PASS_MAX`` columns is held in registers (one read of S); longer rows are
@@ -28,18 +32,19 @@ BLOCK_COLS = 4096  # column block of the two-pass path
 
 
 @triton.jit
-def _softmax_rows_fwd(S, P, M, Z, stride_s, stride_p, L, qk_scale,
+def _softmax_rows_fwd(S, P, M, Z, stride_s, stride_p, L, sign_scale, qk_scale,
                       BLOCK_L: tl.constexpr, ONE_PASS: tl.constexpr):
-    """Grid (rows,): P[r] = exp2(qk_scale * S[r] - M[r]) / Z[r]; M, Z float32 per row."""
+    """Grid (rows,): P[r] = exp2((sign_scale * S[r] - M[r]) * qk_scale) / Z[r], M[r] the row's
+    largest sign_scale * S, Z[r] the sum; M, Z float32 per row."""
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * stride_s
     p_row = P + row * stride_p
     cols = tl.arange(0, BLOCK_L)
     if ONE_PASS:
         mask = cols < L
-        s = tl.where(mask, tl.load(s_row + cols, mask=mask, other=0.0) * qk_scale, float("-inf"))
+        s = tl.where(mask, tl.load(s_row + cols, mask=mask, other=0.0) * sign_scale, float("-inf"))
         m = tl.max(s, 0)
-        e = tl.math.exp2(s - m)
+        e = tl.math.exp2(tl.where(mask, (s - m) * qk_scale, float("-inf")))
         z = tl.sum(e, 0)
         tl.store(p_row + cols, (e / z).to(P.dtype.element_ty), mask=mask)
     else:
@@ -49,26 +54,27 @@ def _softmax_rows_fwd(S, P, M, Z, stride_s, stride_p, L, qk_scale,
         for start in range(0, L, BLOCK_L):
             offs = start + cols
             valid = offs < L
-            s = tl.where(valid, tl.load(s_row + offs, mask=valid, other=0.0) * qk_scale, float("-inf"))
+            s = tl.where(valid, tl.load(s_row + offs, mask=valid, other=0.0) * sign_scale, float("-inf"))
             m_new = tl.maximum(m_lane, s)
-            z_lane = z_lane * tl.math.exp2(m_lane - m_new) + tl.math.exp2(s - m_new)
+            alpha = tl.math.exp2(tl.where(m_lane > float("-inf"), (m_lane - m_new) * qk_scale, float("-inf")))
+            z_lane = z_lane * alpha + tl.math.exp2(tl.where(valid, (s - m_new) * qk_scale, float("-inf")))
             m_lane = m_new
         m = tl.max(m_lane, 0)
-        z = tl.sum(z_lane * tl.math.exp2(m_lane - m), 0)
+        z = tl.sum(z_lane * tl.math.exp2((m_lane - m) * qk_scale), 0)
         for start in range(0, L, BLOCK_L):
             offs = start + cols
             mask = offs < L
-            s = tl.load(s_row + offs, mask=mask, other=0.0) * qk_scale
-            tl.store(p_row + offs, (tl.math.exp2(s - m) / z).to(P.dtype.element_ty), mask=mask)
+            s = tl.load(s_row + offs, mask=mask, other=0.0) * sign_scale
+            tl.store(p_row + offs, (tl.math.exp2((s - m) * qk_scale) / z).to(P.dtype.element_ty), mask=mask)
     tl.store(M + row, m)
     tl.store(Z + row, z)
 
 
 @triton.jit
 def _softmax_rows_bwd(S, DP, M, Z, DELTA, P, DS, stride_s, stride_dp, stride_p, stride_ds, L,
-                      qk_scale, sm_scale, BLOCK_L: tl.constexpr, FROM_P: tl.constexpr):
-    """Grid (rows,): dS = sm_scale * P * (dP - DELTA) per row, with P = exp2(qk_scale * S - M) / Z
-    recomputed and written to P, or (FROM_P) read from the P the forward kept (S, M, Z unused)."""
+                      sign_scale, qk_scale, sm_scale, BLOCK_L: tl.constexpr, FROM_P: tl.constexpr):
+    """Grid (rows,): dS = sm_scale * P * (dP - DELTA) per row, with
+    P = exp2((sign_scale * S - M) * qk_scale) / Z recomputed (the forward's bits) and written to P, or (FROM_P) read from the P the forward kept (S, M, Z unused)."""
     row = tl.program_id(0).to(tl.int64)
     delta = tl.load(DELTA + row)
     if not FROM_P:
@@ -83,7 +89,7 @@ def _softmax_rows_bwd(S, DP, M, Z, DELTA, P, DS, stride_s, stride_dp, stride_p, 
             p = tl.load(P + row * stride_p + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             s = tl.load(S + row * stride_s + offs, mask=mask, other=0.0)
-            p = tl.math.exp2(s * qk_scale - m) / z
+            p = tl.math.exp2((s * sign_scale - m) * qk_scale) / z
             tl.store(P + row * stride_p + offs, p.to(P.dtype.element_ty), mask=mask)
         ds = (p * (dp - delta)) * sm_scale
         tl.store(DS + row * stride_ds + offs, ds.to(DS.dtype.element_ty), mask=mask)
@@ -121,6 +127,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1, t.shape[-1])
 
 
+def _exponent_scales(scale: float) -> tuple[float, float]:
+    """(sign_scale, qk_scale) of the row kernels: the sign of ``scale`` (the scores are flipped,
+    exactly, so that M is the row's largest scaled score) and ``|scale| * log2(e)``."""
+    scale = float(scale)
+    return (-1.0 if scale < 0 else 1.0), abs(scale) * LOG2E
+
+
 def softmax_rows(s: torch.Tensor, scale: float, out_dtype: torch.dtype, out: torch.Tensor | None = None):
     """s: unscaled float32 scores [B, R, L] -> (P [B, R, L] in out_dtype, M [B, R], Z [B, R] fp32);
     P written into ``out`` (row-major [B, R, L] of out_dtype) where given."""
@@ -135,7 +148,7 @@ def softmax_rows(s: torch.Tensor, scale: float, out_dtype: torch.dtype, out: tor
     if not _launches(s):
         return p, m, z
     meta = fwd_meta(L)
-    _softmax_rows_fwd[(B * R,)](s2, p, m, z, s2.stride(0), L, L, float(scale) * LOG2E,
+    _softmax_rows_fwd[(B * R,)](s2, p, m, z, s2.stride(0), L, L, *_exponent_scales(scale),
                                 BLOCK_L=meta["BLOCK_L"], ONE_PASS=meta["ONE_PASS"], num_warps=meta["num_warps"])
     return p, m, z
 
@@ -153,7 +166,7 @@ def softmax_grad_rows(s: torch.Tensor, dp: torch.Tensor, m: torch.Tensor, z: tor
         return p, ds
     meta = bwd_meta(L)
     _softmax_rows_bwd[(B * R,)](s2, dp2, m, z, delta, p, ds,
-                                s2.stride(0), dp2.stride(0), L, L, L, float(scale) * LOG2E, float(scale),
+                                s2.stride(0), dp2.stride(0), L, L, L, *_exponent_scales(scale), float(scale),
                                 BLOCK_L=meta["BLOCK_L"], FROM_P=False, num_warps=meta["num_warps"])
     return p, ds
 
@@ -169,6 +182,6 @@ def softmax_grad_from_probs(p: torch.Tensor, dp: torch.Tensor, delta: torch.Tens
         return ds
     meta = bwd_meta(L)
     _softmax_rows_bwd[(B * R,)](dp2, dp2, delta, delta, delta, p2, ds,
-                                dp2.stride(0), dp2.stride(0), p2.stride(0), L, L, 1.0, float(scale),
+                                dp2.stride(0), dp2.stride(0), p2.stride(0), L, L, 1.0, 1.0, float(scale),
                                 BLOCK_L=meta["BLOCK_L"], FROM_P=True, num_warps=meta["num_warps"])
     return ds
