@@ -8,9 +8,9 @@ fp32 accumulator stays in registers without spilling. When ``BLOCK_DV`` covers D
 are computed once per tile; narrower chunks recompute them once per chunk (see
 ``recompute_factor``), and the autotuner picks between both among the spill-free configs.
 
-The forward saves only O and, per row, the maximum M of the scaled scores (base 2, ``log2(e)``
-folded into the scale) and the softmax sum Z; the backward recomputes the probabilities as
-``exp2(s - M) / Z``, rounded as the forward normalised them (a saved log-sum-exp ``M + log2 Z``
+The forward saves only O and, per row, the maximum M of the scores (times the sign of the
+scale) and the softmax sum Z; the backward recomputes the probabilities as
+``exp2((s - M) * |scale| * log2(e)) / Z``, rounded as the forward normalised them (a saved log-sum-exp ``M + log2 Z``
 adds its own rounding at large logits, which float32 gradients showed). Backward kernels:
 ``_nl_attn_bwd_preprocess`` (delta = rowsum(dO * O)), ``_nl_attn_bwd_dkdv`` (one program per
 key block and column chunk) and ``_nl_attn_bwd_dq``.
@@ -140,7 +140,7 @@ def keeps_q_on_chip(head_dim: int, block_dv: int) -> bool:
 
 @triton.jit
 def _nl_attn_fwd_inner(acc, m_i, l_i, q_base, k_base, v_base, offs_m, offs_dv,
-                       stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, L, qk_scale,
+                       stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, L, sign_scale, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
                        UPCAST: tl.constexpr):
@@ -160,10 +160,11 @@ def _nl_attn_fwd_inner(acc, m_i, l_i, q_base, k_base, v_base, offs_m, offs_dv,
             s = _dot_rows(q_base, stride_qm, stride_qd, offs_m, k_base, stride_kn, stride_kd, offs_n, L,
                           HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
         v = _load_rows(v_base, offs_n, offs_dv, stride_vn, stride_vd, L, HEAD_DIM)
-        s = tl.where(offs_n[None, :] < L, s * qk_scale, float("-inf"))
+        valid_n = offs_n[None, :] < L
+        s = tl.where(valid_n, s * sign_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(tl.where(valid_n, (s - m_new[:, None]) * qk_scale, float("-inf")))
+        alpha = tl.math.exp2(tl.where(m_i > float("-inf"), (m_i - m_new) * qk_scale, float("-inf")))
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
@@ -174,11 +175,12 @@ def _nl_attn_fwd_inner(acc, m_i, l_i, q_base, k_base, v_base, offs_m, offs_dv,
 def _nl_attn_fwd(Q, K, V, O, MZ,
                  stride_qb, stride_qm, stride_qd, stride_kb, stride_kn, stride_kd,
                  stride_vb, stride_vn, stride_vd, stride_ob, stride_om, stride_od,
-                 L, qk_scale,
+                 L, sign_scale, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Grid (cdiv(L, BLOCK_M), cdiv(D, BLOCK_DV), B): O[b, m-block, chunk], and per row the scaled
-    score maximum M = MZ[b, 0] (log2 units) and the softmax sum Z = MZ[b, 1] of exp2(s - M)."""
+    """Grid (cdiv(L, BLOCK_M), cdiv(D, BLOCK_DV), B): O[b, m-block, chunk], and per row the
+    maximum M = MZ[b, 0] of sign_scale * s (the scores' units) and the softmax sum Z = MZ[b, 1]
+    of exp2((sign_scale * s - M) * qk_scale)."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -189,7 +191,7 @@ def _nl_attn_fwd(Q, K, V, O, MZ,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _nl_attn_fwd_inner(acc, m_i, l_i, Q + b * stride_qb, K + b * stride_kb, V + b * stride_vb,
                                        offs_m, offs_dv, stride_qm, stride_qd, stride_kn, stride_kd,
-                                       stride_vn, stride_vd, L, qk_scale,
+                                       stride_vn, stride_vd, L, sign_scale, qk_scale,
                                        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, BLOCK_DV, PRECISION, UPCAST)
     acc = acc / l_i[:, None]
     o_ptr = O + b * stride_ob + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
@@ -225,14 +227,15 @@ def _nl_attn_bwd_dkdv(Q, K, V, DO, MZ, DELTA, DK, DV, DQACC,
                       stride_qb, stride_qm, stride_qd, stride_kb, stride_kn, stride_kd,
                       stride_vb, stride_vn, stride_vd, stride_dob, stride_dom, stride_dod,
                       stride_gb, stride_gn, stride_gd,
-                      L, qk_scale, sm_scale,
+                      L, sign_scale, qk_scale, sm_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                       FUSE_DQ: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Grid (cdiv(L, BLOCK_N), cdiv(D, BLOCK_DV), B): dK and dV of one key block, one column chunk.
 
     dV = P^T dO, dK = scale * dS^T Q with dS = P * (dO V^T - delta); P^T is recomputed from the
-    saved row maximum and sum as exp2(s - M) / Z, as the forward normalised it. DK and DV share
+    saved row maximum and sum as exp2((sign_scale * s - M) * qk_scale) / Z, as the forward
+    normalised it. DK and DV share
     the strides (stride_gb, stride_gn, stride_gd). FUSE_DQ (one chunk covers D): the program also
     adds its key block's share dS K of dQ (unscaled) into the float32 [B, L, D] DQACC with atomics,
     so S and dP are computed once per tile in the whole backward (FlashAttention-2's scheme).
@@ -258,7 +261,7 @@ def _nl_attn_bwd_dkdv(Q, K, V, DO, MZ, DELTA, DK, DV, DQACC,
                        HEAD_DIM, BLOCK_N, BLOCK_M, BLOCK_DK, PRECISION, UPCAST)
         m_row = tl.load(MZ + b * 2 * L + offs_m, mask=valid_m, other=0.0)
         z_row = tl.load(MZ + b * 2 * L + L + offs_m, mask=valid_m, other=1.0)
-        pt = tl.where(valid_m[None, :], tl.math.exp2(st * qk_scale - m_row[None, :]) / z_row[None, :], 0.0)
+        pt = tl.where(valid_m[None, :], tl.math.exp2((st * sign_scale - m_row[None, :]) * qk_scale) / z_row[None, :], 0.0)
         do = _load_rows(do_base, offs_m, offs_dv, stride_dom, stride_dod, L, HEAD_DIM)
         dv = _mma(pt.to(do.dtype), do, dv, PRECISION, UPCAST)
         dpt = _dot_rows(v_base, stride_vn, stride_vd, offs_n, do_base, stride_dom, stride_dod, offs_m, L,
@@ -283,7 +286,7 @@ def _nl_attn_bwd_dq(Q, K, V, DO, MZ, DELTA, DQ,
                     stride_qb, stride_qm, stride_qd, stride_kb, stride_kn, stride_kd,
                     stride_vb, stride_vn, stride_vd, stride_dob, stride_dom, stride_dod,
                     stride_gb, stride_gm, stride_gd,
-                    L, qk_scale, sm_scale,
+                    L, sign_scale, qk_scale, sm_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Grid (cdiv(L, BLOCK_M), cdiv(D, BLOCK_DV), B): dQ = scale * dS K for one query block, one chunk."""
@@ -305,7 +308,7 @@ def _nl_attn_bwd_dq(Q, K, V, DO, MZ, DELTA, DQ,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s = _dot_rows(q_base, stride_qm, stride_qd, offs_m, k_base, stride_kn, stride_kd, offs_n, L,
                       HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
-        p = tl.where(offs_n[None, :] < L, tl.math.exp2(s * qk_scale - m_row[:, None]) / z_row[:, None], 0.0)
+        p = tl.where(offs_n[None, :] < L, tl.math.exp2((s * sign_scale - m_row[:, None]) * qk_scale) / z_row[:, None], 0.0)
         dp = _dot_rows(do_base, stride_dom, stride_dod, offs_m, v_base, stride_vn, stride_vd, offs_n, L,
                        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -501,14 +504,23 @@ def _constants(head_dim: int, dtype: torch.dtype) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def exponent_scales(scale: float) -> tuple[float, float]:
+    """(sign_scale, qk_scale) of the kernels: the sign of ``scale`` (the scores are flipped,
+    exactly, so that M is the row's largest scaled score) and ``|scale| * log2(e)``. The row
+    maximum comes off the raw scores before they are scaled, so an exponent rounds relative to
+    its score's distance from the maximum, not to the whole scaled score."""
+    scale = float(scale)
+    return (-1.0 if scale < 0 else 1.0), abs(scale) * LOG2E
+
+
 def nl_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     """Forward: q, k, v [B, L, D] (any strides) -> (O [B, L, D] in q's dtype, MZ [B, 2, L] fp32:
-    the row maximum of the scaled scores in log2 units and the softmax sum; the row log-sum-exp
-    is ``(M + log2 Z) * ln 2``)."""
+    the row maximum M of sign(scale) * s and the softmax sum Z; the row log-sum-exp is
+    ``|scale| * M + ln Z``)."""
     B, L, D = q.shape
     out = torch.empty((B, L, D), device=q.device, dtype=q.dtype)
     mz = torch.empty((B, 2, L), device=q.device, dtype=torch.float32)
-    args = (q, k, v, out, mz, *q.stride(), *k.stride(), *v.stride(), *out.stride(), L, float(scale) * LOG2E)
+    args = (q, k, v, out, mz, *q.stride(), *k.stride(), *v.stride(), *out.stride(), L, *exponent_scales(scale))
     _launch("fwd", lambda bm, bn, bdv: (triton.cdiv(L, bm), triton.cdiv(D, bdv), B), args,
             _constants(D, q.dtype), D, q.dtype, L)
     return out, mz
@@ -525,7 +537,7 @@ def nl_attention_bwd(q, k, v, out, mz, grad_out, scale: float):
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    scales = (L, float(scale) * LOG2E, float(scale))
+    scales = (L, *exponent_scales(scale), float(scale))
     constants = _constants(D, q.dtype)
     fused = fuses_dq(D)
     dq_acc = torch.zeros((B, L, D), device=q.device, dtype=torch.float32) if fused else delta

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-LOG2E = 1.4426950408889634
+from .nl_attention import exponent_scales
 ONE_PASS_MAX = 16384  # columns a row program holds at once (64 KB of fp32 over its warps)
 BLOCK_COLS = 4096  # column block of the two-pass path
 
@@ -127,13 +127,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1, t.shape[-1])
 
 
-def _exponent_scales(scale: float) -> tuple[float, float]:
-    """(sign_scale, qk_scale) of the row kernels: the sign of ``scale`` (the scores are flipped,
-    exactly, so that M is the row's largest scaled score) and ``|scale| * log2(e)``."""
-    scale = float(scale)
-    return (-1.0 if scale < 0 else 1.0), abs(scale) * LOG2E
-
-
 def softmax_rows(s: torch.Tensor, scale: float, out_dtype: torch.dtype, out: torch.Tensor | None = None):
     """s: unscaled float32 scores [B, R, L] -> (P [B, R, L] in out_dtype, M [B, R], Z [B, R] fp32);
     P written into ``out`` (row-major [B, R, L] of out_dtype) where given."""
@@ -148,7 +141,7 @@ def softmax_rows(s: torch.Tensor, scale: float, out_dtype: torch.dtype, out: tor
     if not _launches(s):
         return p, m, z
     meta = fwd_meta(L)
-    _softmax_rows_fwd[(B * R,)](s2, p, m, z, s2.stride(0), L, L, *_exponent_scales(scale),
+    _softmax_rows_fwd[(B * R,)](s2, p, m, z, s2.stride(0), L, L, *exponent_scales(scale),
                                 BLOCK_L=meta["BLOCK_L"], ONE_PASS=meta["ONE_PASS"], num_warps=meta["num_warps"])
     return p, m, z
 
@@ -166,7 +159,7 @@ def softmax_grad_rows(s: torch.Tensor, dp: torch.Tensor, m: torch.Tensor, z: tor
         return p, ds
     meta = bwd_meta(L)
     _softmax_rows_bwd[(B * R,)](s2, dp2, m, z, delta, p, ds,
-                                s2.stride(0), dp2.stride(0), L, L, L, *_exponent_scales(scale), float(scale),
+                                s2.stride(0), dp2.stride(0), L, L, L, *exponent_scales(scale), float(scale),
                                 BLOCK_L=meta["BLOCK_L"], FROM_P=False, num_warps=meta["num_warps"])
     return p, ds
 

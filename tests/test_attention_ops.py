@@ -67,16 +67,17 @@ def test_chunked_op_returns_what_the_backward_reads_and_hides_it():
 
 @pytest.mark.triton
 def test_chunked_op_with_triton_rows_saves_the_row_statistics():
-    """The Triton row kernels save the row maximum M (log2 units) and the sum Z of
-    exp2(log2(e) * scale * S - M) for every row, blocks of 8 rows."""
+    """The Triton row kernels save the row maximum M of the scores (the scale's sign applied)
+    and the sum Z of exp2((S - M) * scale * log2(e)) for every row, blocks of 8 rows."""
     import math
 
     q, k, v = _qkv(2, 24, 16, F32)
     out, m, z, kept = torch.ops.fastnl.nl_attention_chunked(q, k, v, 0.3, 1, 8, "triton", 0)
     assert kept.numel() == 0 and m.shape == z.shape == (2, 24) and m.dtype == z.dtype == F32
-    scores = 0.3 * math.log2(math.e) * (q.double() @ k.double().transpose(1, 2))
+    scores = q.double() @ k.double().transpose(1, 2)
     torch.testing.assert_close(m.double(), scores.amax(-1), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(z.double(), (scores - m.double().unsqueeze(-1)).exp2().sum(-1), rtol=1e-5, atol=1e-5)
+    exponents = 0.3 * math.log2(math.e) * (scores - m.double().unsqueeze(-1))
+    torch.testing.assert_close(z.double(), exponents.exp2().sum(-1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.triton

@@ -146,15 +146,19 @@ def test_extreme_logits_stay_finite_and_accurate(fn, dtype):
     check_against_fp64(fn, q, k, v, 10.0)
 
 
-def test_triton_saves_row_maximum_and_sum_in_base_2():
+@pytest.mark.parametrize("scale", [0.3, -0.3])
+def test_triton_saves_row_maximum_and_sum(scale):
+    """M: the row maximum of sign(scale) * s in the scores' units; Z: the sum of
+    exp2((sign(scale) * s - M) * |scale| * log2(e)); so the log-sum-exp is |scale| * M + ln Z."""
     q, k, v = make_qkv(2, 70, 48, F32, "channel_first")
-    out, mz = nla.nl_attention_fwd(q, k, v, 0.3)
-    logits = 0.3 * torch.bmm(q.double(), k.double().transpose(1, 2))
+    out, mz = nla.nl_attention_fwd(q, k, v, scale)
+    scores = torch.bmm(q.double(), k.double().transpose(1, 2))
+    logits = scale * scores
     assert mz.shape == (2, 2, 70) and mz.dtype == torch.float32
-    torch.testing.assert_close(mz[:, 0].double(), logits.amax(-1) / math.log(2.0), rtol=1e-6, atol=1e-6)
-    lse = (mz[:, 0].double() + torch.log2(mz[:, 1].double())) * math.log(2.0)
+    torch.testing.assert_close(mz[:, 0].double(), (math.copysign(1.0, scale) * scores).amax(-1), rtol=1e-6, atol=1e-6)
+    lse = abs(scale) * mz[:, 0].double() + torch.log(mz[:, 1].double())
     torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.double(), ops.nl_attention(q.double(), k.double(), v.double(), scale=0.3,
+    torch.testing.assert_close(out.double(), ops.nl_attention(q.double(), k.double(), v.double(), scale=scale,
                                                               backend="reference"), rtol=1e-5, atol=1e-5)
 
 
