@@ -10,8 +10,10 @@ are computed once per tile; narrower chunks recompute them once per chunk (see
 
 The forward saves only O and, per row, the maximum M of the scores (times the sign of the
 scale) and the softmax sum Z; the backward recomputes the probabilities as
-``exp2((s - M) * |scale| * log2(e)) / Z``, rounded as the forward normalised them (a saved log-sum-exp ``M + log2 Z``
-adds its own rounding at large logits, which float32 gradients showed). Backward kernels:
+``exp2((s - M) * |scale| * log2(e)) / Z``, rounded as the forward normalised them (a saved
+log-sum-exp adds its own rounding at large logits, which float32 gradients showed). The maximum
+comes off the raw scores before the scaling, so that an exponent rounds relative to its
+score's distance from the maximum (see ``exponent_scales``). Backward kernels:
 ``_nl_attn_bwd_preprocess`` (delta = rowsum(dO * O)), ``_nl_attn_bwd_dkdv`` (one program per
 key block and column chunk) and ``_nl_attn_bwd_dq``.
 The running row maximum keeps every exponent <= 0, so scales far from 1 neither overflow nor
@@ -140,7 +142,8 @@ def keeps_q_on_chip(head_dim: int, block_dv: int) -> bool:
 
 @triton.jit
 def _nl_attn_fwd_inner(acc, m_i, l_i, q_base, k_base, v_base, offs_m, offs_dv,
-                       stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, L, sign_scale, qk_scale,
+                       stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, L,
+                       sign_scale, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
                        UPCAST: tl.constexpr):
@@ -235,10 +238,10 @@ def _nl_attn_bwd_dkdv(Q, K, V, DO, MZ, DELTA, DK, DV, DQACC,
 
     dV = P^T dO, dK = scale * dS^T Q with dS = P * (dO V^T - delta); P^T is recomputed from the
     saved row maximum and sum as exp2((sign_scale * s - M) * qk_scale) / Z, as the forward
-    normalised it. DK and DV share
-    the strides (stride_gb, stride_gn, stride_gd). FUSE_DQ (one chunk covers D): the program also
-    adds its key block's share dS K of dQ (unscaled) into the float32 [B, L, D] DQACC with atomics,
-    so S and dP are computed once per tile in the whole backward (FlashAttention-2's scheme).
+    normalised it. DK and DV share the strides (stride_gb, stride_gn, stride_gd). FUSE_DQ (one
+    chunk covers D): the program also adds its key block's share dS K of dQ (unscaled) into the
+    float32 [B, L, D] DQACC with atomics, so S and dP are computed once per tile in the whole
+    backward (FlashAttention-2's scheme).
     """
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -261,7 +264,8 @@ def _nl_attn_bwd_dkdv(Q, K, V, DO, MZ, DELTA, DK, DV, DQACC,
                        HEAD_DIM, BLOCK_N, BLOCK_M, BLOCK_DK, PRECISION, UPCAST)
         m_row = tl.load(MZ + b * 2 * L + offs_m, mask=valid_m, other=0.0)
         z_row = tl.load(MZ + b * 2 * L + L + offs_m, mask=valid_m, other=1.0)
-        pt = tl.where(valid_m[None, :], tl.math.exp2((st * sign_scale - m_row[None, :]) * qk_scale) / z_row[None, :], 0.0)
+        pt = tl.where(valid_m[None, :],
+                      tl.math.exp2((st * sign_scale - m_row[None, :]) * qk_scale) / z_row[None, :], 0.0)
         do = _load_rows(do_base, offs_m, offs_dv, stride_dom, stride_dod, L, HEAD_DIM)
         dv = _mma(pt.to(do.dtype), do, dv, PRECISION, UPCAST)
         dpt = _dot_rows(v_base, stride_vn, stride_vd, offs_n, do_base, stride_dom, stride_dod, offs_m, L,
@@ -308,7 +312,8 @@ def _nl_attn_bwd_dq(Q, K, V, DO, MZ, DELTA, DQ,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s = _dot_rows(q_base, stride_qm, stride_qd, offs_m, k_base, stride_kn, stride_kd, offs_n, L,
                       HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
-        p = tl.where(offs_n[None, :] < L, tl.math.exp2((s * sign_scale - m_row[:, None]) * qk_scale) / z_row[:, None], 0.0)
+        p = tl.where(offs_n[None, :] < L,
+                     tl.math.exp2((s * sign_scale - m_row[:, None]) * qk_scale) / z_row[:, None], 0.0)
         dp = _dot_rows(do_base, stride_dom, stride_dod, offs_m, v_base, stride_vn, stride_vd, offs_n, L,
                        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])

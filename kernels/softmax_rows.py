@@ -74,7 +74,8 @@ def _softmax_rows_fwd(S, P, M, Z, stride_s, stride_p, L, sign_scale, qk_scale,
 def _softmax_rows_bwd(S, DP, M, Z, DELTA, P, DS, stride_s, stride_dp, stride_p, stride_ds, L,
                       sign_scale, qk_scale, sm_scale, BLOCK_L: tl.constexpr, FROM_P: tl.constexpr):
     """Grid (rows,): dS = sm_scale * P * (dP - DELTA) per row, with
-    P = exp2((sign_scale * S - M) * qk_scale) / Z recomputed (the forward's bits) and written to P, or (FROM_P) read from the P the forward kept (S, M, Z unused)."""
+    P = exp2((sign_scale * S - M) * qk_scale) / Z recomputed (the forward's bits) and written to
+    P, or (FROM_P) read from the P the forward kept (S, M, Z unused)."""
     row = tl.program_id(0).to(tl.int64)
     delta = tl.load(DELTA + row)
     if not FROM_P:

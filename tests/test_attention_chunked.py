@@ -358,8 +358,9 @@ def test_triton_exponents_round_relative_to_the_row_maximum(kernel):
     256 to every score, scale 1/4 (logits 64 +- 20, every product and sum exact in float32), so
     plain's softmax (x - max, then exp) rounds only its exponentials. An exponent taken as
     exp2(scale * log2(e) * S - M) rounds relative to the whole logit (64 * eps) and failed the
-    2x rule here (out: 4.5x plain's error in the flash kernel, 4.9x in the row kernels); taken as exp2((S - M) * scale * log2(e)) it rounds relative to the
-    distance from the maximum, as plain does."""
+    2x rule here (out: 4.5x plain's error in the flash kernel, 4.9x in the row kernels); taken
+    as exp2((S - M) * scale * log2(e)) it rounds relative to the distance from the maximum, as
+    plain does."""
     B, L, D, scale = 1, 100, 16, 0.25
     gen = torch.Generator().manual_seed(5)
     q, k = (torch.randint(-2, 3, (B, L, D), generator=gen).float() for _ in range(2))
