@@ -157,11 +157,12 @@ def missing_kernels_reason(device: torch.device) -> str:
             f"(rebuild it where nvcc and a CUDA build of torch are present: `make install`)")
 
 
-def warn_missing_once(reason: str | None = None, what: str = "channel attention") -> None:
-    """One warning per op (``what``) that falls back to plain PyTorch."""
+def warn_missing_once(reason: str | None = None, what: str = "channel attention", stacklevel: int = 3) -> None:
+    """One warning per op (``what``) that falls back to plain PyTorch; ``stacklevel`` as
+    ``warnings.warn`` takes it, from this function (3: the caller of the op that falls back)."""
     if what not in _warned:
         reason = reason or _state.get("error", _BUILD_HINT)
-        warnings.warn(f"{reason}; using the plain PyTorch {what}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{reason}; using the plain PyTorch {what}", RuntimeWarning, stacklevel=stacklevel)
         _warned.add(what)
 
 

@@ -32,13 +32,38 @@ def _check_tensor(name: str, t, ndim: int, expected: str) -> None:
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)}, expected {expected} with every size >= 1")
 
 
+def _check_devices(names, tensors) -> None:
+    first = tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {names[0]} is on {first.device}: all must be on one device")
+
+
 def _check_same(names, tensors) -> None:
     first = tensors[0]
     for name, t in zip(names[1:], tensors[1:]):
         if t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {names[0]} has {first.dtype}: all must match")
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {names[0]} is on {first.device}: all must be on one device")
+    _check_devices(names, tensors)
+
+
+def _extension_runs(op: str, device: torch.device, backend: str, has_kernels, reason_for, what: str) -> bool:
+    """Whether the compiled extension runs ``op`` on ``device`` for ``backend`` ("auto" or
+    "extension"). "auto" falls back to plain PyTorch (False) with one warning per ``what``;
+    "extension" raises instead, ImportError or RuntimeError naming the cause."""
+    from fastnl import _extension
+
+    if backend == "auto" and not _extension.available():
+        _extension.warn_missing_once(what=what, stacklevel=4)
+        return False
+    _extension.load()  # ImportError naming the cause for backend="extension"
+    if not has_kernels(device):
+        reason = reason_for(device)
+        if backend == "extension":
+            raise RuntimeError(f"{op} on {device}: {reason}")
+        _extension.warn_missing_once(reason, what=what, stacklevel=4)
+        return False
+    return True
 
 
 def nl_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0,
@@ -225,24 +250,14 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
             raise ValueError(f"{name} must have shape [{size}], got {tuple(t.shape)}")
         names.append(name)
         tensors.append(t)
-    for name, t in zip(names[1:], tensors[1:]):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must be on one device")
+    _check_devices(names, tensors)
 
     with _no_autocast(x):
-        if backend == "reference":
-            return reference.channel_attention(x, w1, b1, w2, b2)
         from fastnl import _extension
 
-        if backend == "auto" and not _extension.available():
-            _extension.warn_missing_once()
-            return reference.channel_attention(x, w1, b1, w2, b2)
-        _extension.load()  # ImportError naming the cause for backend="extension"
-        if not _extension.has_kernels_for(x.device):
-            reason = _extension.missing_kernels_reason(x.device)
-            if backend == "extension":
-                raise RuntimeError(f"channel_attention on {x.device}: {reason}")
-            _extension.warn_missing_once(reason)
+        if backend == "reference" or not _extension_runs(
+                "channel_attention", x.device, backend, _extension.has_kernels_for,
+                _extension.missing_kernels_reason, "channel attention"):
             return reference.channel_attention(x, w1, b1, w2, b2)
         return _extension.channel_attention(x, w1, b1, w2, b2)
 
@@ -274,20 +289,12 @@ def se_residual_relu(x: torch.Tensor, gate: torch.Tensor, shortcut: torch.Tensor
         raise ValueError(f"gate must have shape [N, C] = [{N}, {C}] or [{N}, {C}, 1, 1], got {got}")
     if not gate.is_floating_point():
         raise TypeError(f"gate must be floating point, got {gate.dtype}")
-    for name, t in (("shortcut", shortcut), ("gate", gate)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must be on one device")
-    if backend == "reference":
-        return reference.se_residual_relu(x, gate, shortcut)
+    _check_devices(("x", "shortcut", "gate"), (x, shortcut, gate))
     from fastnl import _extension
 
-    if not _extension.available() or not _extension.has_se_kernels_for(x.device):
-        reason = (_extension.missing_se_kernels_reason(x.device) if _extension.available()
-                  else None)
-        if backend == "extension":
-            _extension.load()  # ImportError naming the cause
-            raise RuntimeError(f"se_residual_relu on {x.device}: {reason}")
-        _extension.warn_missing_once(reason, what="SE block tail")
+    if backend == "reference" or not _extension_runs(
+            "se_residual_relu", x.device, backend, _extension.has_se_kernels_for,
+            _extension.missing_se_kernels_reason, "SE block tail"):
         return reference.se_residual_relu(x, gate, shortcut)
     dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), shortcut.dtype)  # as plain ops give
     acc = torch.float64 if dtype == torch.float64 else torch.float32
