@@ -3,6 +3,7 @@
 ``nl_attention``: the NLAM spatial attention, paper eq. (1).
 ``channel_attention``: the NLAM channel attention, paper eq. (3).
 ``se_residual_relu``: the tail of an SE-ResNet50 bottleneck (SE rescale, residual sum, ReLU).
+``batch_norm_relu``: a training-mode BatchNorm and the ReLU after it.
 
 Inputs are validated here once, so every backend sees well-formed tensors.
 """
@@ -14,7 +15,7 @@ import sys
 import torch
 
 from fastnl import reference
-from fastnl.vocabulary import ATTENTION_BACKENDS, CHANNEL_BACKENDS, TRITON_MAX_HEAD_DIM  # noqa: F401
+from fastnl.vocabulary import ATTENTION_BACKENDS, BN_RELU_BACKENDS, CHANNEL_BACKENDS, TRITON_MAX_HEAD_DIM  # noqa: F401
 from fastnl.vocabulary import triton_head_dim_ok
 from fastnl.vocabulary import triton_interpreted as _triton_interpreted
 
@@ -300,3 +301,80 @@ def se_residual_relu(x: torch.Tensor, gate: torch.Tensor, shortcut: torch.Tensor
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     with _no_autocast(x):
         return _extension.se_residual_relu(x.to(dtype), gate.reshape(N, C).to(acc), shortcut.to(dtype))
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def batch_norm_relu_backend(x: torch.Tensor, training: bool, weight, bias) -> str:
+    """What ``batch_norm_relu(..., backend="auto")`` runs: "triton" for training-mode batch
+    statistics of a CUDA float32 / float16 / bfloat16 map with an affine weight and bias (where
+    Triton imports), "reference" (``F.batch_norm`` and ``relu``) otherwise."""
+    if (x.is_cuda and training and weight is not None and bias is not None and x.dtype in _TRITON_DTYPES
+            and _triton_available()):
+        return "triton"
+    return "reference"
+
+
+def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                    weight: torch.Tensor | None, bias: torch.Tensor | None, *, training: bool,
+                    momentum: float = 0.1, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``.
+
+    x: [N, C, H, W]; running_mean, running_var: [C] or None (updated in place in training mode,
+    ``running = (1 - momentum) * running + momentum * batch``, the variance unbiased, as
+    ``F.batch_norm`` does); weight, bias: [C]. Differentiable in x, weight and bias.
+
+    backend: "auto" (see :func:`batch_norm_relu_backend`), "triton" (the kernels of
+    ``fastnl.kernels.batch_norm``: the batch statistics in one read of x, the normalisation and
+    the ReLU in one more read and one write, the backward in two reads of the gradient and of x
+    and one write, where plain PyTorch's BatchNorm and ReLU make five passes forward and eight
+    backward; training mode, float32 / float16 / bfloat16 x, weight and bias given; y and the
+    gradient of x in x's dtype and layout), or "reference" (``F.batch_norm`` then ``relu``).
+    """
+    if backend not in BN_RELU_BACKENDS:
+        raise ValueError(f"backend must be one of {BN_RELU_BACKENDS}, got {backend!r}")
+    _check_tensor("x", x, 4, "[N, C, H, W]")
+    C = x.shape[1]
+    names, tensors = ["x"], [x]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is None:
+            continue
+        _check_tensor(name, t, 1, f"[{C}]")
+        if t.shape[0] != C:
+            raise ValueError(f"{name} must have shape [C] = [{C}] (x's channels), got {tuple(t.shape)}")
+        names.append(name)
+        tensors.append(t)
+    _check_devices(names, tensors)
+    if backend == "auto":
+        backend = batch_norm_relu_backend(x, training, weight, bias)
+    if backend == "reference":
+        return reference.batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not training:
+        raise ValueError("backend='triton' computes batch statistics (training=True); in eval mode use "
+                         "backend='auto' or 'reference'")
+    if weight is None or bias is None:
+        raise ValueError("backend='triton' needs an affine weight and bias (BatchNorm2d(affine=True))")
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16 for backend='triton', got {x.dtype}")
+    from torch._subclasses.fake_tensor import is_fake
+
+    # a real CPU tensor (not the fake ones of a count or of torch.compile's tracing)
+    if not x.is_cuda and not torch.compiler.is_compiling() and not is_fake(x):
+        if not _triton_interpreted():
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {x.device}); on CPU set TRITON_INTERPRET=1 "
+                             "before importing fastnl, or use backend='reference'")
+        problem = triton_interpreter_problem()
+        if problem:
+            raise RuntimeError(problem)
+    N, _C, H, W = x.shape
+    if N * H * W < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    bn = _load_triton_kernels().batch_norm
+    y, stats = bn.batch_norm_relu_triton(x if bn.dense_layout(x) else x.contiguous(), weight, bias, eps)
+    if running_mean is not None and running_var is not None and momentum != 0.0:
+        with torch.no_grad():
+            running_mean.lerp_(stats[0].to(running_mean.dtype), float(momentum))
+            running_var.lerp_(stats[2].to(running_var.dtype), float(momentum))
+    return y

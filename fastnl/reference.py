@@ -62,3 +62,11 @@ def se_residual_relu(x: torch.Tensor, gate: torch.Tensor, shortcut: torch.Tensor
     """The tail of an SE-ResNet bottleneck as timm writes it: ``relu(x * gate + shortcut)`` with
     ``gate`` [N, C] broadcast over H, W, in the dtype those ops give (each op rounding)."""
     return torch.relu(x * gate.reshape(*gate.shape[:2], 1, 1) + shortcut)
+
+
+def batch_norm_relu(x: torch.Tensor, running_mean, running_var, weight, bias, training: bool,
+                    momentum: float, eps: float) -> torch.Tensor:
+    """``relu(batch_norm(x))`` as a module pair ``BatchNorm2d``, ``ReLU`` computes it (the
+    running statistics updated in place in training mode)."""
+    return torch.relu(torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
+                                                     momentum, eps))

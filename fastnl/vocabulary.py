@@ -17,6 +17,8 @@ TRITON_BACKENDS = ("triton", "chunked")  # the back ends that run Triton kernels
 ROWWISE = ("triton", "torch")
 # ``fastnl.ops.channel_attention``'s back ends.
 CHANNEL_BACKENDS = ("auto", "extension", "reference")
+# ``fastnl.ops.batch_norm_relu``'s back ends.
+BN_RELU_BACKENDS = ("auto", "triton", "reference")
 # Data loading back ends of the command line (``auto`` is accepted by the loader builders too).
 LOADERS = ("torch", "dali")
 

@@ -27,7 +27,9 @@ engine cannot run backward on fake CUDA tensors without a GPU):
   [B, L] kept for the backward. The flash kernel (``backend="triton"``) keeps the same O, M and
   Z and has no score tiles, so this count is an upper bound for it;
 - the channel attention is the extension's op through its registered fake kernels (it saves
-  its input, as the CUDA op does).
+  its input, as the CUDA op does);
+- the fused bottlenecks' first two BatchNorm + ReLU pairs are the Triton op
+  (``fastnl.ops.batch_norm_relu``) through its fake kernels, as CUDA runs them in training.
 
 Not counted: what the CUDA allocator adds around the tensors (fragmentation of its cached
 segments, the CUDA context, cuBLAS/cuDNN workspaces and any temporaries a kernel allocates
@@ -188,11 +190,13 @@ _FAKE_BMM_OUT_DTYPE = {"ok": True}
 @contextlib.contextmanager
 def cuda_like():
     """The chunked engine configured as on CUDA (tensor-core operands, the CUDA tile plan and
-    keep budget, dK/dV accumulated in place, the Triton row kernels' allocations) and CUDA
-    autocast's float32 ops, for counts on fake CPU tensors."""
+    keep budget, dK/dV accumulated in place, the Triton row kernels' allocations), the
+    BatchNorm + ReLU pairs of the fused model as the Triton op, and CUDA autocast's float32 ops,
+    for counts on fake CPU tensors."""
     import torch
 
     from fastnl import attention_chunked as ac
+    from fastnl import ops
 
     saved = {name: getattr(ac, name) for name in ("plan", "keep_budget", "tensor_core_operands", "_mm_acc",
                                                   "_rows_impl")}
@@ -226,14 +230,22 @@ def cuda_like():
         # allocate: P and dS beside S, M and Z per row), whatever row ops the CPU call names
         return original_rows("triton", compute_dtype)
 
+    def batch_norm_relu_backend(x, training, weight, bias):
+        # what "auto" runs on CUDA: the Triton BatchNorm + ReLU op (its fake kernels here)
+        ok = training and weight is not None and bias is not None and x.dtype in ops._TRITON_DTYPES
+        return "triton" if ok else "reference"
+
     ac.plan, ac.keep_budget, ac.tensor_core_operands, ac._mm_acc = plan, keep_budget, tensor_core_operands, mm_acc
     ac._rows_impl = rows_impl
+    original_bn_relu = ops.batch_norm_relu_backend
+    ops.batch_norm_relu_backend = batch_norm_relu_backend
     try:
         with _cuda_autocast_mode():
             yield
     finally:
         for name, value in saved.items():
             setattr(ac, name, value)
+        ops.batch_norm_relu_backend = original_bn_relu
 
 
 # --------------------------------------------------------------------------------------------

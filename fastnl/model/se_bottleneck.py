@@ -36,16 +36,40 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     return _SpatialMean.apply(x)
 
 
+def bn_relu(bn: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(bn(x))``, where ``bn`` is a training-mode ``nn.BatchNorm2d`` and ``act`` an
+    ``nn.ReLU`` that :func:`fastnl.ops.batch_norm_relu` runs as one op (on CUDA: the Triton
+    kernels), with the module's own rules: ``num_batches_tracked`` counted, ``momentum=None``
+    as a cumulative average, the running statistics updated once per call. Anything else (eval
+    mode, SyncBatchNorm, another activation, the CPU) runs the two modules as they are."""
+    if (type(bn) is not nn.BatchNorm2d or type(act) is not nn.ReLU or not bn.training
+            or ops.batch_norm_relu_backend(x, True, bn.weight, bn.bias) == "reference"):
+        return act(bn(x))
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    tracked = bn.track_running_stats
+    return ops.batch_norm_relu(x, bn.running_mean if tracked else None, bn.running_var if tracked else None,
+                               bn.weight, bn.bias, training=True, momentum=factor, eps=bn.eps, backend="triton")
+
+
 class FusedSEBottleneck(Bottleneck):
     """timm's Bottleneck whose tail, the SE rescale, the residual sum and the ReLU, runs as
     :func:`fastnl.ops.se_residual_relu`: one pass where plain PyTorch makes three forward and
     five backward. The SE squeeze's gradient is added to the op's in one pass
-    (:func:`spatial_mean`). The same modules and parameters, so the same state_dict."""
+    (:func:`spatial_mean`). The first two BatchNorm + ReLU pairs run as one op each in training
+    on CUDA (:func:`bn_relu`). The same modules and parameters, so the same state_dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = bn_relu(self.bn1, self.act1, self.conv1(x))
+        x = self.conv2(x)
+        if isinstance(self.drop_block, nn.Identity):
+            x = self.aa(bn_relu(self.bn2, self.act2, x))
+        else:
+            x = self.aa(self.act2(self.drop_block(self.bn2(x))))
         x = self.bn3(self.conv3(x))
         se = self.se
         gate = se.gate(se.fc2(se.act(se.bn(se.fc1(spatial_mean(x))))))
