@@ -369,6 +369,8 @@ def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_
         if problem:
             raise RuntimeError(problem)
     N, _C, H, W = x.shape
+    if x[0].numel() >= 2**31:
+        raise ValueError(f"backend='triton' addresses one image's C*H*W elements in 32 bits; got {tuple(x.shape)}")
     if N * H * W < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     bn = _load_triton_kernels().batch_norm

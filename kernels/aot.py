@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 
 from fastnl.vocabulary import triton_interpreted
 
-from . import softmax_rows
+from . import batch_norm, softmax_rows
 from .nl_attention import (KERNELS, PREPROCESS_BLOCK_M, candidate_configs, default_config, dk_block,
                            executed_flops, fuses_dq, keeps_q_on_chip)
 
@@ -150,6 +150,61 @@ def compile_rows(seq_len: int, dtype: str = "bf16", arch: int = 90) -> list[dict
     return out
 
 
+# The BatchNorm + ReLU kernels' tiles in the two layouts (``batch_norm.blocks`` of SE-ResNet50's
+# maps): contiguous (positions contiguous) and channels_last (channels contiguous).
+BN_LAYOUTS = {"contiguous": ({"sS": 1, "dS": 1}, (256, 64, 64, 32)),
+              "channels_last": ({"sC": 1, "dC": 1}, (256, 64, 64, 32))}
+_BN_DATA_POINTERS = {"X", "Y", "DY", "DX"}
+_BN_SIZES = {"C", "S", "T", "NSB", "G"}  # the integer sizes (upper case like the pointers)
+
+
+def _bn_signature(fn, dtype: str, constants: dict):
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.isupper() and name not in _BN_SIZES:  # pointers
+            signature[name] = "*" + _TYPES[dtype] if name in _BN_DATA_POINTERS else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("eps", "count"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature, attrs
+
+
+def compile_batch_norm(dtype: str = "bf16", arch: int = 90) -> list[dict]:
+    """Compile the six BatchNorm + ReLU kernels (``batch_norm``) for ``sm_<arch>`` in both
+    layouts, x, y and the gradients in ``dtype``, with the tiles ``batch_norm.blocks`` picks for
+    an SE-ResNet50 layer1 map (256 channels, 64 x 32)."""
+    out = []
+    for layout, (unit, (channels, height, width, batch)) in BN_LAYOUTS.items():
+        x = torch.empty((batch, channels, height, width), device="meta")
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        block_c, block_s = batch_norm.blocks(x)
+        for kernel, fn in batch_norm.KERNELS.items():
+            constants = {name: value for name, value in unit.items() if name in fn.arg_names}
+            for name, value in (("BLOCK_C", block_c), ("BLOCK_S", block_s), ("INTERPRETED", False)):
+                if name in fn.arg_names:
+                    constants[name] = value
+            if kernel.endswith("finalize"):
+                constants["BLOCK_C"] = min(1024, triton.next_power_of_2(channels))
+            signature, attrs = _bn_signature(fn, dtype, constants)
+            target = GPUTarget("cuda", arch, 32)
+            backend = triton.compiler.make_backend(target)
+            options = backend.parse_options({"num_warps": 4, "num_stages": 1})
+            start = time.perf_counter()
+            compiled = triton.compile(triton.compiler.ASTSource(fn, signature, constants, attrs), target=target,
+                                      options=options.__dict__)
+            cubin = compiled.asm["cubin"]
+            out.append({"kernel": kernel, "layout": layout, "dtype": dtype, "BLOCK_C": constants.get("BLOCK_C"),
+                        "BLOCK_S": constants.get("BLOCK_S"), "num_warps": 4, "arch": arch,
+                        "shared": compiled.metadata.shared, **res_usage(cubin),
+                        "compile_s": round(time.perf_counter() - start, 2)})
+    return out
+
+
 def configurations(head_dim: int, dtype: str = "bf16") -> list[tuple[str, dict, int, int]]:
     """(kernel, meta, num_warps, num_stages) for every configuration the autotuner may pick at
     ``head_dim`` for ``dtype`` inputs, and the defaults, without duplicates."""
@@ -178,6 +233,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(_TYPES))
     parser.add_argument("--rows", type=int, nargs="*", default=[], metavar="L",
                         help="also the chunked engine's row kernels at these sequence lengths")
+    parser.add_argument("--batch-norm", action="store_true", help="also the BatchNorm + ReLU kernels")
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args(argv)
     for result in compile_all(args.head_dims, args.dtypes, args.arch):
@@ -185,6 +241,10 @@ def main(argv=None) -> None:
     for seq_len in args.rows:
         for dtype in args.dtypes:
             for result in compile_rows(seq_len, dtype, args.arch):
+                print(json.dumps(result), flush=True)
+    if args.batch_norm:
+        for dtype in args.dtypes:
+            for result in compile_batch_norm(dtype, args.arch):
                 print(json.dumps(result), flush=True)
 
 

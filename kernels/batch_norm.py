@@ -45,16 +45,18 @@ from fastnl.vocabulary import triton_interpreted
 TILE = 2048  # elements of one program's tile (4 warps: 16 per thread)
 MAX_BLOCK_C = 128  # channels of a tile where channels are the contiguous dimension
 MAX_BLOCK_S = 512  # positions of a tile where positions are contiguous
-PROGRAMS_PER_SM = 4  # reduction programs (all channel blocks together) per multiprocessor
+PROGRAMS_PER_SM = 8  # reduction programs (all channel blocks together) per multiprocessor: 32 warps
 STATS = 7  # rows of the forward's per-channel statistics
 
 
 @triton.jit
 def _tile_offsets(n, sb, c, s_base, sN, sC, sS, C, S, BLOCK_S: tl.constexpr):
-    """Offsets and mask of the [BLOCK_C, BLOCK_S] tile of image n, position block sb, channels c."""
+    """Offsets and mask of the [BLOCK_C, BLOCK_S] tile of image n, position block sb, channels c:
+    the image's offset (int64, one per tile) plus offsets within the image (int32: one image's
+    C H W elements), which keeps the per-element address arithmetic in 32 bits."""
     s = sb * BLOCK_S + s_base
     mask = (c < C)[:, None] & (s < S)[None, :]
-    offs = n.to(tl.int64) * sN + c[:, None].to(tl.int64) * sC + s[None, :].to(tl.int64) * sS
+    offs = n.to(tl.int64) * sN + (c[:, None] * sC + s[None, :] * sS)
     return offs, mask, (s < S)
 
 

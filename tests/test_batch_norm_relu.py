@@ -17,6 +17,7 @@ from torch import nn
 from fastnl import ops, reference
 
 pytestmark = pytest.mark.triton
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # compiled on a GPU
 
 # (N, C, H, W): batch 1, odd sizes, C past one channel block (128), H*W past one position block
 # (512), a 1x1 map, and an SE-ResNet50 layer4 map
@@ -34,7 +35,7 @@ def _layout(t, layout):
     return torch.cat([t, t], dim=3)[..., : t.shape[3]]  # not dense: the op copies it
 
 
-def _inputs(shape, *, seed=0, offset=0.5, spread=2.0):
+def _inputs(shape, *, seed=0, offset=0.5, spread=2.0, device=DEVICE):
     N, C, H, W = shape
     gen = torch.Generator().manual_seed(seed)
     x = offset + spread * torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
@@ -43,7 +44,8 @@ def _inputs(shape, *, seed=0, offset=0.5, spread=2.0):
     running = (torch.randn(C, generator=gen, dtype=torch.float64), 0.5 + torch.rand(C, generator=gen,
                                                                                    dtype=torch.float64))
     grad_y = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
-    return x, weight, bias, running, grad_y
+    x, weight, bias, grad_y = (t.to(device) for t in (x, weight, bias, grad_y))
+    return x, weight, bias, tuple(t.to(device) for t in running), grad_y
 
 
 def _run(x, weight, bias, running, grad_y, *, dtype, layout, backend, momentum=0.1):
@@ -151,7 +153,7 @@ def _bn(channels, momentum=0.1):
         bn.bias.normal_()
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 1.5)
-    return bn
+    return bn.to(DEVICE)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -160,7 +162,7 @@ def test_bottleneck_helper_follows_the_module_rules(monkeypatch, momentum):
 
     monkeypatch.setattr(ops, "batch_norm_relu_backend", lambda *a: "triton")
     fused, plain = _bn(7, momentum), _bn(7, momentum)
-    x = torch.randn(3, 7, 5, 4)
+    x = torch.randn(3, 7, 5, 4, device=DEVICE)
     for step in range(2):
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = bn_relu(fused, nn.ReLU(inplace=True), xa), nn.ReLU(inplace=True)(plain(xb))
@@ -192,13 +194,13 @@ def test_fused_block_with_the_op_matches_the_plain_block(monkeypatch):
     fused = build_model(10, impl="fused", verbose=False)
     torch.manual_seed(0)
     plain = build_model(10, impl="reference", verbose=False)
-    block = [m for m in fused.backbone.modules() if isinstance(m, FusedSEBottleneck)][4]
-    plain_block = [m for m in plain.backbone.modules() if isinstance(m, Bottleneck)][4]
+    block = [m for m in fused.backbone.modules() if isinstance(m, FusedSEBottleneck)][4].to(DEVICE)
+    plain_block = [m for m in plain.backbone.modules() if isinstance(m, Bottleneck)][4].to(DEVICE)
     calls = []
     original = ops.batch_norm_relu
     monkeypatch.setattr(ops, "batch_norm_relu_backend", lambda *a: "triton")
     monkeypatch.setattr(ops, "batch_norm_relu", lambda *a, **k: calls.append(1) or original(*a, **k))
-    x = torch.randn(2, block.conv1.in_channels, 6, 4)
+    x = torch.randn(2, block.conv1.in_channels, 6, 4, device=DEVICE)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_a, out_b = block(xa), plain_block(xb)
     assert len(calls) == 2  # bn1 + act1 and bn2 + act2
@@ -226,7 +228,7 @@ def test_compiles_with_aot_autograd():
 
 
 def test_plain_and_auto_on_cpu_are_f_batch_norm_then_relu():
-    x, weight, bias, (rm, rv), _ = _inputs((2, 5, 4, 4))
+    x, weight, bias, (rm, rv), _ = _inputs((2, 5, 4, 4), device="cpu")
     args = [t.float() for t in (x, rm, rv, weight, bias)]
     want = torch.relu(F.batch_norm(args[0], args[1].clone(), args[2].clone(), args[3], args[4], True, 0.1, 1e-5))
     assert ops.batch_norm_relu_backend(args[0], True, args[3], args[4]) == "reference"
@@ -260,11 +262,10 @@ def test_bad_inputs_raise_clear_errors(change, error, match):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", SHAPES + [(16, 256, 64, 32)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cuda_within_twice_the_plain_error(shape, dtype, layout):
-    x, weight, bias, running, grad_y = _inputs(shape)
-    cuda = [t.cuda() for t in (x, weight, bias)] + [tuple(t.cuda() for t in running), grad_y.cuda()]
-    (y, *_), _ = _assert_within_twice_plain(cuda, dtype, layout)
+def test_cuda_at_a_layer1_map_within_twice_the_plain_error(dtype, layout):
+    # 16 images of SE-ResNet50's layer1 (256 channels, 64 x 32): many reduction programs per
+    # channel block, each merging many tiles, against cuDNN's BatchNorm
+    (y, *_), _ = _assert_within_twice_plain(_inputs((16, 256, 64, 32)), dtype, layout)
     assert y.is_cuda

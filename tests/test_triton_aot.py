@@ -24,11 +24,11 @@ importlib.import_module("fastnl.kernels.aot").main(sys.argv[1:])
 """
 
 
-def compile_ahead_of_time(head_dim, dtype: str, rows=()) -> list[dict]:
+def compile_ahead_of_time(head_dim, dtype: str, rows=(), batch_norm=False) -> list[dict]:
     env = dict(os.environ, TRITON_INTERPRET="0")
     dims = [] if head_dim is None else [str(head_dim)]
     proc = subprocess.run([sys.executable, "-c", SCRIPT, "--head-dims", *dims, "--dtypes", dtype,
-                           "--rows", *map(str, rows)],
+                           "--rows", *map(str, rows), *(["--batch-norm"] if batch_norm else [])],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -87,3 +87,19 @@ def test_row_kernels_of_the_chunked_engine_compile_without_spills(dtype):
         assert r["shared"] <= H100_SHARED_BYTES and 0 < r["reg"] <= 255 and not r["hgmma"], r
         if r["kernel"] == "rows_fwd":
             assert r["ONE_PASS"] == (r["seq_len"] <= rows.ONE_PASS_MAX), r
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_batch_norm_kernels_compile_without_spills(dtype):
+    from fastnl._paths import import_kernels
+
+    bn = import_kernels().batch_norm
+    results = compile_ahead_of_time(None, dtype, batch_norm=True)
+    assert [(r["kernel"], r["layout"]) for r in results] == \
+        [(k, layout) for layout in ("contiguous", "channels_last") for k in bn.KERNELS]
+    for r in results:
+        assert r["stack"] == 0 and r["local"] == 0, f"spills: {r}"
+        assert r["shared"] <= H100_SHARED_BYTES and 0 < r["reg"] <= 128, r
+        if not r["kernel"].endswith("finalize"):  # a tile of TILE elements, the contiguous side long
+            assert r["BLOCK_C"] * r["BLOCK_S"] == bn.TILE, r
+            assert (r["BLOCK_S"] if r["layout"] == "contiguous" else r["BLOCK_C"]) >= 128, r
