@@ -44,7 +44,7 @@ from fastnl.vocabulary import TRITON_BACKENDS, triton_interpreted
 
 FACTOR = 4.0
 FLOOR_ULPS = 2.0
-OPS = ("attention", "channel", "se", "nlam", "model")
+OPS = ("attention", "channel", "se", "bn", "nlam", "model")
 SIZES = ("tiny", "small", "real")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -296,6 +296,28 @@ def se_check(batch: int, channels: int, height: int, width: int, device: str) ->
     return Check("se_residual_relu[extension]", f"x=[{batch},{channels},{height},{width}]", run, _extension_reason)
 
 
+def bn_relu_check(batch: int, channels: int, height: int, width: int, device: str) -> Check:
+    """relu(batch_norm(x)) in training mode on the Triton kernels: x in the model dtype (a
+    convolution's output under autocast), the affine weight and bias in float32."""
+    from fastnl import ops, reference
+
+    def run(variant, dtype, seed):
+        to = torch.float64 if variant == "ref64" else dtype
+        wide = torch.float64 if variant == "ref64" else torch.float32
+        x = (0.3 + _randn((batch, channels, height, width), seed, device)).to(dtype).to(to).requires_grad_(True)
+        weight = _randn((channels,), seed + 1, device).to(wide).requires_grad_(True)
+        bias = _randn((channels,), seed + 2, device, std=0.5).to(wide).requires_grad_(True)
+        if variant == "fused":
+            out = ops.batch_norm_relu(x, None, None, weight, bias, training=True, backend="triton")
+        else:
+            out = reference.batch_norm_relu(x, None, None, weight, bias, True, 0.1, 1e-5)
+        outs = {"out": out}
+        return outs, _grads(outs, {"x": x, "bn.weight": weight, "bn.bias": bias}, seed)
+
+    return Check("batch_norm_relu[triton]", f"x=[{batch},{channels},{height},{width}]", run,
+                 lambda: _triton_reason(device))
+
+
 def _randomise_zero_init(module: torch.nn.Module, seed: int) -> None:
     """Give the zero-initialised BatchNorms after W0 (NLAM) and W (NLTP) random affine weights,
     so the non-local branches contribute to the output under test."""
@@ -347,9 +369,10 @@ def nlam_check(batch: int, frames: int, channels: int, height: int, width: int, 
 
 def _fused_backends(device: str) -> str:
     """Which kernels ``impl="fused"`` runs on ``device`` (the "auto" backends of fastnl.ops)."""
-    attention = "triton" if device.startswith("cuda") and _triton_reason(device) is None else "torch"
+    triton = device.startswith("cuda") and _triton_reason(device) is None
     channel = "extension" if _extension_reason() is None else "reference (extension not built)"
-    return f"attention {attention}, channel and SE tail {channel}"
+    return (f"attention {'triton' if triton else 'torch'}, channel and SE tail {channel}, "
+            f"BatchNorm + ReLU {'triton' if triton else 'reference'}")
 
 
 def model_check(batch: int, frames: int, height: int, width: int, device: str, num_classes: int = 8) -> Check:
@@ -436,6 +459,11 @@ def build_checks(device: str, size: str, ops: tuple = OPS) -> list[Check]:
         dims = {"real": [(16, 256, 64, 32), (16, 2048, 8, 4)], "small": [(8, 256, 16, 8)],
                 "tiny": [(4, 24, 5, 3)]}[size]
         checks += [se_check(*d, device) for d in dims]
+    if "bn" in ops:
+        # the first BatchNorm + ReLU of a layer1 and of a layer3 block at 256x128 (16 frames)
+        dims = {"real": [(16, 64, 64, 32), (16, 256, 16, 8)], "small": [(8, 64, 16, 8)],
+                "tiny": [(3, 6, 5, 3)]}[size]
+        checks += [bn_relu_check(*d, device) for d in dims]
     if "nlam" in ops:
         dims = {"real": [(2, 8, 1024, 16, 8), (2, 8, 2048, 8, 4)], "small": [(2, 4, 128, 8, 4)],
                 "tiny": [(2, 2, 32, 4, 2)]}[size]

@@ -1,5 +1,6 @@
 """`fastnl check`, `fastnl bench` and the capacity search on a CPU."""
 import json
+import math
 import os
 
 import pytest
@@ -28,7 +29,7 @@ def test_check_passes_on_tiny_shapes(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     ops_seen = {r["op"].split(" ")[0] for r in rows}
     assert ops_seen == {"nl_attention[triton]", "nl_attention[chunked]", "nl_attention[torch]",
-                        "channel_attention[extension]", "se_residual_relu[extension]",
+                        "channel_attention[extension]", "se_residual_relu[extension]", "batch_norm_relu[triton]",
                         "NLAM[fused]", "model[fused]"}
     assert all(r["status"] == "PASS" for r in rows), text
     assert all(0 <= r["max_abs"] <= r["tol"] and 0 <= r["norm_rel"] <= r["norm_tol"] < 0.1 for r in rows)
@@ -508,6 +509,30 @@ def test_channel_rows_follow_known_times(monkeypatch):
     for s in se_fwd["shape"]:
         numel *= s
     assert se_fwd["floor_bytes"] == 3 * 4 * numel and se_both["floor_bytes"] == 8 * 4 * numel
+
+
+def test_batch_norm_rows_time_triton_against_plain(monkeypatch):
+    """The BatchNorm + ReLU rows (on CUDA by default) with a stand-in op of known times: the
+    Triton backend against plain PyTorch, over a floor of 2 passes forward and 5 in all."""
+    import time
+
+    from fastnl.benchmarks import channel
+
+    def bn_op(x, running_mean, running_var, weight, bias, *, training, backend):
+        assert training and running_mean.shape == weight.shape == (x.shape[1],)
+        time.sleep(0.05 if backend == "triton" else 0.1)
+        return x + 0 * (weight.sum() + bias.sum())
+
+    monkeypatch.setattr(channel.ops, "batch_norm_relu", bn_op)
+    for name in ("QUICK_SHAPES", "SE_QUICK_SHAPES"):
+        monkeypatch.setattr(channel, name, [])
+    assert channel.run("cpu", quick=True) == []  # not on a CPU unless asked
+    records = channel.run("cpu", quick=True, batch_norm=True)
+    assert [(r["op"], r["pass"], r["backend"]) for r in records] == \
+        [("batch_norm_relu", p, b) for b in ("triton", "reference") for p in ("fwd", "fwd+bwd")]
+    numel = math.prod(channel.BN_QUICK_SHAPES[0])
+    assert [r["floor_bytes"] for r in records[:2]] == [2 * 4 * numel, 5 * 4 * numel]
+    assert 1.3 < records[0]["speedup_vs_reference"] < 3.0 and records[2]["speedup_vs_reference"] == 1.0
 
 
 def test_attention_speedups_follow_known_times(monkeypatch):

@@ -1,5 +1,5 @@
 """The extension's ops against plain PyTorch: the channel attention (paper eq. 3) and the SE
-bottleneck tail.
+bottleneck tail; on CUDA also the Triton BatchNorm + ReLU op.
 
 ``run(device, quick=False)`` times the forward and the forward+backward of
 ``fastnl.ops.channel_attention`` (gradients of x, W1, b1, W2, b2) with backend "extension" and
@@ -8,7 +8,11 @@ bottleneck tail.
 ``fastnl.ops.se_residual_relu`` (gradients of x, gate, shortcut) at the four stages' bottleneck
 outputs of those 256 frames (layer1 256 x 64x32 to layer4 2048 x 8x4); float32 and bfloat16
 on CUDA, float32 on CPU. The SE tail's traffic floor: forward read x and shortcut, write out;
-backward read grad_out, out and x, write grad_x and grad_shortcut.
+backward read grad_out, out and x, write grad_x and grad_shortcut. On CUDA,
+``fastnl.ops.batch_norm_relu`` in training mode (gradients of x, weight, bias) with backend
+"triton" and "reference" (cuDNN's BatchNorm, then ReLU) at the bottlenecks' first BatchNorm of
+layer1 (64 x 64x32) and layer3 (256 x 16x8); its floor: forward read x, write y; backward read
+grad_y and x, write grad_x (the kernels read x once more in each direction).
 
 Each record gives the median time and its 20th/80th percentiles, the achieved bandwidth over the memory-traffic floor (forward:
 read x, write out; backward: read grad_out and x, write grad_x) and the floor ratio: the time
@@ -16,6 +20,8 @@ over floor_bytes / copy bandwidth, where the device-to-device copy bandwidth of 
 size of x is measured in the same run.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -27,6 +33,9 @@ QUICK_SHAPES = [(4, 4, 256, 16, 8), (4, 4, 512, 8, 4)]
 # SE tails: (frames, C, H, W) after layer1..layer4 at 256x128
 SE_REAL_SHAPES = [(256, 256, 64, 32), (256, 512, 32, 16), (256, 1024, 16, 8), (256, 2048, 8, 4)]
 SE_QUICK_SHAPES = [(16, 256, 16, 8), (16, 2048, 2, 1)]
+# BatchNorm + ReLU: (frames, C, H, W) of bn1 in layer1 and layer3 at 256x128
+BN_REAL_SHAPES = [(256, 64, 64, 32), (256, 256, 16, 8)]
+BN_QUICK_SHAPES = [(16, 64, 16, 8)]
 REDUCTION = 16
 
 
@@ -59,17 +68,30 @@ def _se_inputs(shape, dtype, device, requires_grad):
     return [t.requires_grad_(requires_grad) for t in (x, gate, shortcut)]
 
 
-def _time_op(records, op, shape, dtype, device, measure, floor_passes, make, call) -> None:
-    """Forward and forward+backward of ``call`` on ``make``'s tensors, backend "extension" and
-    "reference", appended as records; the floors are x-sized passes (forward, both)."""
-    numel = 1
-    for s in shape:
-        numel *= s
+def _bn_inputs(shape, dtype, device, requires_grad):
+    C = shape[1]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    weight, bias = (torch.randn(C, generator=gen).to(device).requires_grad_(requires_grad) for _ in range(2))
+    return [x, weight, bias]
+
+
+def _bn_call(args, backend, running):
+    x, weight, bias = args
+    return ops.batch_norm_relu(x, running[0], running[1], weight, bias, training=True, backend=backend)
+
+
+def _time_op(records, op, shape, dtype, device, measure, floor_passes, make, call,
+             backends=("extension", "reference")) -> None:
+    """Forward and forward+backward of ``call`` on ``make``'s tensors for each of ``backends``
+    (the last one plain PyTorch), appended as records; the floors are x-sized passes (forward,
+    both)."""
+    numel = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     copy_bps = copy_bandwidth(numel, dtype, device, measure)
     floors = {"fwd": floor_passes[0] * numel * itemsize, "fwd+bwd": floor_passes[1] * numel * itemsize}
     times = {}
-    for backend in ("extension", "reference"):
+    for backend in backends:
         with torch.no_grad():
             args = make(False)
             times[("fwd", backend)] = measure(lambda: call(args, backend))
@@ -100,13 +122,15 @@ def _time_op(records, op, shape, dtype, device, measure, floor_passes, make, cal
                 "copy_gb_per_s": copy_bps / 1e9,
                 "floor_ms": floor_bytes / copy_bps * 1e3,
                 "floor_ratio": seconds * copy_bps / floor_bytes,
-                "speedup_vs_reference": times[(pass_, "reference")].median_s / seconds,
+                "speedup_vs_reference": times[(pass_, backends[-1])].median_s / seconds,
             }
         )
 
 
-def run(device, quick: bool = False) -> list[dict]:
-    """Benchmark records (one per shape, dtype, pass and backend) on ``device``."""
+def run(device, quick: bool = False, batch_norm: bool | None = None) -> list[dict]:
+    """Benchmark records (one per shape, dtype, pass and backend) on ``device``; the BatchNorm +
+    ReLU rows where ``batch_norm`` (default: on CUDA, where Triton runs compiled; interpreted on
+    a CPU it is far too slow to time)."""
     device = torch.device(device)
     dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
     shapes = QUICK_SHAPES if quick else REAL_SHAPES
@@ -126,6 +150,15 @@ def run(device, quick: bool = False) -> list[dict]:
             _time_op(records, "se_residual_relu", shape, dtype, device, measure, floor_passes=(3, 8),
                      make=lambda requires_grad, shape=shape, dtype=dtype: _se_inputs(shape, dtype, device, requires_grad),
                      call=lambda args, backend: ops.se_residual_relu(*args, backend=backend))
+    if device.type == "cuda" if batch_norm is None else batch_norm:
+        for shape in BN_QUICK_SHAPES if quick else BN_REAL_SHAPES:
+            running = (torch.zeros(shape[1], device=device), torch.ones(shape[1], device=device))
+            for dtype in dtypes:
+                _time_op(records, "batch_norm_relu", shape, dtype, device, measure, floor_passes=(2, 5),
+                         make=lambda requires_grad, shape=shape, dtype=dtype: _bn_inputs(shape, dtype, device,
+                                                                                          requires_grad),
+                         call=lambda args, backend, running=running: _bn_call(args, backend, running),
+                         backends=("triton", "reference"))
     return records
 
 
