@@ -155,7 +155,7 @@ def compile_rows(seq_len: int, dtype: str = "bf16", arch: int = 90) -> list[dict
 BN_LAYOUTS = {"contiguous": ({"sS": 1, "dS": 1}, (256, 64, 64, 32)),
               "channels_last": ({"sC": 1, "dC": 1}, (256, 64, 64, 32))}
 _BN_DATA_POINTERS = {"X", "Y", "DY", "DX"}
-_BN_SIZES = {"C", "S", "T", "NSB", "G"}  # the integer sizes (upper case like the pointers)
+_BN_SIZES = {"C", "S", "T", "NSB", "G", "K"}  # the integer sizes (upper case like the pointers)
 
 
 def _bn_signature(fn, dtype: str, constants: dict):
@@ -188,8 +188,10 @@ def compile_batch_norm(dtype: str = "bf16", arch: int = 90) -> list[dict]:
             for name, value in (("BLOCK_C", block_c), ("BLOCK_S", block_s), ("INTERPRETED", False)):
                 if name in fn.arg_names:
                     constants[name] = value
-            if kernel.endswith("finalize"):
-                constants["BLOCK_C"] = min(1024, triton.next_power_of_2(channels))
+            if kernel.endswith("finalize"):  # the partials of an H100's 132 multiprocessors
+                tiles = batch * triton.cdiv(height * width, block_s)
+                partials = batch_norm.reduction_programs(132, triton.cdiv(channels, block_c), tiles)
+                constants["BLOCK_G"], constants["BLOCK_C"] = batch_norm.finalize_blocks(channels, partials)
             signature, attrs = _bn_signature(fn, dtype, constants)
             target = GPUTarget("cuda", arch, 32)
             backend = triton.compiler.make_backend(target)
@@ -199,7 +201,8 @@ def compile_batch_norm(dtype: str = "bf16", arch: int = 90) -> list[dict]:
                                       options=options.__dict__)
             cubin = compiled.asm["cubin"]
             out.append({"kernel": kernel, "layout": layout, "dtype": dtype, "BLOCK_C": constants.get("BLOCK_C"),
-                        "BLOCK_S": constants.get("BLOCK_S"), "num_warps": 4, "arch": arch,
+                        "BLOCK_S": constants.get("BLOCK_S"), "BLOCK_G": constants.get("BLOCK_G"), "num_warps": 4,
+                        "arch": arch,
                         "shared": compiled.metadata.shared, **res_usage(cubin),
                         "compile_s": round(time.perf_counter() - start, 2)})
     return out

@@ -24,8 +24,8 @@ cuDNN's BatchNorm backward reads both its inputs twice and writes):
 - ``_bwd_finalize``: per channel, the weight's and the bias's gradients and the coefficients of
   ``dx = scale * g + b * (x - mean) + c``.
 
-The kernels hold the mean as a value of x (each channel's first element, the anchor) plus the
-mean of ``x - anchor``: ``x - mean`` then keeps its digits where the mean is large against the
+The kernels hold the mean as the mean of a sample of each channel (its first position block in
+the first images: the anchor) plus the mean of ``x - anchor``: ``x - mean`` then keeps its digits where the mean is large against the
 spread, as plain PyTorch's double-accumulated CPU BatchNorm does.
 - ``_bwd_apply``: dx. One read of the gradient and of x, one write.
 
@@ -47,6 +47,9 @@ MAX_BLOCK_C = 128  # channels of a tile where channels are the contiguous dimens
 MAX_BLOCK_S = 512  # positions of a tile where positions are contiguous
 PROGRAMS_PER_SM = 8  # reduction programs (all channel blocks together) per multiprocessor: 32 warps
 STATS = 7  # rows of the forward's per-channel statistics
+ANCHOR_IMAGES = 8  # images whose first position block gives each channel's anchor (see _centred)
+MAX_PARTIALS = 1024  # reduction programs per channel block at most (the finalize reads them at once)
+FINALIZE_TILE = 2048  # elements of a finalize program's [partials, channels] tile
 
 
 @triton.jit
@@ -62,11 +65,11 @@ def _tile_offsets(n, sb, c, s_base, sN, sC, sS, C, S, BLOCK_S: tl.constexpr):
 
 @triton.jit
 def _centred(x, anchor, offset):
-    """``x - mean`` in float32 with the mean held as ``anchor + offset``: anchor a value of x
-    (its channel's first element), offset the mean of ``x - anchor``. ``x - anchor`` is exact
-    where x is near the anchor, so a mean that is large against the spread costs no digits of
-    ``x - mean`` (a float32 mean alone is off by up to half its ulp, all of which ``x - mean``
-    keeps)."""
+    """``x - mean`` in float32 with the mean held as ``anchor + offset``: anchor the mean of a
+    sample of the channel (a few spreads / sqrt(sample) from the mean), offset the mean of
+    ``x - anchor``. Both roundings are then relative to the spread, not to the mean: a mean that
+    is large against the spread costs no digits of ``x - mean`` (a float32 mean alone is off by
+    up to half its ulp, all of which ``x - mean`` keeps)."""
     return (x.to(tl.float32) - anchor[:, None]) - offset[:, None]
 
 
@@ -91,16 +94,23 @@ def _rounded(v, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _stats_partial(X, PCNT, PMEAN, PM2, C, S, T, NSB, G, sN, sC, sS,
+def _stats_partial(X, ANCHOR, PCNT, PMEAN, PM2, C, S, T, NSB, G, K, sN, sC, sS,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid (channel blocks, G): program g merges tiles g, g + G, ... (T tiles per channel block,
     NSB position blocks per image) into count, mean and M2 of ``x - anchor`` per channel at row
-    g of [G, C] (anchor: the channel's first element)."""
+    g of [G, C]. The anchor, the mean of the channels' first position block in the first K
+    images, every program computes alike (the same bits); program 0 writes it to ANCHOR."""
     pid_c = tl.program_id(0)
     g = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    anchor = tl.load(X + c.to(tl.int64) * sC, mask=c < C, other=0.0).to(tl.float32)
     s_base = tl.arange(0, BLOCK_S)
+    first = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for n in range(0, K):
+        offs, mask, _s_ok = _tile_offsets(g * 0 + n, 0, c, s_base, sN, sC, sS, C, S, BLOCK_S)
+        first += tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), 1)
+    anchor = first / (K * tl.sum((s_base < S).to(tl.float32), 0))
+    if g == 0:
+        tl.store(ANCHOR + c, anchor, mask=c < C)
     cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -125,33 +135,30 @@ def _stats_partial(X, PCNT, PMEAN, PM2, C, S, T, NSB, G, sN, sC, sS,
 
 
 @triton.jit
-def _stats_finalize(X, PCNT, PMEAN, PM2, W, B, MEAN, INVSTD, VAR, SCALE, BIAS, ANCHOR, OFFSET, C, G, sC, eps,
-                    BLOCK_C: tl.constexpr):
-    """Grid (channel blocks,): the G partials of each channel merged; writes the mean, 1/std,
-    the unbiased variance, the affine scale (weight / std), the bias, the anchor and the mean
-    less the anchor, all float32 [C]."""
+def _stats_finalize(PCNT, PMEAN, PM2, W, B, MEAN, INVSTD, VAR, SCALE, BIAS, ANCHOR, OFFSET, C, G, eps,
+                    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (channel blocks,): the G <= BLOCK_G partials of each channel merged at once (count
+    ``sum n_g``, mean ``sum n_g m_g / n``, M2 ``sum M2_g + sum n_g (m_g - mean)^2``); writes the
+    mean, 1/std, the unbiased variance, the affine scale (weight / std), the bias, the anchor and
+    the mean less the anchor (the anchor written by ``_stats_partial``), all float32 [C]."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c < C
-    cnt = tl.load(PCNT + c, mask=keep, other=2.0)  # lanes past C: any count above 1
-    mean = tl.load(PMEAN + c, mask=keep, other=0.0)
-    m2 = tl.load(PM2 + c, mask=keep, other=0.0)
-    for g in range(1, G):
-        tcnt = tl.load(PCNT + g * C + c, mask=keep, other=1.0)
-        tmean = tl.load(PMEAN + g * C + c, mask=keep, other=0.0)
-        tm2 = tl.load(PM2 + g * C + c, mask=keep, other=0.0)
-        total = cnt + tcnt
-        delta = tmean - mean
-        mean = mean + delta * (tcnt / total)
-        m2 = m2 + tm2 + delta * delta * (cnt * (tcnt / total))
-        cnt = total
+    rows = tl.arange(0, BLOCK_G)
+    mask = (rows < G)[:, None] & keep[None, :]
+    at = rows[:, None] * C + c[None, :]
+    part_cnt = tl.load(PCNT + at, mask=mask, other=0.0)
+    part_mean = tl.load(PMEAN + at, mask=mask, other=0.0)
+    cnt = tl.where(keep, tl.sum(part_cnt, 0), 2.0)  # lanes past C: any count above 1
+    mean = tl.sum(part_cnt * part_mean, 0) / cnt
+    spread = tl.where(mask, part_mean - mean[None, :], 0.0)
+    m2 = tl.sum(tl.load(PM2 + at, mask=mask, other=0.0), 0) + tl.sum(part_cnt * spread * spread, 0)
     var = m2 / cnt
     invstd = 1.0 / tl.sqrt_rn(var + eps)
     w = tl.load(W + c, mask=keep, other=1.0).to(tl.float32)
     b = tl.load(B + c, mask=keep, other=0.0).to(tl.float32)
     scale = w * invstd
-    anchor = tl.load(X + c.to(tl.int64) * sC, mask=keep, other=0.0).to(tl.float32)
+    anchor = tl.load(ANCHOR + c, mask=keep, other=0.0)
     tl.store(MEAN + c, anchor + mean, mask=keep)
-    tl.store(ANCHOR + c, anchor, mask=keep)
     tl.store(OFFSET + c, mean, mask=keep)
     tl.store(INVSTD + c, invstd, mask=keep)
     tl.store(VAR + c, m2 / (cnt - 1.0), mask=keep)
@@ -213,16 +220,17 @@ def _bwd_partial(DY, X, ANCHOR, OFFSET, SCALE, BIAS, INVSTD, PSUM, PSUMX, C, S, 
 
 @triton.jit
 def _bwd_finalize(PSUM, PSUMX, SCALE, INVSTD, DW, DB, COEF_B, COEF_C, C, G, count,
-                  BLOCK_C: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Grid (channel blocks,): dbias = sum(g), dweight = sum(g * xhat) (in DW's and DB's dtype),
-    and the coefficients of dx = scale * g + b * (x - mean) + c (float32 [C])."""
+                  BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Grid (channel blocks,): the G <= BLOCK_G partial sums of each channel added at once;
+    dbias = sum(g), dweight = sum(g * xhat) (in DW's and DB's dtype), and the coefficients of
+    dx = scale * g + b * (x - mean) + c (float32 [C])."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c < C
-    total = tl.zeros([BLOCK_C], dtype=tl.float32)
-    total_x = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for g in range(0, G):
-        total += tl.load(PSUM + g * C + c, mask=keep, other=0.0)
-        total_x += tl.load(PSUMX + g * C + c, mask=keep, other=0.0)
+    rows = tl.arange(0, BLOCK_G)
+    mask = (rows < G)[:, None] & keep[None, :]
+    at = rows[:, None] * C + c[None, :]
+    total = tl.sum(tl.load(PSUM + at, mask=mask, other=0.0), 0)
+    total_x = tl.sum(tl.load(PSUMX + at, mask=mask, other=0.0), 0)
     scale = tl.load(SCALE + c, mask=keep, other=0.0)
     invstd = tl.load(INVSTD + c, mask=keep, other=0.0)
     tl.store(DB + c, _rounded(total, DB.dtype.element_ty, INTERPRETED), mask=keep)
@@ -295,17 +303,26 @@ def blocks(x: torch.Tensor) -> tuple[int, int]:
 _SM_COUNT: dict = {}
 
 
-def _reduction_programs(x: torch.Tensor, channel_blocks: int, tiles: int) -> int:
+def reduction_programs(sm_count: int, channel_blocks: int, tiles: int) -> int:
     """G, the reduction programs per channel block: about PROGRAMS_PER_SM per multiprocessor in
-    all, never more than the tiles (each program reads at least one)."""
-    if x.is_cuda:
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        if index not in _SM_COUNT:
-            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        target = PROGRAMS_PER_SM * _SM_COUNT[index]
-    else:  # the interpreter: few programs, large tiles
-        target = 4
-    return max(1, min(tiles, -(-target // channel_blocks)))
+    all, at most MAX_PARTIALS, never more than the tiles (each program reads at least one)."""
+    return max(1, min(tiles, MAX_PARTIALS, -(-PROGRAMS_PER_SM * sm_count // channel_blocks)))
+
+
+def _reduction_programs(x: torch.Tensor, channel_blocks: int, tiles: int) -> int:
+    if not x.is_cuda:  # the interpreter: few programs
+        return max(1, min(tiles, 4))
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return reduction_programs(_SM_COUNT[index], channel_blocks, tiles)
+
+
+def finalize_blocks(C: int, G: int) -> tuple[int, int]:
+    """(BLOCK_G, BLOCK_C) of the finalize kernels: all G partials in one tile of at most
+    FINALIZE_TILE elements."""
+    block_g = triton.next_power_of_2(G)
+    return block_g, max(1, min(triton.next_power_of_2(C), FINALIZE_TILE // block_g))
 
 
 def _geometry(x: torch.Tensor):
@@ -345,12 +362,12 @@ def bn_relu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     G = _reduction_programs(x, cb, tiles)
     partial = torch.empty((3, G, C), device=x.device, dtype=torch.float32)
     sN, sC, sS = _strides(x)
-    _stats_partial[(cb, G)](x, partial[0], partial[1], partial[2], C, S, tiles, nsb, G, sN, sC, sS,
+    _stats_partial[(cb, G)](x, stats[5], partial[0], partial[1], partial[2], C, S, tiles, nsb, G,
+                            min(N, ANCHOR_IMAGES), sN, sC, sS,
                             BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
-    fin_c = min(1024, triton.next_power_of_2(C))
-    _stats_finalize[(triton.cdiv(C, fin_c),)](x, partial[0], partial[1], partial[2], weight, bias, *stats, C, G, sC,
-                                              float(eps),
-                                              BLOCK_C=fin_c, num_warps=4)
+    fin_g, fin_c = finalize_blocks(C, G)
+    _stats_finalize[(triton.cdiv(C, fin_c),)](partial[0], partial[1], partial[2], weight, bias, *stats, C, G,
+                                              float(eps), BLOCK_G=fin_g, BLOCK_C=fin_c, num_warps=4)
     _relu_apply[(cb, tiles)](x, y, stats[5], stats[6], stats[3], stats[4], C, S, nsb, sN, sC, sS,
                              BLOCK_C=block_c, BLOCK_S=block_s, INTERPRETED=triton_interpreted(), num_warps=4)
     return y, stats
@@ -376,9 +393,9 @@ def bn_relu_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sta
     _bwd_partial[(cb, G)](grad_y, x, anchor, offset, scale, bias32, invstd, partial[0], partial[1], C, S, tiles, nsb, G,
                           sN, sC, sS, dN, dC, dS, BLOCK_C=block_c, BLOCK_S=block_s,
                           INTERPRETED=triton_interpreted(), num_warps=4)
-    fin_c = min(1024, triton.next_power_of_2(C))
+    fin_g, fin_c = finalize_blocks(C, G)
     _bwd_finalize[(triton.cdiv(C, fin_c),)](partial[0], partial[1], scale, invstd, dweight, dbias, coef[0],
-                                            coef[1], C, G, float(N * S), BLOCK_C=fin_c,
+                                            coef[1], C, G, float(N * S), BLOCK_G=fin_g, BLOCK_C=fin_c,
                                             INTERPRETED=triton_interpreted(), num_warps=4)
     _bwd_apply[(cb, tiles)](grad_y, x, dx, anchor, offset, scale, bias32, coef[0], coef[1], C, S, nsb, sN, sC, sS,
                             dN, dC, dS, BLOCK_C=block_c, BLOCK_S=block_s, INTERPRETED=triton_interpreted(),

@@ -4,10 +4,11 @@ against the float64 reference.
 Every result (y, the gradients of x, weight and bias, the running statistics) is held to twice
 the plain PyTorch error in that dtype (measured against float64 on the same rounded inputs),
 with one ulp of the result's magnitude as a floor. In half precision plain is ``F.batch_norm``
-then ``relu`` (float32 inside, one rounding at the end, as the kernels). In float32 plain is
-BatchNorm written out in float32 ops (``var_mean``, ``rsqrt``, the affine map, ``relu``):
-the CPU's ``F.batch_norm`` accumulates small inputs in double, an accuracy that no float32
-kernel (cuDNN's included) has.
+then ``relu`` (float32 inside, one rounding at the end, as the kernels). In float32 on a GPU
+plain is ``F.batch_norm`` too; on a CPU, whose ``F.batch_norm`` accumulates in double (an
+accuracy no float32 GPU kernel has, cuDNN's included), it is BatchNorm as the CUDA kernels
+compute it: Welford's update in float32 for the statistics, then ``(x - mean) * rsqrt(var +
+eps) * weight + bias`` and ``relu`` in float32 ops.
 """
 import pytest
 import torch
@@ -48,6 +49,19 @@ def _inputs(shape, *, seed=0, offset=0.5, spread=2.0, device=DEVICE):
     return x, weight, bias, tuple(t.to(device) for t in running), grad_y
 
 
+def _welford_float32(x):
+    """Per-channel mean and biased variance of float32 x [N, C, H, W] by Welford's update in
+    float32, one element at a time (differentiable, as autograd sees the float32 ops)."""
+    values = x.transpose(0, 1).reshape(x.shape[1], -1)
+    mean = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    m2 = torch.zeros_like(mean)
+    for i in range(values.shape[1]):
+        delta = values[:, i] - mean
+        mean = mean + delta / (i + 1)
+        m2 = m2 + delta * (values[:, i] - mean)
+    return mean, m2 / values.shape[1]
+
+
 def _run(x, weight, bias, running, grad_y, *, dtype, layout, backend, momentum=0.1):
     """[y, grad_x, grad_weight, grad_bias, running_mean, running_var] of one call, x in dtype
     (weight, bias and the running statistics float32 as under autocast; float64 for float64)."""
@@ -55,10 +69,11 @@ def _run(x, weight, bias, running, grad_y, *, dtype, layout, backend, momentum=0
     xd = _layout(x, layout).to(dtype).requires_grad_()
     w, b = (t.to(param).requires_grad_() for t in (weight, bias))
     rm, rv = (t.to(param).clone() for t in running)
-    if backend == "exact" or (backend == "reference" and dtype != torch.float32):
+    if backend == "exact" or (backend == "reference" and (dtype != torch.float32 or xd.is_cuda)):
         y = reference.batch_norm_relu(xd, rm, rv, w, b, True, momentum, 1e-5)
-    elif backend == "reference":  # float32: BatchNorm in float32 ops
-        var, mean = torch.var_mean(xd, (0, 2, 3), correction=0, keepdim=True)
+    elif backend == "reference":  # float32 on a CPU: BatchNorm as CUDA computes it
+        mean, var = _welford_float32(xd)
+        mean, var = mean.view(1, -1, 1, 1), var.view(1, -1, 1, 1)
         y = torch.relu((xd - mean) * torch.rsqrt(var + 1e-5) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1))
         count = xd.numel() // xd.shape[1]
         with torch.no_grad():
@@ -70,37 +85,52 @@ def _run(x, weight, bias, running, grad_y, *, dtype, layout, backend, momentum=0
     return [y, *grads, rm, rv], xd
 
 
-def _bound(low, exact, dtype):
-    return max(2 * (low.double() - exact).abs().max().item(), torch.finfo(dtype).eps * exact.abs().max().item())
+def _worst(tensor_errors, exact, dtype):
+    return max(tensor_errors), torch.finfo(dtype).eps * max(e.abs().max().item() for e in exact)
 
 
-def _assert_within_twice_plain(inputs, dtype, layout="contiguous", momentum=0.1):
-    x, weight, bias, running, grad_y = inputs
-    x = x.to(dtype).double()  # every run starts from the same rounded x
-    exact, _ = _run(x, weight, bias, running, grad_y, dtype=torch.float64, layout=layout, backend="exact",
-                    momentum=momentum)
-    plain, _ = _run(x, weight, bias, running, grad_y, dtype=dtype, layout=layout, backend="reference",
-                    momentum=momentum)
-    got, xd = _run(x, weight, bias, running, grad_y, dtype=dtype, layout=layout, backend="triton",
-                   momentum=momentum)
-    for name, e, lo, g in zip(NAMES, exact, plain, got):
-        assert g.dtype == lo.dtype and g.shape == e.shape, name
-        err = (g.double() - e).abs().max().item()
-        bound = _bound(lo, e, g.dtype if name.startswith("running") or name.endswith(("weight", "bias")) else dtype)
-        assert err <= bound, f"{name}: error {err:.3g} vs bound {bound:.3g}"
+def _assert_within_twice_plain(inputs, dtype, layout="contiguous", momentum=0.1, seeds=None):
+    """Each result's error against float64 at most twice plain's, with one ulp of its magnitude
+    as a floor. In float32 the worst error over ``seeds`` (default 5) against plain's worst over
+    the same seeds: both are then summation noise of a few roundings, and one seed's pair is a
+    coin toss (plain's error in a 9-term sum may be a quarter ulp or one). Half precision is
+    dominated by the one final rounding: one seed. ``inputs``: a function of the seed."""
+    seeds = (range(5) if dtype == torch.float32 else (0,)) if seeds is None else seeds
+    errors = {name: ([], [], []) for name in NAMES}
+    for seed in seeds:
+        x, weight, bias, running, grad_y = inputs(seed)
+        x = x.to(dtype).double()  # every run starts from the same rounded x
+        exact, _ = _run(x, weight, bias, running, grad_y, dtype=torch.float64, layout=layout, backend="exact",
+                        momentum=momentum)
+        plain, _ = _run(x, weight, bias, running, grad_y, dtype=dtype, layout=layout, backend="reference",
+                        momentum=momentum)
+        got, xd = _run(x, weight, bias, running, grad_y, dtype=dtype, layout=layout, backend="triton",
+                       momentum=momentum)
+        for name, e, lo, g in zip(NAMES, exact, plain, got):
+            assert g.dtype == lo.dtype and g.shape == e.shape, name
+            ours, theirs, magnitude = errors[name]
+            ours.append((g.double() - e).abs().max().item())
+            theirs.append((lo.double() - e).abs().max().item())
+            magnitude.append(e)
+    for name, (ours, theirs, magnitude) in errors.items():
+        result_dtype = torch.float32 if name.startswith("running") or name.endswith(("weight", "bias")) else dtype
+        plain_err, ulp = _worst(theirs, magnitude, result_dtype)
+        bound = max(2 * plain_err, ulp)
+        assert max(ours) <= bound, f"{name}: error {max(ours):.3g} vs bound {bound:.3g} (plain {plain_err:.3g})"
     return got, xd
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_gradients_and_running_stats_within_twice_the_plain_error(shape, dtype):
-    _assert_within_twice_plain(_inputs(shape), dtype)
+    _assert_within_twice_plain(lambda seed: _inputs(shape, seed=seed), dtype)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_layouts_within_twice_the_plain_error_and_keep_the_layout(layout, dtype):
-    (y, grad_x, *_), xd = _assert_within_twice_plain(_inputs((3, 20, 6, 5), seed=2), dtype, layout)
+    (y, grad_x, *_), xd = _assert_within_twice_plain(lambda seed: _inputs((3, 20, 6, 5), seed=2 + seed), dtype,
+                                                     layout)
     if layout != "strided":
         assert y.stride() == xd.stride() and grad_x.stride() == xd.stride()
 
@@ -108,8 +138,8 @@ def test_layouts_within_twice_the_plain_error_and_keep_the_layout(layout, dtype)
 @pytest.mark.parametrize("offset", [300.0, -1e4])
 def test_large_mean_against_the_spread_loses_nothing_to_cancellation(offset):
     # float32 sums of squares minus the squared mean would lose every digit of the variance here
-    inputs = _inputs((4, 6, 9, 7), seed=3, offset=offset, spread=1.0)
-    _assert_within_twice_plain(inputs, torch.float32)
+    _assert_within_twice_plain(lambda seed: _inputs((4, 6, 9, 7), seed=3 + seed, offset=offset, spread=1.0),
+                               torch.float32)
 
 
 def test_gradient_passes_exactly_where_the_output_is_positive():
@@ -267,5 +297,6 @@ def test_bad_inputs_raise_clear_errors(change, error, match):
 def test_cuda_at_a_layer1_map_within_twice_the_plain_error(dtype, layout):
     # 16 images of SE-ResNet50's layer1 (256 channels, 64 x 32): many reduction programs per
     # channel block, each merging many tiles, against cuDNN's BatchNorm
-    (y, *_), _ = _assert_within_twice_plain(_inputs((16, 256, 64, 32)), dtype, layout)
+    (y, *_), _ = _assert_within_twice_plain(lambda seed: _inputs((16, 256, 64, 32), seed=seed), dtype, layout,
+                                            seeds=(0, 1))
     assert y.is_cuda
