@@ -10,6 +10,7 @@ Inputs are validated here once, so every backend sees well-formed tensors.
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
@@ -309,8 +310,12 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def batch_norm_relu_backend(x: torch.Tensor, training: bool, weight, bias) -> str:
     """What ``batch_norm_relu(..., backend="auto")`` runs: "triton" for training-mode batch
     statistics of a CUDA float32 / float16 / bfloat16 map with an affine weight and bias (where
-    Triton imports), "reference" (``F.batch_norm`` and ``relu``) otherwise."""
-    if (x.is_cuda and training and weight is not None and bias is not None and x.dtype in _TRITON_DTYPES
+    Triton imports), "reference" (``F.batch_norm`` and ``relu``) otherwise, and always where the
+    environment sets ``FASTNL_BN_RELU=reference``."""
+    choice = os.environ.get("FASTNL_BN_RELU", "auto")
+    if choice not in ("auto", "reference"):
+        raise ValueError(f"FASTNL_BN_RELU must be 'auto' or 'reference', got {choice!r}")
+    if (choice == "auto" and x.is_cuda and training and weight is not None and bias is not None and x.dtype in _TRITON_DTYPES
             and _triton_available()):
         return "triton"
     return "reference"

@@ -268,6 +268,18 @@ def test_plain_and_auto_on_cpu_are_f_batch_norm_then_relu():
         assert torch.equal(got, want)
 
 
+def test_the_environment_can_turn_the_kernels_off(monkeypatch):
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    w, b = torch.ones(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    expected = "triton" if x.is_cuda else "reference"
+    assert ops.batch_norm_relu_backend(x, True, w, b) == expected
+    monkeypatch.setenv("FASTNL_BN_RELU", "reference")
+    assert ops.batch_norm_relu_backend(x, True, w, b) == "reference"
+    monkeypatch.setenv("FASTNL_BN_RELU", "off")
+    with pytest.raises(ValueError, match="FASTNL_BN_RELU must be 'auto' or 'reference', got 'off'"):
+        ops.batch_norm_relu_backend(x, True, w, b)
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [
