@@ -47,7 +47,7 @@ MAX_BLOCK_C = 128  # channels of a tile where channels are the contiguous dimens
 MAX_BLOCK_S = 512  # positions of a tile where positions are contiguous
 PROGRAMS_PER_SM = 8  # reduction programs (all channel blocks together) per multiprocessor: 32 warps
 STATS = 7  # rows of the forward's per-channel statistics
-ANCHOR_IMAGES = 8  # images whose first position block gives each channel's anchor (see _centred)
+ANCHOR_SAMPLES = 32  # positions of each channel (from the first images' first position block) in its anchor
 MAX_PARTIALS = 1024  # reduction programs per channel block at most (the finalize reads them at once)
 FINALIZE_TILE = 2048  # elements of a finalize program's [partials, channels] tile
 
@@ -325,6 +325,12 @@ def finalize_blocks(C: int, G: int) -> tuple[int, int]:
     return block_g, max(1, min(triton.next_power_of_2(C), FINALIZE_TILE // block_g))
 
 
+def anchor_images(N: int, S: int, block_s: int) -> int:
+    """K, the images whose first position block (min(S, BLOCK_S) positions) gives each
+    channel's anchor: enough for ANCHOR_SAMPLES positions, one where a block holds that many."""
+    return min(N, -(-ANCHOR_SAMPLES // min(S, block_s)))
+
+
 def _geometry(x: torch.Tensor):
     N, C, H, W = x.shape
     S = H * W
@@ -363,7 +369,7 @@ def bn_relu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     partial = torch.empty((3, G, C), device=x.device, dtype=torch.float32)
     sN, sC, sS = _strides(x)
     _stats_partial[(cb, G)](x, stats[5], partial[0], partial[1], partial[2], C, S, tiles, nsb, G,
-                            min(N, ANCHOR_IMAGES), sN, sC, sS,
+                            anchor_images(N, S, block_s), sN, sC, sS,
                             BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
     fin_g, fin_c = finalize_blocks(C, G)
     _stats_finalize[(triton.cdiv(C, fin_c),)](partial[0], partial[1], partial[2], weight, bias, *stats, C, G,

@@ -83,7 +83,7 @@ def test_stand_in_records_each_call_and_prices_it_by_the_cost_model():
 
 
 @pytest.mark.parametrize("grad_checkpoint", [False, True])
-def test_step_prices_both_models_with_only_the_attention_and_channel_op_differing(grad_checkpoint):
+def test_step_prices_both_models_on_the_same_backbone_flops(grad_checkpoint):
     case = step_cost.StepCase("tiny", 2, 4, 64, 32, grad_checkpoint=grad_checkpoint)
     row = step_cost.compare(case)
     ref, fused = row["rows"]["reference"], row["rows"]["fused"]
@@ -137,3 +137,36 @@ def test_cli_runs_the_suite_and_writes_its_rows(tmp_path, capsys):
     assert all(r["predicted_speedup"] > 1.0 and 0 < r["attention_share"] < 1 for r in rows)
     printed = capsys.readouterr().out
     assert "an estimate" in printed and "predicted_speedup" in printed
+
+
+@pytest.mark.parametrize("as_on_cuda", [True, False])
+def test_fused_bottleneck_prices_its_batch_norm_relu_pairs_as_cuda_runs_them(as_on_cuda):
+    """A fused bottleneck's step as the pricer sees it: on CUDA (``cuda_like``) bn1 + act1 and
+    bn2 + act2 are the Triton op, forward and backward, by their tensors' bytes, and only bn3
+    is cuDNN's BatchNorm; on a CPU the two modules run as they are."""
+    import contextlib
+
+    from timm.models.resnet import Bottleneck
+
+    from fastnl.model.se_bottleneck import fuse_se_tails
+
+    with memory.cuda_like() if as_on_cuda else contextlib.nullcontext(), FakeTensorMode(allow_non_fake_inputs=True):
+        block = Bottleneck(256, 64, attn_layer="se").train()
+        assert fuse_se_tails(block) == 1
+        x = torch.randn(4, 256, 16, 8, dtype=torch.bfloat16, requires_grad=True)
+        with step_cost.Roofline() as roof:
+            with runtime.autocast("cpu", torch.bfloat16):
+                out = block(x)
+            out.sum().backward()
+    counts = {name: n for name, (_s, n) in roof.per_op.items()}
+    if as_on_cuda:
+        assert counts["bn_relu"] == counts["bn_relu_backward"] == 2
+        assert counts["native_batch_norm"] == counts["native_batch_norm_backward"] == 1
+        assert counts["relu_"] == counts["threshold_backward"] == 1  # the SE module's own ReLU
+        # each forward: x read and y written (bf16), weight and bias read and the [7, C] float32
+        # statistics written; bn1 and bn2 have the same [4, 64, 16, 8] maps here
+        per_call = 2 * 2 * (4 * 64 * 16 * 8) + 4 * 64 * (2 + 7)
+        assert roof.per_op["bn_relu"][0] * HOPPER.bandwidth_tbs * 1e12 == pytest.approx(2 * per_call, rel=1e-6)
+    else:
+        assert "bn_relu" not in counts and counts["native_batch_norm"] == 3
+        assert counts["relu_"] == counts["threshold_backward"] == 3
