@@ -34,6 +34,20 @@ def _check_tensor(name: str, t, ndim: int, expected: str) -> None:
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)}, expected {expected} with every size >= 1")
 
 
+def _check_vectors(items, names: list, tensors: list) -> tuple[list, list]:
+    """Check the optional 1-d tensors of ``items`` ((name, tensor or None, size, shape text));
+    returns ``names`` and ``tensors`` with the given ones appended (for the device check)."""
+    for name, t, size, shape in items:
+        if t is None:
+            continue
+        _check_tensor(name, t, 1, shape)
+        if t.shape[0] != size:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        names.append(name)
+        tensors.append(t)
+    return names, tensors
+
+
 def _check_devices(names, tensors) -> None:
     first = tensors[0]
     for name, t in zip(names[1:], tensors[1:]):
@@ -243,15 +257,8 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     _check_tensor("w2", w2, 2, f"[C, R] = [{C}, {R}]")
     if tuple(w2.shape) != (C, R):
         raise ValueError(f"w2 must have shape [C, R] = [{C}, {R}], got {tuple(w2.shape)}")
-    names, tensors = ["x", "w1", "w2"], [x, w1, w2]
-    for name, t, size in (("b1", b1, R), ("b2", b2, C)):
-        if t is None:
-            continue
-        _check_tensor(name, t, 1, f"[{size}]")
-        if t.shape[0] != size:
-            raise ValueError(f"{name} must have shape [{size}], got {tuple(t.shape)}")
-        names.append(name)
-        tensors.append(t)
+    names, tensors = _check_vectors((("b1", b1, R, f"[{R}]"), ("b2", b2, C, f"[{C}]")), ["x", "w1", "w2"],
+                                    [x, w1, w2])
     _check_devices(names, tensors)
 
     with _no_autocast(x):
@@ -341,16 +348,10 @@ def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_
         raise ValueError(f"backend must be one of {BN_RELU_BACKENDS}, got {backend!r}")
     _check_tensor("x", x, 4, "[N, C, H, W]")
     C = x.shape[1]
-    names, tensors = ["x"], [x]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                    ("bias", bias)):
-        if t is None:
-            continue
-        _check_tensor(name, t, 1, f"[{C}]")
-        if t.shape[0] != C:
-            raise ValueError(f"{name} must have shape [C] = [{C}] (x's channels), got {tuple(t.shape)}")
-        names.append(name)
-        tensors.append(t)
+    per_channel = f"[C] = [{C}] (x's channels)"
+    names, tensors = _check_vectors([(name, t, C, per_channel) for name, t in (
+        ("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))],
+        ["x"], [x])
     _check_devices(names, tensors)
     if backend == "auto":
         backend = batch_norm_relu_backend(x, training, weight, bias)

@@ -74,6 +74,13 @@ def _centred(x, anchor, offset):
 
 
 @triton.jit
+def _tile_position(t, NSB):
+    """(image, position block) of tile t, NSB position blocks per image."""
+    n = t // NSB
+    return n, t - n * NSB
+
+
+@triton.jit
 def _pre_activation(x, anchor, offset, scale, bias):
     """The normalised, affine map before the ReLU, ``(x - mean) * scale + bias`` in float32 (every
     kernel computes it so). Centred first: ``x * scale + (bias - mean * scale)`` would round
@@ -115,8 +122,7 @@ def _stats_partial(X, ANCHOR, PCNT, PMEAN, PM2, C, S, T, NSB, G, K, sN, sC, sS,
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t in range(g, T, G):
-        n = t // NSB
-        sb = t - n * NSB
+        n, sb = _tile_position(t, NSB)
         offs, mask, s_ok = _tile_offsets(n, sb, c, s_base, sN, sC, sS, C, S, BLOCK_S)
         x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - anchor[:, None], 0.0)
         tcnt = tl.sum(s_ok.to(tl.float32), 0)
@@ -172,10 +178,9 @@ def _relu_apply(X, Y, ANCHOR, OFFSET, SCALE, BIAS, C, S, NSB, sN, sC, sS, BLOCK_
     """Grid (channel blocks, N * NSB): y = relu((x - mean) * scale + bias) in x's dtype (y has x's
     strides)."""
     pid_c = tl.program_id(0)
-    t = tl.program_id(1)
-    n = t // NSB
+    n, sb = _tile_position(tl.program_id(1), NSB)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs, mask, _s_ok = _tile_offsets(n, t - n * NSB, c, tl.arange(0, BLOCK_S), sN, sC, sS, C, S, BLOCK_S)
+    offs, mask, _s_ok = _tile_offsets(n, sb, c, tl.arange(0, BLOCK_S), sN, sC, sS, C, S, BLOCK_S)
     anchor = tl.load(ANCHOR + c, mask=c < C, other=0.0)
     offset = tl.load(OFFSET + c, mask=c < C, other=0.0)
     scale = tl.load(SCALE + c, mask=c < C, other=0.0)
@@ -203,8 +208,7 @@ def _bwd_partial(DY, X, ANCHOR, OFFSET, SCALE, BIAS, INVSTD, PSUM, PSUMX, C, S, 
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_x = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t in range(g, T, G):
-        n = t // NSB
-        sb = t - n * NSB
+        n, sb = _tile_position(t, NSB)
         offs, mask, _s_ok = _tile_offsets(n, sb, c, s_base, sN, sC, sS, C, S, BLOCK_S)
         doffs, _m, _s = _tile_offsets(n, sb, c, s_base, dN, dC, dS, C, S, BLOCK_S)
         x = tl.load(X + offs, mask=mask, other=0.0)
@@ -245,9 +249,7 @@ def _bwd_apply(DY, X, DX, ANCHOR, OFFSET, SCALE, BIAS, COEF_B, COEF_C, C, S, NSB
     """Grid (channel blocks, N * NSB): dx = scale * dy * (y > 0) + b * (x - mean) + c in x's
     dtype (dx has x's strides, dy its own)."""
     pid_c = tl.program_id(0)
-    t = tl.program_id(1)
-    n = t // NSB
-    sb = t - n * NSB
+    n, sb = _tile_position(tl.program_id(1), NSB)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c < C
     s_base = tl.arange(0, BLOCK_S)
