@@ -246,6 +246,27 @@ def test_fused_block_with_the_op_matches_the_plain_block(monkeypatch):
         torch.testing.assert_close(ba, bb, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_fused_model_stem_runs_the_op_and_matches_the_plain_stem(monkeypatch):
+    from fastnl.model import build_model
+    from fastnl.model.se_bottleneck import FusedStem
+
+    torch.manual_seed(0)
+    fused = build_model(10, impl="fused", verbose=False).to(DEVICE)
+    torch.manual_seed(0)
+    plain = build_model(10, impl="reference", verbose=False).to(DEVICE)
+    stem, plain_stem = fused.stages()[0], plain.stages()[0]
+    assert type(stem) is FusedStem and type(plain_stem) is nn.Sequential
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    calls = []
+    original = ops.batch_norm_relu
+    monkeypatch.setattr(ops, "batch_norm_relu_backend", lambda *a: "triton")
+    monkeypatch.setattr(ops, "batch_norm_relu", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = torch.randn(2, 3, 32, 16, device=DEVICE)
+    torch.testing.assert_close(stem(x), plain_stem(x), rtol=1e-4, atol=1e-4)
+    assert len(calls) == 1
+    torch.testing.assert_close(fused.backbone.bn1.running_var, plain.backbone.bn1.running_var)
+
+
 def test_compiles_with_aot_autograd():
     x, weight, bias, _, grad_y = _inputs((2, 6, 4, 3))
     args = [t.float().requires_grad_() for t in (x, weight, bias)]

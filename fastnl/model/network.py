@@ -73,6 +73,7 @@ class VideoReIDNet(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.grad_checkpointing = False
+        self.fused_stem = impl == "fused"  # bn1 + act1 of the stem as one op (see FusedStem)
         self.backbone = seresnet50()
         if impl == "fused":  # the bottlenecks' SE rescale + residual + ReLU in one op
             from fastnl.model.se_bottleneck import fuse_se_tails
@@ -87,7 +88,12 @@ class VideoReIDNet(nn.Module):
 
     def stages(self) -> list[nn.Module]:
         bb = self.backbone
-        stem = nn.Sequential(bb.conv1, bb.bn1, bb.act1, bb.maxpool)
+        if self.fused_stem:
+            from fastnl.model.se_bottleneck import FusedStem
+
+            stem = FusedStem(bb.conv1, bb.bn1, bb.act1, bb.maxpool)
+        else:
+            stem = nn.Sequential(bb.conv1, bb.bn1, bb.act1, bb.maxpool)
         return [stem, bb.layer1, bb.layer2, bb.layer3, bb.layer4]
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:

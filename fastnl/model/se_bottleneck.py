@@ -55,6 +55,19 @@ def bn_relu(bn: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
                                bn.weight, bn.bias, training=True, momentum=factor, eps=bn.eps, backend="triton")
 
 
+class FusedStem(nn.Module):
+    """The backbone's stem, conv1 -> bn1 -> act1 -> maxpool, with bn1 + act1 as :func:`bn_relu`
+    (a view over the backbone's own modules: it holds no parameters of its own in a state_dict
+    that matters, the model's keys stay the backbone's)."""
+
+    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module, pool: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.act, self.pool = conv, bn, act, pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(bn_relu(self.bn, self.act, self.conv(x)))
+
+
 class FusedSEBottleneck(Bottleneck):
     """timm's Bottleneck whose tail, the SE rescale, the residual sum and the ReLU, runs as
     :func:`fastnl.ops.se_residual_relu`: one pass where plain PyTorch makes three forward and
