@@ -103,12 +103,12 @@ def _rounded(v, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
 @triton.jit
 def _stats_partial(X, ANCHOR, PCNT, PMEAN, PM2, C, S, T, NSB, G, K, sN, sC, sS,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Grid (channel blocks, G): program g merges tiles g, g + G, ... (T tiles per channel block,
+    """Grid (G, channel blocks): program g merges tiles g, g + G, ... (T tiles per channel block,
     NSB position blocks per image) into count, mean and M2 of ``x - anchor`` per channel at row
     g of [G, C]. The anchor, the mean of the channels' first position block in the first K
     images, every program computes alike (the same bits); program 0 writes it to ANCHOR."""
-    pid_c = tl.program_id(0)
-    g = tl.program_id(1)
+    g = tl.program_id(0)
+    pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     s_base = tl.arange(0, BLOCK_S)
     first = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -175,10 +175,10 @@ def _stats_finalize(PCNT, PMEAN, PM2, W, B, MEAN, INVSTD, VAR, SCALE, BIAS, ANCH
 @triton.jit
 def _relu_apply(X, Y, ANCHOR, OFFSET, SCALE, BIAS, C, S, NSB, sN, sC, sS, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                 INTERPRETED: tl.constexpr):
-    """Grid (channel blocks, N * NSB): y = relu((x - mean) * scale + bias) in x's dtype (y has x's
+    """Grid (N * NSB tiles, channel blocks): y = relu((x - mean) * scale + bias) in x's dtype (y has x's
     strides)."""
-    pid_c = tl.program_id(0)
-    n, sb = _tile_position(tl.program_id(1), NSB)
+    n, sb = _tile_position(tl.program_id(0), NSB)
+    pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs, mask, _s_ok = _tile_offsets(n, sb, c, tl.arange(0, BLOCK_S), sN, sC, sS, C, S, BLOCK_S)
     anchor = tl.load(ANCHOR + c, mask=c < C, other=0.0)
@@ -193,10 +193,10 @@ def _relu_apply(X, Y, ANCHOR, OFFSET, SCALE, BIAS, C, S, NSB, sN, sC, sS, BLOCK_
 @triton.jit
 def _bwd_partial(DY, X, ANCHOR, OFFSET, SCALE, BIAS, INVSTD, PSUM, PSUMX, C, S, T, NSB, G, sN, sC, sS, dN, dC, dS,
                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Grid (channel blocks, G): program g sums g = dy * (y > 0) and g * xhat over tiles
+    """Grid (G, channel blocks): program g sums g = dy * (y > 0) and g * xhat over tiles
     g, g + G, ... per channel into row g of PSUM and PSUMX [G, C] (dy has strides dN, dC, dS)."""
-    pid_c = tl.program_id(0)
-    g = tl.program_id(1)
+    g = tl.program_id(0)
+    pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c < C
     anchor = tl.load(ANCHOR + c, mask=keep, other=0.0)
@@ -246,10 +246,10 @@ def _bwd_finalize(PSUM, PSUMX, SCALE, INVSTD, DW, DB, COEF_B, COEF_C, C, G, coun
 @triton.jit
 def _bwd_apply(DY, X, DX, ANCHOR, OFFSET, SCALE, BIAS, COEF_B, COEF_C, C, S, NSB, sN, sC, sS, dN, dC, dS,
                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Grid (channel blocks, N * NSB): dx = scale * dy * (y > 0) + b * (x - mean) + c in x's
+    """Grid (N * NSB tiles, channel blocks): dx = scale * dy * (y > 0) + b * (x - mean) + c in x's
     dtype (dx has x's strides, dy its own)."""
-    pid_c = tl.program_id(0)
-    n, sb = _tile_position(tl.program_id(1), NSB)
+    n, sb = _tile_position(tl.program_id(0), NSB)
+    pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c < C
     s_base = tl.arange(0, BLOCK_S)
@@ -333,13 +333,18 @@ def anchor_images(N: int, S: int, block_s: int) -> int:
     return min(N, -(-ANCHOR_SAMPLES // min(S, block_s)))
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the first takes 2^31 - 1)
+
+
 def _geometry(x: torch.Tensor):
     N, C, H, W = x.shape
     S = H * W
     block_c, block_s = blocks(x)
     nsb = triton.cdiv(S, block_s)
     cb = triton.cdiv(C, block_c)
-    tiles = N * nsb
+    tiles = N * nsb  # grid dimension 0 of the apply kernels; the channel blocks are dimension 1
+    if cb > MAX_GRID_Y:
+        raise ValueError(f"{C} channels make {cb} channel blocks, more than a CUDA grid holds ({MAX_GRID_Y})")
     return N, C, S, block_c, block_s, nsb, cb, tiles
 
 
@@ -370,13 +375,13 @@ def bn_relu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     G = _reduction_programs(x, cb, tiles)
     partial = torch.empty((3, G, C), device=x.device, dtype=torch.float32)
     sN, sC, sS = _strides(x)
-    _stats_partial[(cb, G)](x, stats[5], partial[0], partial[1], partial[2], C, S, tiles, nsb, G,
+    _stats_partial[(G, cb)](x, stats[5], partial[0], partial[1], partial[2], C, S, tiles, nsb, G,
                             anchor_images(N, S, block_s), sN, sC, sS,
                             BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
     fin_g, fin_c = finalize_blocks(C, G)
     _stats_finalize[(triton.cdiv(C, fin_c),)](partial[0], partial[1], partial[2], weight, bias, *stats, C, G,
                                               float(eps), BLOCK_G=fin_g, BLOCK_C=fin_c, num_warps=4)
-    _relu_apply[(cb, tiles)](x, y, stats[5], stats[6], stats[3], stats[4], C, S, nsb, sN, sC, sS,
+    _relu_apply[(tiles, cb)](x, y, stats[5], stats[6], stats[3], stats[4], C, S, nsb, sN, sC, sS,
                              BLOCK_C=block_c, BLOCK_S=block_s, INTERPRETED=triton_interpreted(), num_warps=4)
     return y, stats
 
@@ -398,14 +403,14 @@ def bn_relu_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sta
     invstd, scale, bias32, anchor, offset = stats[1], stats[3], stats[4], stats[5], stats[6]
     sN, sC, sS = _strides(x)
     dN, dC, dS = _strides(grad_y)
-    _bwd_partial[(cb, G)](grad_y, x, anchor, offset, scale, bias32, invstd, partial[0], partial[1], C, S, tiles, nsb, G,
+    _bwd_partial[(G, cb)](grad_y, x, anchor, offset, scale, bias32, invstd, partial[0], partial[1], C, S, tiles, nsb, G,
                           sN, sC, sS, dN, dC, dS, BLOCK_C=block_c, BLOCK_S=block_s,
                           INTERPRETED=triton_interpreted(), num_warps=4)
     fin_g, fin_c = finalize_blocks(C, G)
     _bwd_finalize[(triton.cdiv(C, fin_c),)](partial[0], partial[1], scale, invstd, dweight, dbias, coef[0],
                                             coef[1], C, G, float(N * S), BLOCK_G=fin_g, BLOCK_C=fin_c,
                                             INTERPRETED=triton_interpreted(), num_warps=4)
-    _bwd_apply[(cb, tiles)](grad_y, x, dx, anchor, offset, scale, bias32, coef[0], coef[1], C, S, nsb, sN, sC, sS,
+    _bwd_apply[(tiles, cb)](grad_y, x, dx, anchor, offset, scale, bias32, coef[0], coef[1], C, S, nsb, sN, sC, sS,
                             dN, dC, dS, BLOCK_C=block_c, BLOCK_S=block_s, INTERPRETED=triton_interpreted(),
                             num_warps=4)
     return dx, dweight, dbias
