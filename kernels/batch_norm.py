@@ -1,5 +1,6 @@
 """BatchNorm with batch statistics (training mode) and the ReLU after it, as Triton kernels:
-``relu(batch_norm(x))`` of an SE-ResNet bottleneck's first two convolutions in one op.
+``relu(batch_norm(x))`` after the stem's convolution and each SE-ResNet bottleneck's first two,
+in one op.
 
 x is [N, C, H, W], contiguous or channels_last, seen as [N, C, S] (S = H W) with its strides.
 Forward, three kernels (plain PyTorch: cuDNN's BatchNorm, then a ReLU that reads and writes
@@ -23,11 +24,12 @@ cuDNN's BatchNorm backward reads both its inputs twice and writes):
   gradient and of x.
 - ``_bwd_finalize``: per channel, the weight's and the bias's gradients and the coefficients of
   ``dx = scale * g + b * (x - mean) + c``.
+- ``_bwd_apply``: dx. One read of the gradient and of x, one write.
 
 The kernels hold the mean as the mean of a sample of each channel (its first position block in
-the first images: the anchor) plus the mean of ``x - anchor``: ``x - mean`` then keeps its digits where the mean is large against the
-spread, as plain PyTorch's double-accumulated CPU BatchNorm does.
-- ``_bwd_apply``: dx. One read of the gradient and of x, one write.
+the first images: the anchor) plus the mean of ``x - anchor``: ``x - mean`` then keeps its
+digits where the mean is large against the spread, as plain PyTorch's double-accumulated CPU
+BatchNorm does.
 
 Everything is computed in float32 (the statistics and the affine terms are float32 [C]); no
 atomics, so the result is deterministic. Under ``TRITON_INTERPRET=1`` the kernels run on CPU
