@@ -353,6 +353,8 @@ def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_
         ("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))],
         ["x"], [x])
     _check_devices(names, tensors)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
     if backend == "auto":
         backend = batch_norm_relu_backend(x, training, weight, bias)
     if backend == "reference":

@@ -313,8 +313,9 @@ def test_the_environment_can_turn_the_kernels_off(monkeypatch):
         (lambda a: {**a, "bias": None}, ValueError, "affine"),
         (lambda a: {**a, "x": a["x"][:1, :, :1, :1]}, ValueError, "more than 1 value per channel"),
         (lambda a: {**a, "backend": "cuda"}, ValueError, "backend must be one of"),
+        (lambda a: {**a, "running_var": None}, ValueError, "running_mean and running_var must be given together"),
     ],
-    ids=["rank", "weight_shape", "device", "dtype", "eval", "no_bias", "one_value", "backend"],
+    ids=["rank", "weight_shape", "device", "dtype", "eval", "no_bias", "one_value", "backend", "one_running"],
 )
 def test_bad_inputs_raise_clear_errors(change, error, match):
     x, weight, bias, (rm, rv), _ = _inputs((2, 5, 3, 3))
