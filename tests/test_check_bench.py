@@ -730,3 +730,19 @@ def test_gpu_cases_add_the_keeping_variant_only_where_the_cuda_default_keeps_no_
     refs = torch.autograd.grad(ref.sum(), (q, k, v))
     for g, r in zip(grads, refs):
         assert (g.double() - r).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_the_pytest_benchmark_suite_runs():
+    """``pytest bench`` (the pytest-benchmark suite, outside ``make test``'s test paths) with the
+    timing off: every case runs its function and its checks, so the suite cannot go stale."""
+    import subprocess
+    import sys
+
+    from fastnl._paths import REPO_ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench",
+                           "--benchmark-disable"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout.splitlines()[-1] and "failed" not in proc.stdout.splitlines()[-1]
