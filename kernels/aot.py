@@ -1,12 +1,14 @@
-"""Ahead-of-time compilation of the attention kernels for a GPU target, without a GPU.
+"""Ahead-of-time compilation of the Triton kernels for a GPU target, without a GPU.
 
 ``compile_config`` compiles one kernel in one configuration (default: Hopper, sm_90) and reports
 its resource use: registers per thread and spill stack (from ``cuobjdump -res-usage`` on the
 cubin) and shared memory (``metadata.shared``). ``compile_all`` does so for every configuration
-the autotuner may pick plus the default one. Needs TRITON_INTERPRET=0 in the environment
+the autotuner may pick plus the default one; ``compile_rows`` the chunked engine's row kernels,
+``compile_batch_norm`` the BatchNorm + ReLU kernels. Needs TRITON_INTERPRET=0 in the environment
 before triton is imported (the interpreter replaces the compiler).
 
-Run as ``python -m fastnl.kernels.aot --head-dims 512 1024`` for a JSON line per configuration.
+Run as ``python -m fastnl.kernels.aot --head-dims 512 1024 [--rows L ...] [--batch-norm]`` for a
+JSON line per configuration.
 """
 from __future__ import annotations
 
@@ -231,7 +233,7 @@ def compile_all(head_dims=(512, 1024), dtypes=("bf16",), arch: int = 90):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Compile the attention kernels ahead of time; one JSON line each")
+    parser = argparse.ArgumentParser(description="Compile the Triton kernels ahead of time; one JSON line each")
     parser.add_argument("--head-dims", type=int, nargs="*", default=[512, 1024])
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(_TYPES))
     parser.add_argument("--rows", type=int, nargs="*", default=[], metavar="L",
