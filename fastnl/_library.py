@@ -16,3 +16,11 @@ def define_op_pair(name: str, forward, backward, schemas: tuple[str, str], fakes
     rule, setup_context = autograd
     fwd.register_autograd(rule, setup_context=setup_context)
     return fwd, bwd
+
+
+def define_op(name: str, body, schema: str, fake):
+    """``fastnl::{name}`` (body ``body``, no autograd formula of its own) with ``schema`` and the
+    fake implementation ``fake``. Returns the op (``torch.library.CustomOpDef``)."""
+    op = torch.library.custom_op(f"fastnl::{name}", body, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op

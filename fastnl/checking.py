@@ -318,6 +318,49 @@ def bn_relu_check(batch: int, channels: int, height: int, width: int, device: st
                  lambda: _triton_reason(device))
 
 
+def bn_se_check(batch: int, channels: int, height: int, width: int, device: str) -> Check:
+    """A bottleneck's end from its last convolution's output y on the Triton kernels:
+    relu(x * excite(mean_hw(x)) + shortcut), x = batch_norm(y) in training mode; y and the
+    shortcut in the model dtype, the BatchNorm's and the SE module's parameters in float32, the
+    SE convolutions in the maps' dtype (as autocast runs them)."""
+    import torch.nn.functional as F
+
+    from fastnl import ops, reference
+
+    hidden = max(1, channels // 16)
+
+    def run(variant, dtype, seed):
+        to = torch.float64 if variant == "ref64" else dtype
+        wide = torch.float64 if variant == "ref64" else torch.float32
+        y = (0.3 + _randn((batch, channels, height, width), seed, device)).to(dtype).to(to).requires_grad_(True)
+        shortcut = _randn((batch, channels, height, width), seed + 1, device).to(dtype).to(to).requires_grad_(True)
+        params = {
+            "bn.weight": _randn((channels,), seed + 2, device),
+            "bn.bias": _randn((channels,), seed + 3, device, std=0.5),
+            "fc1.weight": _randn((hidden, channels, 1, 1), seed + 4, device, std=channels ** -0.5),
+            "fc1.bias": 0.5 + _randn((hidden,), seed + 5, device, std=0.1),
+            "fc2.weight": _randn((channels, hidden, 1, 1), seed + 6, device, std=2 * hidden ** -0.5),
+            "fc2.bias": _randn((channels,), seed + 7, device, std=0.1),
+        }
+        params = {n: p.to(wide).requires_grad_(True) for n, p in params.items()}
+
+        def excite(s):
+            h = torch.relu(F.conv2d(s, params["fc1.weight"].to(s.dtype), params["fc1.bias"].to(s.dtype)))
+            return torch.sigmoid(F.conv2d(h, params["fc2.weight"].to(s.dtype), params["fc2.bias"].to(s.dtype)))
+
+        weight, bias = params["bn.weight"], params["bn.bias"]
+        if variant == "fused":
+            out = ops.bn_se_residual_relu(y, None, None, weight, bias, excite, shortcut, training=True,
+                                          backend="triton")
+        else:
+            out = reference.bn_se_residual_relu(y, None, None, weight, bias, excite, shortcut, True, 0.1, 1e-5)
+        outs = {"out": out}
+        return outs, _grads(outs, {"y": y, "shortcut": shortcut, **params}, seed)
+
+    return Check("bn_se_residual_relu[triton]", f"y=[{batch},{channels},{height},{width}] R={hidden}", run,
+                 lambda: _triton_reason(device))
+
+
 def _randomise_zero_init(module: torch.nn.Module, seed: int) -> None:
     """Give the zero-initialised BatchNorms after W0 (NLAM) and W (NLTP) random affine weights,
     so the non-local branches contribute to the output under test."""
@@ -464,6 +507,10 @@ def build_checks(device: str, size: str, ops: tuple = OPS) -> list[Check]:
         dims = {"real": [(16, 64, 64, 32), (16, 256, 16, 8)], "small": [(8, 64, 16, 8)],
                 "tiny": [(3, 6, 5, 3)]}[size]
         checks += [bn_relu_check(*d, device) for d in dims]
+        # the end of the last block of layer1 and of layer4 at 256x128 (16 frames), scaled down
+        dims = {"real": [(16, 256, 64, 32), (16, 2048, 8, 4)], "small": [(8, 256, 16, 8)],
+                "tiny": [(3, 20, 5, 3)]}[size]
+        checks += [bn_se_check(*d, device) for d in dims]
     if "nlam" in ops:
         dims = {"real": [(2, 8, 1024, 16, 8), (2, 8, 2048, 8, 4)], "small": [(2, 4, 128, 8, 4)],
                 "tiny": [(2, 2, 32, 4, 2)]}[size]

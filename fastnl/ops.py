@@ -4,6 +4,7 @@
 ``channel_attention``: the NLAM channel attention, paper eq. (3).
 ``se_residual_relu``: the tail of an SE-ResNet50 bottleneck (SE rescale, residual sum, ReLU).
 ``batch_norm_relu``: a training-mode BatchNorm and the ReLU after it.
+``bn_se_residual_relu``: a bottleneck's last BatchNorm, SE module, residual sum and ReLU.
 
 Inputs are validated here once, so every backend sees well-formed tensors.
 """
@@ -328,6 +329,52 @@ def batch_norm_relu_backend(x: torch.Tensor, training: bool, weight, bias) -> st
     return "reference"
 
 
+def _check_triton_bn(x: torch.Tensor, training: bool, weight, bias, name: str = "x") -> None:
+    """The conditions of the Triton BatchNorm kernels (backend='triton'), each a clear error."""
+    if not training:
+        raise ValueError("backend='triton' computes batch statistics (training=True); in eval mode use "
+                         "backend='auto' or 'reference'")
+    if weight is None or bias is None:
+        raise ValueError("backend='triton' needs an affine weight and bias (BatchNorm2d(affine=True))")
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 for backend='triton', got {x.dtype}")
+    from torch._subclasses.fake_tensor import is_fake
+
+    # a real CPU tensor (not the fake ones of a count or of torch.compile's tracing)
+    if not x.is_cuda and not torch.compiler.is_compiling() and not is_fake(x):
+        if not _triton_interpreted():
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {x.device}); on CPU set TRITON_INTERPRET=1 "
+                             "before importing fastnl, or use backend='reference'")
+        problem = triton_interpreter_problem()
+        if problem:
+            raise RuntimeError(problem)
+    N, _C, H, W = x.shape
+    if x[0].numel() >= 2**31:
+        raise ValueError(f"backend='triton' addresses one image's C*H*W elements in 32 bits; got {tuple(x.shape)}")
+    if N * H * W < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+
+
+def _check_bn_vectors(x, running_mean, running_var, weight, bias) -> None:
+    C = x.shape[1]
+    per_channel = f"[C] = [{C}] (x's channels)"
+    names, tensors = _check_vectors([(name, t, C, per_channel) for name, t in (
+        ("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))],
+        ["x"], [x])
+    _check_devices(names, tensors)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+
+
+def _update_running(running_mean, running_var, stats: torch.Tensor, momentum: float) -> None:
+    """``running = (1 - momentum) * running + momentum * batch`` from the kernels' stats (row 0
+    the mean, row 2 the unbiased variance), as ``F.batch_norm`` updates them."""
+    if running_mean is not None and running_var is not None and momentum != 0.0:
+        with torch.no_grad():
+            running_mean.lerp_(stats[0].to(running_mean.dtype), float(momentum))
+            running_var.lerp_(stats[2].to(running_var.dtype), float(momentum))
+
+
 def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                     weight: torch.Tensor | None, bias: torch.Tensor | None, *, training: bool,
                     momentum: float = 0.1, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
@@ -347,44 +394,61 @@ def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_
     if backend not in BN_RELU_BACKENDS:
         raise ValueError(f"backend must be one of {BN_RELU_BACKENDS}, got {backend!r}")
     _check_tensor("x", x, 4, "[N, C, H, W]")
-    C = x.shape[1]
-    per_channel = f"[C] = [{C}] (x's channels)"
-    names, tensors = _check_vectors([(name, t, C, per_channel) for name, t in (
-        ("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))],
-        ["x"], [x])
-    _check_devices(names, tensors)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
+    _check_bn_vectors(x, running_mean, running_var, weight, bias)
     if backend == "auto":
         backend = batch_norm_relu_backend(x, training, weight, bias)
     if backend == "reference":
         return reference.batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    if not training:
-        raise ValueError("backend='triton' computes batch statistics (training=True); in eval mode use "
-                         "backend='auto' or 'reference'")
-    if weight is None or bias is None:
-        raise ValueError("backend='triton' needs an affine weight and bias (BatchNorm2d(affine=True))")
-    if x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16 for backend='triton', got {x.dtype}")
-    from torch._subclasses.fake_tensor import is_fake
-
-    # a real CPU tensor (not the fake ones of a count or of torch.compile's tracing)
-    if not x.is_cuda and not torch.compiler.is_compiling() and not is_fake(x):
-        if not _triton_interpreted():
-            raise ValueError(f"backend='triton' needs CUDA tensors (got {x.device}); on CPU set TRITON_INTERPRET=1 "
-                             "before importing fastnl, or use backend='reference'")
-        problem = triton_interpreter_problem()
-        if problem:
-            raise RuntimeError(problem)
-    N, _C, H, W = x.shape
-    if x[0].numel() >= 2**31:
-        raise ValueError(f"backend='triton' addresses one image's C*H*W elements in 32 bits; got {tuple(x.shape)}")
-    if N * H * W < 2:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    _check_triton_bn(x, training, weight, bias)
     bn = _load_triton_kernels().batch_norm
     y, stats = bn.batch_norm_relu_triton(x if bn.dense_layout(x) else x.contiguous(), weight, bias, eps)
-    if running_mean is not None and running_var is not None and momentum != 0.0:
-        with torch.no_grad():
-            running_mean.lerp_(stats[0].to(running_mean.dtype), float(momentum))
-            running_var.lerp_(stats[2].to(running_var.dtype), float(momentum))
+    _update_running(running_mean, running_var, stats, momentum)
     return y
+
+
+def bn_se_residual_relu(y: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                        weight: torch.Tensor | None, bias: torch.Tensor | None, excite, shortcut: torch.Tensor, *,
+                        training: bool, momentum: float = 0.1, eps: float = 1e-5,
+                        backend: str = "auto") -> torch.Tensor:
+    """The end of an SE-ResNet bottleneck from its last convolution's output ``y``:
+    ``relu(x * excite(x.mean((2, 3), keepdim=True)) + shortcut)`` with
+    ``x = F.batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps)``.
+
+    y, shortcut: [N, C, H, W] of one dtype; running_mean, running_var: [C] or None (updated in
+    place in training mode, as ``F.batch_norm`` does); weight, bias: [C]; ``excite``: the SE
+    module's excitation, a function of the [N, C, 1, 1] squeeze (y's dtype) returning the gate
+    ([N, C, 1, 1] or [N, C]), run by autograd as it is. Differentiable in y, weight, bias,
+    shortcut and whatever ``excite`` uses.
+
+    backend: "auto" (:func:`batch_norm_relu_backend`'s choice), "triton" (the kernels of
+    ``fastnl.kernels.bn_se_tail``: the normalised map x is never written; forward 4 passes over
+    a map, backward 6, where plain PyTorch makes 7 and 12, and y and the output are kept for the
+    backward, not x too; training mode, float32 / float16 / bfloat16, weight and bias given; the
+    output and y's gradient in y's dtype and layout), or "reference" (plain PyTorch).
+    """
+    if backend not in BN_RELU_BACKENDS:
+        raise ValueError(f"backend must be one of {BN_RELU_BACKENDS}, got {backend!r}")
+    _check_tensor("y", y, 4, "[N, C, H, W]")
+    _check_tensor("shortcut", shortcut, 4, "[N, C, H, W]")
+    if shortcut.shape != y.shape:
+        raise ValueError(f"shortcut must have y's shape {tuple(y.shape)}, got {tuple(shortcut.shape)}")
+    if not callable(excite):
+        raise TypeError(f"excite must be a function of the squeeze (the SE module's layers), got {type(excite).__name__}")
+    _check_bn_vectors(y, running_mean, running_var, weight, bias)
+    _check_devices(("y", "shortcut"), (y, shortcut))
+    if backend == "auto":
+        backend = batch_norm_relu_backend(y, training, weight, bias)
+        if shortcut.dtype != y.dtype:
+            backend = "reference"
+    if backend == "reference":
+        return reference.bn_se_residual_relu(y, running_mean, running_var, weight, bias, excite, shortcut, training,
+                                             momentum, eps)
+    _check_triton_bn(y, training, weight, bias, "y")
+    _check_same(("y", "shortcut"), (y, shortcut))
+    from fastnl import _bn_se_tail
+
+    bn = _load_triton_kernels().batch_norm
+    dense = [t if bn.dense_layout(t) else t.contiguous() for t in (y, shortcut)]
+    out, stats = _bn_se_tail.bn_se_residual_relu(dense[0], weight, bias, eps, excite, dense[1])
+    _update_running(running_mean, running_var, stats, momentum)
+    return out

@@ -70,3 +70,12 @@ def batch_norm_relu(x: torch.Tensor, running_mean, running_var, weight, bias, tr
     running statistics updated in place in training mode)."""
     return torch.relu(torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
                                                      momentum, eps))
+
+
+def bn_se_residual_relu(y: torch.Tensor, running_mean, running_var, weight, bias, excite, shortcut: torch.Tensor,
+                        training: bool, momentum: float, eps: float) -> torch.Tensor:
+    """The end of an SE-ResNet bottleneck as timm writes it from its last convolution's output y:
+    ``x = BatchNorm2d(y)``, ``relu(x * excite(x.mean((2, 3), keepdim=True)) + shortcut)``."""
+    x = torch.nn.functional.batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps)
+    gate = excite(x.mean((2, 3), keepdim=True))
+    return se_residual_relu(x, gate, shortcut)

@@ -4,7 +4,7 @@
 its resource use: registers per thread and spill stack (from ``cuobjdump -res-usage`` on the
 cubin) and shared memory (``metadata.shared``). ``compile_all`` does so for every configuration
 the autotuner may pick plus the default one; ``compile_rows`` the chunked engine's row kernels,
-``compile_batch_norm`` the BatchNorm + ReLU kernels. Needs TRITON_INTERPRET=0 in the environment
+``compile_batch_norm`` the BatchNorm kernels (the BatchNorm + ReLU op, the bottleneck end). Needs TRITON_INTERPRET=0 in the environment
 before triton is imported (the interpreter replaces the compiler).
 
 Run as ``python -m fastnl.kernels.aot --head-dims 512 1024 [--rows L ...] [--batch-norm]`` for a
@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 
 from fastnl.vocabulary import triton_interpreted
 
-from . import batch_norm, softmax_rows
+from . import batch_norm, bn_se_tail, softmax_rows
 from .nl_attention import (KERNELS, PREPROCESS_BLOCK_M, candidate_configs, default_config, dk_block,
                            executed_flops, fuses_dq, keeps_q_on_chip)
 
@@ -156,7 +156,7 @@ def compile_rows(seq_len: int, dtype: str = "bf16", arch: int = 90) -> list[dict
 # maps): contiguous (positions contiguous) and channels_last (channels contiguous).
 BN_LAYOUTS = {"contiguous": ({"sS": 1, "dS": 1}, (256, 64, 64, 32)),
               "channels_last": ({"sC": 1, "dC": 1}, (256, 64, 64, 32))}
-_BN_DATA_POINTERS = {"X", "Y", "DY", "DX"}
+_BN_DATA_POINTERS = {"X", "Y", "DY", "DX", "R", "DR"}
 _BN_SIZES = {"C", "S", "T", "NSB", "G", "K"}  # the integer sizes (upper case like the pointers)
 
 
@@ -175,19 +175,27 @@ def _bn_signature(fn, dtype: str, constants: dict):
     return signature, attrs
 
 
+def batch_norm_kernels() -> dict:
+    """The BatchNorm kernels by name: the six of the BatchNorm + ReLU op (``batch_norm``), then
+    the three of the bottleneck end (``bn_se_tail``; its statistics are ``bn_stats_partial``'s
+    with tile sums, the variant compiled here)."""
+    return {**batch_norm.KERNELS, **bn_se_tail.KERNELS}
+
+
 def compile_batch_norm(dtype: str = "bf16", arch: int = 90) -> list[dict]:
-    """Compile the six BatchNorm + ReLU kernels (``batch_norm``) for ``sm_<arch>`` in both
-    layouts, x, y and the gradients in ``dtype``, with the tiles ``batch_norm.blocks`` picks for
-    an SE-ResNet50 layer1 map (256 channels, 64 x 32)."""
+    """Compile the BatchNorm kernels (:func:`batch_norm_kernels`) for ``sm_<arch>`` in both
+    layouts, the maps and their gradients in ``dtype``, with the tiles ``batch_norm.blocks`` picks
+    for an SE-ResNet50 layer1 map (256 channels, 64 x 32)."""
     out = []
     for layout, (unit, (channels, height, width, batch)) in BN_LAYOUTS.items():
         x = torch.empty((batch, channels, height, width), device="meta")
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         block_c, block_s = batch_norm.blocks(x)
-        for kernel, fn in batch_norm.KERNELS.items():
+        for kernel, fn in batch_norm_kernels().items():
             constants = {name: value for name, value in unit.items() if name in fn.arg_names}
-            for name, value in (("BLOCK_C", block_c), ("BLOCK_S", block_s), ("INTERPRETED", False)):
+            for name, value in (("BLOCK_C", block_c), ("BLOCK_S", block_s), ("INTERPRETED", False),
+                                ("TILE_SUMS", True)):
                 if name in fn.arg_names:
                     constants[name] = value
             if kernel.endswith("finalize"):  # the partials of an H100's 132 multiprocessors
@@ -238,7 +246,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(_TYPES))
     parser.add_argument("--rows", type=int, nargs="*", default=[], metavar="L",
                         help="also the chunked engine's row kernels at these sequence lengths")
-    parser.add_argument("--batch-norm", action="store_true", help="also the BatchNorm + ReLU kernels")
+    parser.add_argument("--batch-norm", action="store_true", help="also the BatchNorm kernels (BatchNorm + ReLU, the bottleneck end)")
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args(argv)
     for result in compile_all(args.head_dims, args.dtypes, args.arch):

@@ -103,12 +103,13 @@ def _rounded(v, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _stats_partial(X, ANCHOR, PCNT, PMEAN, PM2, C, S, T, NSB, G, K, sN, sC, sS,
-                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _stats_partial(X, ANCHOR, PCNT, PMEAN, PM2, TSUM, C, S, T, NSB, G, K, sN, sC, sS,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TILE_SUMS: tl.constexpr):
     """Grid (G, channel blocks): program g merges tiles g, g + G, ... (T tiles per channel block,
     NSB position blocks per image) into count, mean and M2 of ``x - anchor`` per channel at row
     g of [G, C]. The anchor, the mean of the channels' first position block in the first K
-    images, every program computes alike (the same bits); program 0 writes it to ANCHOR."""
+    images, every program computes alike (the same bits); program 0 writes it to ANCHOR. With
+    TILE_SUMS, each tile's sum of ``x - anchor`` per channel goes to row t of TSUM [T, C] too."""
     g = tl.program_id(0)
     pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -123,12 +124,16 @@ def _stats_partial(X, ANCHOR, PCNT, PMEAN, PM2, C, S, T, NSB, G, K, sN, sC, sS,
     cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    keep = c < C
     for t in range(g, T, G):
         n, sb = _tile_position(t, NSB)
         offs, mask, s_ok = _tile_offsets(n, sb, c, s_base, sN, sC, sS, C, S, BLOCK_S)
         x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - anchor[:, None], 0.0)
         tcnt = tl.sum(s_ok.to(tl.float32), 0)
-        tmean = tl.sum(x, 1) / tcnt
+        tsum = tl.sum(x, 1)
+        if TILE_SUMS:
+            tl.store(TSUM + t * C + c, tsum, mask=keep)
+        tmean = tsum / tcnt
         d = tl.where(mask, x - tmean[:, None], 0.0)
         tm2 = tl.sum(d * d, 1)
         total = cnt + tcnt
@@ -136,7 +141,6 @@ def _stats_partial(X, ANCHOR, PCNT, PMEAN, PM2, C, S, T, NSB, G, K, sN, sC, sS,
         mean = mean + delta * (tcnt / total)
         m2 = m2 + tm2 + delta * delta * (cnt * (tcnt / total))
         cnt = total
-    keep = c < C
     tl.store(PCNT + g * C + c, cnt, mask=keep)
     tl.store(PMEAN + g * C + c, mean, mask=keep)
     tl.store(PM2 + g * C + c, m2, mask=keep)
@@ -377,9 +381,9 @@ def bn_relu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     G = _reduction_programs(x, cb, tiles)
     partial = torch.empty((3, G, C), device=x.device, dtype=torch.float32)
     sN, sC, sS = _strides(x)
-    _stats_partial[(G, cb)](x, stats[5], partial[0], partial[1], partial[2], C, S, tiles, nsb, G,
+    _stats_partial[(G, cb)](x, stats[5], partial[0], partial[1], partial[2], partial[0], C, S, tiles, nsb, G,
                             anchor_images(N, S, block_s), sN, sC, sS,
-                            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
+                            BLOCK_C=block_c, BLOCK_S=block_s, TILE_SUMS=False, num_warps=4)
     fin_g, fin_c = finalize_blocks(C, G)
     _stats_finalize[(triton.cdiv(C, fin_c),)](partial[0], partial[1], partial[2], weight, bias, *stats, C, G,
                                               float(eps), BLOCK_G=fin_g, BLOCK_C=fin_c, num_warps=4)

@@ -1,6 +1,8 @@
 """`fastnl bench step-cost`: the op pricer, the attention stand-in, the whole step."""
 import json
 
+from unittest import mock
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -140,10 +142,12 @@ def test_cli_runs_the_suite_and_writes_its_rows(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("as_on_cuda", [True, False])
-def test_fused_bottleneck_prices_its_batch_norm_relu_pairs_as_cuda_runs_them(as_on_cuda):
+def test_fused_bottleneck_prices_its_batch_norm_ops_as_cuda_runs_them(as_on_cuda):
     """A fused bottleneck's step as the pricer sees it: on CUDA (``cuda_like``) bn1 + act1 and
-    bn2 + act2 are the Triton op, forward and backward, by their tensors' bytes, and only bn3
-    is cuDNN's BatchNorm; on a CPU the two modules run as they are."""
+    bn2 + act2 are the Triton op and bn3 with the SE module, the sum and the ReLU the bottleneck
+    end's four ops, forward and backward, by the passes their kernels make, and no BatchNorm of
+    torch's runs; on a CPU the modules run as they are, torch's BatchNorm priced with its second
+    read of the map."""
     import contextlib
 
     from timm.models.resnet import Bottleneck
@@ -161,12 +165,33 @@ def test_fused_bottleneck_prices_its_batch_norm_relu_pairs_as_cuda_runs_them(as_
     counts = {name: n for name, (_s, n) in roof.per_op.items()}
     if as_on_cuda:
         assert counts["bn_relu"] == counts["bn_relu_backward"] == 2
-        assert counts["native_batch_norm"] == counts["native_batch_norm_backward"] == 1
+        assert all(counts[op] == 1 for op in ("bn_pool", "se_tail", "se_tail_bwd_partial", "se_tail_bwd_apply"))
+        assert "native_batch_norm" not in counts and "native_batch_norm_backward" not in counts
         assert counts["relu_"] == counts["threshold_backward"] == 1  # the SE module's own ReLU
-        # each forward: x read and y written (bf16), weight and bias read and the [7, C] float32
-        # statistics written; bn1 and bn2 have the same [4, 64, 16, 8] maps here
-        per_call = 2 * 2 * (4 * 64 * 16 * 8) + 4 * 64 * (2 + 7)
+        # each forward: x read twice and y written (bf16), weight and bias read and the [7, C]
+        # float32 statistics written; bn1 and bn2 have the same [4, 64, 16, 8] maps here
+        per_call = 3 * 2 * (4 * 64 * 16 * 8) + 4 * 64 * (2 + 7)
         assert roof.per_op["bn_relu"][0] * HOPPER.bandwidth_tbs * 1e12 == pytest.approx(2 * per_call, rel=1e-6)
+        # the statistics of bn3's [4, 256, 16, 8] input y in one read: y, weight and bias read,
+        # the statistics and the [4, 256] per-image means written
+        stats_bytes = 2 * (4 * 256 * 16 * 8) + 4 * 256 * (2 + 7) + 4 * (4 * 256)
+        assert roof.per_op["bn_pool"][0] * HOPPER.bandwidth_tbs * 1e12 == pytest.approx(stats_bytes, rel=1e-6)
     else:
         assert "bn_relu" not in counts and counts["native_batch_norm"] == 3
         assert counts["relu_"] == counts["threshold_backward"] == 3
+        # torch's BatchNorm: its [4, 64, 16, 8] bf16 input read once more than the default
+        # price (one read per argument) has it, forward and backward (and the gradient too)
+        prices = []
+        for second_reads in (step_cost.SECOND_READS, {}):
+            roof_bn = step_cost.Roofline()
+            with mock.patch.object(step_cost, "SECOND_READS", second_reads), \
+                    FakeTensorMode(allow_non_fake_inputs=True), roof_bn:
+                bn = torch.nn.BatchNorm2d(64).train()
+                y = bn(torch.randn(4, 64, 16, 8, dtype=torch.bfloat16, requires_grad=True))
+                y.backward(torch.randn_like(y))
+            prices.append({op: roof_bn.per_op[op][0] * HOPPER.bandwidth_tbs * 1e12
+                           for op in ("native_batch_norm", "native_batch_norm_backward")})
+        map_bytes = 2 * (4 * 64 * 16 * 8)
+        assert prices[0]["native_batch_norm"] - prices[1]["native_batch_norm"] == pytest.approx(map_bytes)
+        assert prices[0]["native_batch_norm_backward"] - prices[1]["native_batch_norm_backward"] == \
+            pytest.approx(2 * map_bytes)

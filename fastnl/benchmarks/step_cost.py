@@ -9,7 +9,9 @@ peak, memory at the HBM bandwidth): ``max(flops / GEMM rate, bytes / bandwidth)`
 flops are torch's own formulas (``torch.utils.flop_counter``: mm, bmm, convolutions and their
 backward) and the bytes are those of the op's tensor arguments (read) and of its new outputs
 and mutated arguments (written), each storage once; the channel-attention extension's ops by
-the passes of its CUDA kernels (``OWN_OP_BYTES``). Views and allocations cost nothing.
+the passes of its CUDA kernels (``OWN_OP_BYTES``), and the training-mode BatchNorms, torch's
+and the Triton op's, with their second read of the map (``SECOND_READS``). Views and
+allocations cost nothing.
 
 The NLAM's spatial attention is not priced op by op: ``fastnl.ops.nl_attention`` is replaced by
 a stand-in that returns an output of the right shape and records the call, and each call
@@ -91,6 +93,14 @@ def _channel_attention_backward_bytes(args, out) -> int:
 OWN_OP_BYTES = {("fastnl", "channel_attention"): _channel_attention_bytes,
                 ("fastnl", "channel_attention_backward"): _channel_attention_backward_bytes}
 
+# Ops whose kernels read some arguments twice: the default price (one read per argument) plus
+# one more read of these. A training-mode BatchNorm (torch's CUDA kernels, cuDNN's alike, and
+# the Triton BatchNorm + ReLU op) reads x once for the statistics and once to normalise; its
+# backward reads the gradient and x once for the per-channel sums and once more for dx.
+SECOND_READS = {("aten", "native_batch_norm"): (0,), ("aten", "native_batch_norm_backward"): (0, 1),
+                ("aten", "cudnn_batch_norm"): (0,), ("aten", "cudnn_batch_norm_backward"): (0, 1),
+                ("fastnl", "bn_relu"): (0,), ("fastnl", "bn_relu_backward"): (0, 1)}
+
 
 class Roofline:
     """A ``TorchDispatchMode`` that prices every op it sees on ``gpu`` (see the module's doc) and
@@ -132,6 +142,7 @@ class Roofline:
                     flops = int(formula(*args, **kwargs, out_val=out))
                 own = OWN_OP_BYTES.get((func.namespace, name))
                 nbytes = own(args, out) if own is not None else roofline.op_bytes(func, args, kwargs, out)
+                nbytes += sum(_tensor_bytes(args[i]) for i in SECOND_READS.get((func.namespace, name), ()))
                 roofline.add(name, flops, nbytes, roofline.op_dtype(args, out))
                 return out
 

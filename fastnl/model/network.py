@@ -79,6 +79,11 @@ class VideoReIDNet(nn.Module):
             from fastnl.model.se_bottleneck import fuse_se_tails
 
             fuse_se_tails(self.backbone)
+            from fastnl import ops
+
+            # the Triton kernels imported now, where Triton is installed: the first call may be
+            # inside torch.compile's tracing, which cannot import a module
+            ops._triton_available()
         self.nlam = nn.ModuleDict({
             str(b): NLAM(BLOCK_CHANNELS[b], reduction=nlam_reduction, scale=nlam_scale, impl=impl)
             for b in blocks

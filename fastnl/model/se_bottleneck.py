@@ -36,23 +36,57 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     return _SpatialMean.apply(x)
 
 
-def bn_relu(bn: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``act(bn(x))``, where ``bn`` is a training-mode ``nn.BatchNorm2d`` and ``act`` an
-    ``nn.ReLU`` that :func:`fastnl.ops.batch_norm_relu` runs as one op (on CUDA: the Triton
-    kernels), with the module's own rules: ``num_batches_tracked`` counted, ``momentum=None``
-    as a cumulative average, the running statistics updated once per call. Anything else (eval
-    mode, SyncBatchNorm, another activation, the CPU) runs the two modules as they are."""
-    if (type(bn) is not nn.BatchNorm2d or type(act) is not nn.ReLU or not bn.training
-            or ops.batch_norm_relu_backend(x, True, bn.weight, bn.bias) == "reference"):
-        return act(bn(x))
+def _triton_bn(bn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``bn`` (applied to x) is a training-mode ``nn.BatchNorm2d`` that the Triton
+    kernels run (:func:`fastnl.ops.batch_norm_relu_backend`)."""
+    return (type(bn) is nn.BatchNorm2d and bn.training
+            and ops.batch_norm_relu_backend(x, True, bn.weight, bn.bias) == "triton")
+
+
+def _count_batch(bn: nn.BatchNorm2d) -> tuple:
+    """The module's bookkeeping of one training call, as ``nn.BatchNorm2d.forward`` does it:
+    ``num_batches_tracked`` counted; returns (running_mean, running_var, momentum factor), the
+    factor of ``momentum=None`` the cumulative average's."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             factor = 1.0 / float(bn.num_batches_tracked)
     tracked = bn.track_running_stats
-    return ops.batch_norm_relu(x, bn.running_mean if tracked else None, bn.running_var if tracked else None,
-                               bn.weight, bn.bias, training=True, momentum=factor, eps=bn.eps, backend="triton")
+    return (bn.running_mean if tracked else None), (bn.running_var if tracked else None), factor
+
+
+def bn_relu(bn: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(bn(x))``, where ``bn`` is a training-mode ``nn.BatchNorm2d`` and ``act`` an
+    ``nn.ReLU`` that :func:`fastnl.ops.batch_norm_relu` runs as one op (on CUDA: the Triton
+    kernels), with the module's own rules: ``num_batches_tracked`` counted, ``momentum=None``
+    as a cumulative average, the running statistics updated once per call. Anything else (eval
+    mode, SyncBatchNorm, another activation, the CPU) runs the two modules as they are."""
+    if type(act) is not nn.ReLU or not _triton_bn(bn, x):
+        return act(bn(x))
+    running_mean, running_var, factor = _count_batch(bn)
+    return ops.batch_norm_relu(x, running_mean, running_var, bn.weight, bn.bias, training=True, momentum=factor,
+                               eps=bn.eps, backend="triton")
+
+
+def _excitation(se: SEModule):
+    """The SE module's layers after its squeeze, as a function of the squeeze."""
+    return lambda squeeze: se.gate(se.fc2(se.act(se.bn(se.fc1(squeeze)))))
+
+
+def bn_se_residual_relu(bn: nn.Module, se: SEModule, y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """``relu(se(bn(y)) + shortcut)``, a bottleneck's end from its last convolution's output, where
+    ``bn`` is a training-mode ``nn.BatchNorm2d`` that the Triton kernels run (the normalised map
+    never written: :func:`fastnl.ops.bn_se_residual_relu`), with the module's rules as in
+    :func:`bn_relu`; otherwise ``bn``, the SE module and the one-pass tail op
+    (:func:`fastnl.ops.se_residual_relu`), as also under ``torch.compile`` (the op's autograd
+    spans the SE module through Python state that a traced graph cannot hold)."""
+    if _triton_bn(bn, y) and shortcut.dtype == y.dtype and not torch.compiler.is_compiling():
+        running_mean, running_var, factor = _count_batch(bn)
+        return ops.bn_se_residual_relu(y, running_mean, running_var, bn.weight, bn.bias, _excitation(se), shortcut,
+                                       training=True, momentum=factor, eps=bn.eps, backend="triton")
+    x = bn(y)
+    return ops.se_residual_relu(x, _excitation(se)(spatial_mean(x)), shortcut)
 
 
 class FusedStem(nn.Module):
@@ -72,8 +106,9 @@ class FusedSEBottleneck(Bottleneck):
     """timm's Bottleneck whose tail, the SE rescale, the residual sum and the ReLU, runs as
     :func:`fastnl.ops.se_residual_relu`: one pass where plain PyTorch makes three forward and
     five backward. The SE squeeze's gradient is added to the op's in one pass
-    (:func:`spatial_mean`). The first two BatchNorm + ReLU pairs run as one op each in training
-    on CUDA (:func:`bn_relu`). The same modules and parameters, so the same state_dict."""
+    (:func:`spatial_mean`). In training on CUDA the first two BatchNorm + ReLU pairs run as one
+    op each (:func:`bn_relu`) and the last BatchNorm joins the tail, SE module included
+    (:func:`bn_se_residual_relu`). The same modules and parameters, so the same state_dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -83,12 +118,10 @@ class FusedSEBottleneck(Bottleneck):
             x = self.aa(bn_relu(self.bn2, self.act2, x))
         else:
             x = self.aa(self.act2(self.drop_block(self.bn2(x))))
-        x = self.bn3(self.conv3(x))
-        se = self.se
-        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(spatial_mean(x))))))
+        x = self.conv3(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        return ops.se_residual_relu(x, gate, shortcut)
+        return bn_se_residual_relu(self.bn3, self.se, x, shortcut)
 
 
 def fusable(block: nn.Module) -> bool:

@@ -1,0 +1,114 @@
+"""Autograd of the fused bottleneck end, ``relu(x * excite(mean_hw(x)) + shortcut)`` with
+``x = batch_norm(y)``, over the Triton ops of ``fastnl.kernels.bn_se_tail``.
+
+Two autograd Functions around the caller's ``excite`` (the SE module's layers, left to
+autograd): ``_BnSqueeze`` (y -> the squeeze, with the batch statistics) and ``_Tail`` (y, the
+gate and the shortcut -> out). The BatchNorm's backward needs the gradient of x from both the
+tail and the squeeze; x is never formed, so ``_Tail``'s backward returns no gradient for y and
+leaves its per-image sums in a ``_Handoff`` that ``_BnSqueeze``'s backward, which autograd runs
+after it (the squeeze's gradient comes through the gate), completes into y's gradient in one
+pass. With ``xhat = (y - mean) / std``, ``x = xhat * w + b`` and ``g = dout * (out > 0)``:
+
+- dgate[n, c] = sum_hw g * x
+- dx = g * gate[n, c] + dsqueeze[n, c] / S
+- BatchNorm: db = sum dx, dw = sum dx * xhat (per channel, from the [N, C] sums and the
+  forward's per-image mean of xhat), dy = scale * (dx - db / M - xhat * dw / M), M = N S.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+class _Handoff:
+    """What ``_Tail``'s backward leaves for ``_BnSqueeze``'s: g (the shortcut's gradient), the
+    [3, N, C] sums of g, g * xhat and g * x, and the gate as float32 [N, C]."""
+
+    __slots__ = ("g", "sums", "gate")
+
+    def __init__(self):
+        self.g = self.sums = self.gate = None
+
+
+class _BnSqueeze(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, bias, eps, handoff):
+        stats, pooled = torch.ops.fastnl.bn_pool.default(y, weight, bias, float(eps))
+        squeeze = torch.addcmul(bias.float(), pooled, weight.float())  # mean_hw(x), [N, C]
+        ctx.save_for_backward(y, weight, stats, pooled)
+        ctx.handoff = handoff
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return squeeze.to(y.dtype).view(*y.shape[:2], 1, 1), stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_squeeze, _grad_stats):
+        y, weight, stats, pooled = ctx.saved_tensors
+        handoff = ctx.handoff
+        N, C, H, W = y.shape
+        S = H * W
+        M = N * S
+        dsq = (torch.zeros((N, C), device=y.device, dtype=torch.float32) if grad_squeeze is None
+               else grad_squeeze.reshape(N, C).float())
+        if handoff.g is None:  # the squeeze reaches the output only through the gate
+            raise RuntimeError("bn_se_residual_relu: the squeeze has a gradient but the output had none; "
+                               "the squeeze must only feed the gate")
+        g, (sum_g, sum_gx, _sum_ga), gate = handoff.g, handoff.sums, handoff.gate
+        handoff.g = handoff.sums = handoff.gate = None
+        dbias = (gate * sum_g + dsq).sum(0)
+        dweight = (gate * sum_gx + dsq * pooled).sum(0)
+        invstd, scale = stats[1], stats[3]
+        coef_p = scale * gate
+        coef_q = scale * (dsq / S - dbias / M)
+        coef_b = -scale * invstd * (dweight / M)
+        dy = torch.ops.fastnl.se_tail_bwd_apply.default(g, y, stats, coef_p, coef_q, coef_b)
+        return dy, dweight.to(weight.dtype), dbias.to(weight.dtype), None, None
+
+
+class _Tail(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, stats, gate, shortcut, handoff):
+        N, C = y.shape[:2]
+        gate32 = gate.reshape(N, C).float()
+        out = torch.ops.fastnl.se_tail.default(y, stats, gate32, shortcut)
+        ctx.save_for_backward(y, out, stats, gate32)
+        ctx.handoff = handoff
+        ctx.gate_shape, ctx.gate_dtype = gate.shape, gate.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        y, out, stats, gate32 = ctx.saved_tensors
+        from fastnl.ops import _load_triton_kernels
+
+        if not _load_triton_kernels().batch_norm.dense_layout(grad_out):
+            grad_out = grad_out.contiguous()
+        g, sums = torch.ops.fastnl.se_tail_bwd_partial.default(grad_out, out, y, stats)
+        dgate = sums[2]
+        handoff = ctx.handoff
+        handoff.g, handoff.sums, handoff.gate = g, sums, gate32
+        needs = ctx.needs_input_grad
+        return (None, None, dgate.to(ctx.gate_dtype).view(ctx.gate_shape) if needs[2] else None,
+                g if needs[3] else None, None)
+
+
+def bn_se_residual_relu(y, weight, bias, eps, excite, shortcut):
+    """(out, stats): ``relu(x * excite(mean_hw(x)) + shortcut)`` with x the training-mode
+    BatchNorm of y (its batch statistics, affine ``weight``, ``bias``), through the Triton ops;
+    stats as ``fastnl.kernels.batch_norm`` returns them (row 0 the mean, row 2 the unbiased
+    variance). y: dense [N, C, H, W] in float32 / float16 / bfloat16; shortcut y's shape and
+    dtype, dense. ``excite`` maps the [N, C, 1, 1] squeeze (y's dtype) to the gate, [N, C, 1, 1]
+    or [N, C]."""
+    from fastnl.ops import _load_triton_kernels
+
+    _load_triton_kernels()  # defines the ops
+    handoff = _Handoff()
+    squeeze, stats = _BnSqueeze.apply(y, weight, bias, eps, handoff)
+    gate = excite(squeeze)
+    N, C = y.shape[:2]
+    if not isinstance(gate, torch.Tensor) or tuple(gate.shape) not in ((N, C), (N, C, 1, 1)):
+        got = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
+        raise ValueError(f"excite must return the gate as [N, C] = [{N}, {C}] or [{N}, {C}, 1, 1], got {got}")
+    return _Tail.apply(y, stats, gate, shortcut, handoff), stats

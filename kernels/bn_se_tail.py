@@ -1,0 +1,228 @@
+"""The end of an SE-ResNet bottleneck from its last convolution's output on, as Triton kernels:
+``relu(x * gate + shortcut)`` with ``x = batch_norm(y)`` (training mode) and ``gate`` the SE
+module's excitation of ``mean_hw(x)``, without x ever being written.
+
+y is the last 1x1 convolution's output [N, C, H, W] (contiguous or channels_last, seen as
+[N, C, S] with S = H W). Plain PyTorch (cuDNN's BatchNorm, the squeeze's mean, the SE rescale,
+the sum and the ReLU, or the extension's one-pass tail op after the first two) writes x, reads
+it for the squeeze and again for the tail, and keeps it for the backward. Here:
+
+Forward:
+
+- ``batch_norm._stats_partial`` with ``TILE_SUMS``: the batch statistics of y (as the BatchNorm
+  + ReLU op computes them) and, in the same read, each tile's sum of ``y - anchor`` per channel;
+  the per-image means of the normalised map (``pooled``, [N, C]) follow from those on [N, C]
+  tensors, and so the squeeze ``pooled * weight + bias``. One read of y.
+- ``_tail_fwd``: ``out = relu(gate * ((y - mean) * scale + bias) + shortcut)`` in float32,
+  rounded once. One read of y and of the shortcut, one write.
+
+Backward (x = xhat * weight + bias, xhat = (y - mean) / std, g = dout where out > 0):
+
+- ``_tail_bwd_partial``: the shortcut's gradient g (written) and per image and channel
+  ``sum_hw g``, ``sum_hw g * xhat`` and ``sum_hw g * x`` (the gate's gradient), from which,
+  with the squeeze's gradient, the BatchNorm's weight and bias gradients follow on [N, C]
+  tensors. One read of dout, out and y, one write.
+- ``_tail_bwd_apply``: ``dy = p[n, c] * g + b[c] * (y - mean) + q[n, c]``, the BatchNorm backward of
+  ``g * gate + dsqueeze / S`` with its per-channel sums folded into p, q and b. One read of g
+  and y, one write.
+
+Against plain PyTorch's passes over a [N, C, H, W] map (forward: BatchNorm 3, the squeeze 1, the
+tail 3; backward: the tail 5, the squeeze's gradient 2, BatchNorm's backward 5) this makes 4
+forward and 6 backward, and keeps y and out, not y, x and out, for the backward.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastnl._library import define_op
+from fastnl.vocabulary import triton_interpreted
+
+from . import batch_norm as bn
+from .batch_norm import _centred, _pre_activation, _rounded, _tile_offsets, _tile_position
+
+
+@triton.jit
+def _tail_fwd(X, R, Y, ANCHOR, OFFSET, SCALE, BIAS, GATE, C, S, NSB, sN, sC, sS, rN, rC, rS,
+              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Grid (N * NSB tiles, channel blocks): y = relu(gate[n, c] * ((x - mean) * scale + bias) + r)
+    in x's dtype (y has x's strides, the shortcut r its own)."""
+    n, sb = _tile_position(tl.program_id(0), NSB)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = c < C
+    s_base = tl.arange(0, BLOCK_S)
+    offs, mask, _s_ok = _tile_offsets(n, sb, c, s_base, sN, sC, sS, C, S, BLOCK_S)
+    roffs, _m, _s = _tile_offsets(n, sb, c, s_base, rN, rC, rS, C, S, BLOCK_S)
+    anchor = tl.load(ANCHOR + c, mask=keep, other=0.0)
+    offset = tl.load(OFFSET + c, mask=keep, other=0.0)
+    scale = tl.load(SCALE + c, mask=keep, other=0.0)
+    bias = tl.load(BIAS + c, mask=keep, other=0.0)
+    gate = tl.load(GATE + n * C + c, mask=keep, other=0.0)
+    pre = _pre_activation(tl.load(X + offs, mask=mask, other=0.0), anchor, offset, scale, bias)
+    v = gate[:, None] * pre + tl.load(R + roffs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.where(v < 0.0, 0.0, v)  # NaN stays NaN, as torch's relu keeps it
+    tl.store(Y + offs, _rounded(y, Y.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+@triton.jit
+def _tail_bwd_partial(DY, Y, X, DR, ANCHOR, OFFSET, INVSTD, SCALE, BIAS, PSUM, PSUMX, PSUMA, C, S, NSB,
+                      sN, sC, sS, dN, dC, dS, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (N, channel blocks): program n writes g = dy * (y > 0) over image n (DR, x's strides;
+    dy has strides dN, dC, dS) and its sums ``sum g``, ``sum g * xhat`` and ``sum g * a`` (a the
+    normalised, affine map, as the forward computes it: the gate's gradient with no cancellation
+    between its weight and bias terms) per channel to row n of PSUM, PSUMX and PSUMA [N, C]."""
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = c < C
+    anchor = tl.load(ANCHOR + c, mask=keep, other=0.0)
+    offset = tl.load(OFFSET + c, mask=keep, other=0.0)
+    invstd = tl.load(INVSTD + c, mask=keep, other=0.0)
+    scale = tl.load(SCALE + c, mask=keep, other=0.0)
+    bias = tl.load(BIAS + c, mask=keep, other=0.0)
+    s_base = tl.arange(0, BLOCK_S)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_x = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for sb in range(0, NSB):
+        offs, mask, _s_ok = _tile_offsets(n, sb, c, s_base, sN, sC, sS, C, S, BLOCK_S)
+        doffs, _m, _s = _tile_offsets(n, sb, c, s_base, dN, dC, dS, C, S, BLOCK_S)
+        out = tl.load(Y + offs, mask=mask, other=0.0)
+        dy = tl.load(DY + doffs, mask=mask, other=0.0)
+        g = tl.where(out > 0.0, dy, 0.0)  # masked lanes load 0: no contribution
+        tl.store(DR + offs, g, mask=mask)
+        g32 = g.to(tl.float32)
+        centred = _centred(tl.load(X + offs, mask=mask, other=0.0), anchor, offset)
+        acc += tl.sum(g32, 1)
+        acc_x += tl.sum(g32 * (centred * invstd[:, None]), 1)
+        acc_a += tl.sum(g32 * (centred * scale[:, None] + bias[:, None]), 1)
+    tl.store(PSUM + n * C + c, acc, mask=keep)
+    tl.store(PSUMX + n * C + c, acc_x, mask=keep)
+    tl.store(PSUMA + n * C + c, acc_a, mask=keep)
+
+
+@triton.jit
+def _tail_bwd_apply(DR, X, DX, ANCHOR, OFFSET, COEF_P, COEF_Q, COEF_B, C, S, NSB, sN, sC, sS,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Grid (N * NSB tiles, channel blocks): dx = p[n, c] * g + b[c] * (x - mean) + q[n, c] in x's
+    dtype (g, dx: x's strides)."""
+    n, sb = _tile_position(tl.program_id(0), NSB)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = c < C
+    offs, mask, _s_ok = _tile_offsets(n, sb, c, tl.arange(0, BLOCK_S), sN, sC, sS, C, S, BLOCK_S)
+    anchor = tl.load(ANCHOR + c, mask=keep, other=0.0)
+    offset = tl.load(OFFSET + c, mask=keep, other=0.0)
+    coef_b = tl.load(COEF_B + c, mask=keep, other=0.0)
+    coef_p = tl.load(COEF_P + n * C + c, mask=keep, other=0.0)
+    coef_q = tl.load(COEF_Q + n * C + c, mask=keep, other=0.0)
+    g = tl.load(DR + offs, mask=mask, other=0.0).to(tl.float32)
+    centred = _centred(tl.load(X + offs, mask=mask, other=0.0), anchor, offset)
+    dx = coef_p[:, None] * g + coef_b[:, None] * centred + coef_q[:, None]
+    tl.store(DX + offs, _rounded(dx, DX.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+KERNELS = {"se_tail_fwd": _tail_fwd, "se_tail_bwd_partial": _tail_bwd_partial, "se_tail_bwd_apply": _tail_bwd_apply}
+
+
+# --------------------------------------------------------------------------------------------
+# The ops (torch.library custom ops: opaque to torch.compile, fake kernels for the shape-only
+# counts). Autograd is :mod:`fastnl.model.bn_se_tail`'s, which spans the SE module.
+# --------------------------------------------------------------------------------------------
+
+
+def bn_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """(stats, pooled): the batch statistics of x as ``batch_norm.bn_relu_fwd`` returns them
+    ([STATS, C] float32) and the per-image mean of the normalised ``xhat = (x - mean) / std``
+    ([N, C] float32), in one read of x."""
+    N, C = x.shape[:2]
+    stats = torch.empty((bn.STATS, C), device=x.device, dtype=torch.float32)
+    pooled = torch.empty((N, C), device=x.device, dtype=torch.float32)
+    if not bn._launches(x):
+        return stats, pooled
+    N, C, S, block_c, block_s, nsb, cb, tiles = bn._geometry(x)
+    G = bn._reduction_programs(x, cb, tiles)
+    partial = torch.empty((3, G, C), device=x.device, dtype=torch.float32)
+    tile_sums = torch.empty((tiles, C), device=x.device, dtype=torch.float32)
+    sN, sC, sS = bn._strides(x)
+    bn._stats_partial[(G, cb)](x, stats[5], partial[0], partial[1], partial[2], tile_sums, C, S, tiles, nsb, G,
+                               bn.anchor_images(N, S, block_s), sN, sC, sS,
+                               BLOCK_C=block_c, BLOCK_S=block_s, TILE_SUMS=True, num_warps=4)
+    fin_g, fin_c = bn.finalize_blocks(C, G)
+    bn._stats_finalize[(triton.cdiv(C, fin_c),)](partial[0], partial[1], partial[2], weight, bias, *stats, C, G,
+                                                 float(eps), BLOCK_G=fin_g, BLOCK_C=fin_c, num_warps=4)
+    # mean over the image of x - anchor, less the offset: the image's mean of x - mean
+    torch.sub(tile_sums.view(N, nsb, C).sum(1), stats[6], alpha=S, out=pooled)
+    pooled.mul_(stats[1] / S)
+    return stats, pooled
+
+
+def tail_fwd(x: torch.Tensor, stats: torch.Tensor, gate: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """``relu(gate * batch_norm(x) + shortcut)`` (gate [N, C] float32; the BatchNorm from
+    ``stats``) in x's dtype and layout."""
+    y = torch.empty_like(x)
+    if not bn._launches(x):
+        return y
+    N, C, S, block_c, block_s, nsb, cb, tiles = bn._geometry(x)
+    _tail_fwd[(tiles, cb)](x, shortcut, y, stats[5], stats[6], stats[3], stats[4], gate, C, S, nsb,
+                           *bn._strides(x), *bn._strides(shortcut), BLOCK_C=block_c, BLOCK_S=block_s,
+                           INTERPRETED=triton_interpreted(), num_warps=4)
+    return y
+
+
+def tail_bwd_partial(grad_y: torch.Tensor, y: torch.Tensor, x: torch.Tensor, stats: torch.Tensor):
+    """(g, sums): g = grad_y where y > 0 (the shortcut's gradient, in x's layout and grad_y's
+    dtype) and sums [3, N, C] float32: per image and channel ``sum g``, ``sum g * xhat`` and
+    ``sum g * batch_norm(x)`` (the gate's gradient)."""
+    g = torch.empty_like(x, dtype=grad_y.dtype)
+    sums = torch.empty((3, x.shape[0], x.shape[1]), device=x.device, dtype=torch.float32)
+    if not bn._launches(x):
+        return g, sums
+    N, C, S, block_c, block_s, nsb, cb, tiles = bn._geometry(x)
+    _tail_bwd_partial[(N, cb)](grad_y, y, x, g, stats[5], stats[6], stats[1], stats[3], stats[4], *sums, C, S, nsb,
+                               *bn._strides(x), *bn._strides(grad_y), BLOCK_C=block_c, BLOCK_S=block_s,
+                               num_warps=4)
+    return g, sums
+
+
+def tail_bwd_apply(g: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, coef_p: torch.Tensor,
+                   coef_q: torch.Tensor, coef_b: torch.Tensor) -> torch.Tensor:
+    """dx = coef_p * g + coef_b * (x - mean) + coef_q (coef_p, coef_q [N, C], coef_b [C], float32)
+    in x's dtype and layout."""
+    dx = torch.empty_like(x)
+    if not bn._launches(x):
+        return dx
+    N, C, S, block_c, block_s, nsb, cb, tiles = bn._geometry(x)
+    _tail_bwd_apply[(tiles, cb)](g, x, dx, stats[5], stats[6], coef_p, coef_q, coef_b, C, S, nsb, *bn._strides(x),
+                                 BLOCK_C=block_c, BLOCK_S=block_s, INTERPRETED=triton_interpreted(),
+                                 num_warps=4)
+    return dx
+
+
+def _fake_bn_pool(x, weight, bias, eps):
+    return x.new_empty((bn.STATS, x.shape[1]), dtype=torch.float32), x.new_empty(x.shape[:2], dtype=torch.float32)
+
+
+def _fake_tail_fwd(x, stats, gate, shortcut):
+    return torch.empty_like(x)
+
+
+def _fake_tail_bwd_partial(grad_y, y, x, stats):
+    return torch.empty_like(x, dtype=grad_y.dtype), x.new_empty((3, *x.shape[:2]), dtype=torch.float32)
+
+
+def _fake_tail_bwd_apply(g, x, stats, coef_p, coef_q, coef_b):
+    return torch.empty_like(x)
+
+
+_OPS = {
+    "bn_pool": (bn_pool, "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)", _fake_bn_pool),
+    "se_tail": (tail_fwd, "(Tensor x, Tensor stats, Tensor gate, Tensor shortcut) -> Tensor", _fake_tail_fwd),
+    "se_tail_bwd_partial": (tail_bwd_partial, "(Tensor grad_y, Tensor y, Tensor x, Tensor stats) -> (Tensor, Tensor)",
+                            _fake_tail_bwd_partial),
+    "se_tail_bwd_apply": (tail_bwd_apply, "(Tensor g, Tensor x, Tensor stats, Tensor coef_p, Tensor coef_q, "
+                                          "Tensor coef_b) -> Tensor", _fake_tail_bwd_apply),
+}
+
+for _name, (_fn, _schema, _fake) in _OPS.items():
+    if not hasattr(torch.ops.fastnl, _name):
+        define_op(_name, _fn, _schema, _fake)
