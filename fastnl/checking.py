@@ -415,7 +415,7 @@ def _fused_backends(device: str) -> str:
     triton = device.startswith("cuda") and _triton_reason(device) is None
     channel = "extension" if _extension_reason() is None else "reference (extension not built)"
     return (f"attention {'triton' if triton else 'torch'}, channel and SE tail {channel}, "
-            f"BatchNorm + ReLU {'triton' if triton else 'reference'}")
+            f"BatchNorm + ReLU and bottleneck end {'triton' if triton else 'reference'}")
 
 
 def model_check(batch: int, frames: int, height: int, width: int, device: str, num_classes: int = 8) -> Check:

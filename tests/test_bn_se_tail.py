@@ -342,3 +342,31 @@ def test_the_block_compiles_in_one_graph_with_the_plain_tail(monkeypatch):
     out_a.backward(torch.ones_like(out_a))
     out_b.backward(torch.ones_like(out_b))
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpointed_block_matches_the_plain_one_and_counts_its_batch_once(monkeypatch):
+    # as the model checkpoints each block (non-reentrant, the recomputation leaving the running
+    # statistics alone): the recomputed saved tensors refill the fused end's two Functions
+    from timm.models.resnet import Bottleneck
+    from torch.utils.checkpoint import checkpoint
+
+    from fastnl.model.network import _RecomputeKeepsBNStats
+
+    monkeypatch.setattr(ops, "batch_norm_relu_backend", lambda *a: "triton")
+    torch.manual_seed(0)
+    block = Bottleneck(16, 4, attn_layer="se").to(DEVICE).train()
+    plain = copy.deepcopy(block)
+    assert se_bottleneck.fuse_se_tails(block) == 1
+    x = torch.randn(2, 16, 6, 4, device=DEVICE)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a = checkpoint(_RecomputeKeepsBNStats(block), xa, use_reentrant=False)
+    out_b = plain(xb)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out_a)
+    out_a.backward(g)
+    out_b.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+    for (name, pa), pb in zip(block.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-4, msg=name)
+    for (name, ba), bb in zip(block.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(ba, bb, rtol=1e-5, atol=1e-6, msg=name)

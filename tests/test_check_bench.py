@@ -517,8 +517,9 @@ def test_channel_rows_follow_known_times(monkeypatch):
 
 
 def test_batch_norm_rows_time_triton_against_plain(monkeypatch):
-    """The BatchNorm + ReLU rows (on CUDA by default) with a stand-in op of known times: the
-    Triton backend against plain PyTorch, over a floor of 2 passes forward and 5 in all."""
+    """The BatchNorm rows (on CUDA by default) with stand-in ops of known times: the Triton
+    backend against plain PyTorch, over a floor of 2 passes forward and 5 in all (BatchNorm +
+    ReLU) and 3 and 8 (the bottleneck end, its SE module's layers run as given)."""
     import time
 
     from fastnl.benchmarks import channel
@@ -528,16 +529,28 @@ def test_batch_norm_rows_time_triton_against_plain(monkeypatch):
         time.sleep(0.05 if backend == "triton" else 0.1)
         return x + 0 * (weight.sum() + bias.sum())
 
+    def bn_se_op(y, running_mean, running_var, weight, bias, excite, shortcut, *, training, backend):
+        assert training and running_mean.shape == weight.shape == (y.shape[1],) and shortcut.shape == y.shape
+        gate = excite(y.mean((2, 3), keepdim=True))
+        assert gate.shape == (*y.shape[:2], 1, 1) and gate.dtype == y.dtype
+        time.sleep(0.04 if backend == "triton" else 0.12)
+        return y * gate + shortcut + 0 * (weight.sum() + bias.sum())
+
     monkeypatch.setattr(channel.ops, "batch_norm_relu", bn_op)
+    monkeypatch.setattr(channel.ops, "bn_se_residual_relu", bn_se_op)
     for name in ("QUICK_SHAPES", "SE_QUICK_SHAPES"):
         monkeypatch.setattr(channel, name, [])
     assert channel.run("cpu", quick=True) == []  # not on a CPU unless asked
     records = channel.run("cpu", quick=True, batch_norm=True)
     assert [(r["op"], r["pass"], r["backend"]) for r in records] == \
-        [("batch_norm_relu", p, b) for b in ("triton", "reference") for p in ("fwd", "fwd+bwd")]
+        [(op, p, b) for op in ("batch_norm_relu", "bn_se_residual_relu") for b in ("triton", "reference")
+         for p in ("fwd", "fwd+bwd")]
     numel = math.prod(channel.BN_QUICK_SHAPES[0])
     assert [r["floor_bytes"] for r in records[:2]] == [2 * 4 * numel, 5 * 4 * numel]
     assert 1.3 < records[0]["speedup_vs_reference"] < 3.0 and records[2]["speedup_vs_reference"] == 1.0
+    numel = math.prod(channel.BN_SE_QUICK_SHAPES[0])
+    assert [r["floor_bytes"] for r in records[4:6]] == [3 * 4 * numel, 8 * 4 * numel]
+    assert 1.8 < records[4]["speedup_vs_reference"] < 5.0 and records[6]["speedup_vs_reference"] == 1.0
 
 
 def test_attention_speedups_follow_known_times(monkeypatch):

@@ -12,7 +12,11 @@ backward read grad_out, out and x, write grad_x and grad_shortcut. On CUDA,
 ``fastnl.ops.batch_norm_relu`` in training mode (gradients of x, weight, bias) with backend
 "triton" and "reference" (cuDNN's BatchNorm, then ReLU) at the bottlenecks' first BatchNorm of
 layer1 (64 x 64x32) and layer3 (256 x 16x8); its floor: forward read x, write y; backward read
-grad_y and x, write grad_x (the kernels read x once more in each direction).
+grad_y and x, write grad_x (the kernels read x once more in each direction). And
+``fastnl.ops.bn_se_residual_relu`` (a bottleneck's end from its last BatchNorm on; gradients of
+y, the shortcut, the BatchNorm's and the SE module's parameters) with backend "triton" and
+"reference" (BatchNorm, SE module, sum and ReLU as timm runs them) at the bottleneck outputs of
+layer1 and layer4; its floor is the SE tail's (the kernels read y once more in each direction).
 
 Each record gives the median time and its 20th/80th percentiles, the achieved bandwidth over the memory-traffic floor (forward:
 read x, write out; backward: read grad_out and x, write grad_x) and the floor ratio: the time
@@ -36,6 +40,9 @@ SE_QUICK_SHAPES = [(16, 256, 16, 8), (16, 2048, 2, 1)]
 # BatchNorm + ReLU: (frames, C, H, W) of bn1 in layer1 and layer3 at 256x128
 BN_REAL_SHAPES = [(256, 64, 64, 32), (256, 256, 16, 8)]
 BN_QUICK_SHAPES = [(16, 64, 16, 8)]
+# the bottleneck end: (frames, C, H, W) after layer1 and layer4 at 256x128
+BN_SE_REAL_SHAPES = [(256, 256, 64, 32), (256, 2048, 8, 4)]
+BN_SE_QUICK_SHAPES = [(16, 256, 16, 8)]
 REDUCTION = 16
 
 
@@ -79,6 +86,30 @@ def _bn_inputs(shape, dtype, device, requires_grad):
 def _bn_call(args, backend, running):
     x, weight, bias = args
     return ops.batch_norm_relu(x, running[0], running[1], weight, bias, training=True, backend=backend)
+
+
+def _bn_se_inputs(shape, dtype, device, requires_grad):
+    """y, shortcut (dtype), the BatchNorm's weight and bias and the SE module's fc1 / fc2
+    weights and biases (float32, R = C / 16)."""
+    C = shape[1]
+    R = max(1, C // REDUCTION)
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(2)]
+    params = [torch.rand(C, generator=gen) + 0.5, 0.1 * torch.randn(C, generator=gen),
+              torch.randn(R, C, 1, 1, generator=gen) / C ** 0.5, 0.1 * torch.randn(R, generator=gen),
+              torch.randn(C, R, 1, 1, generator=gen) / R ** 0.5, 0.1 * torch.randn(C, generator=gen)]
+    return [t.requires_grad_(requires_grad) for t in [*maps, *(p.to(device) for p in params)]]
+
+
+def _bn_se_call(args, backend, running):
+    y, shortcut, weight, bias, w1, b1, w2, b2 = args
+
+    def excite(s):  # the SE convolutions in the maps' dtype, as autocast runs them
+        h = torch.relu(torch.nn.functional.conv2d(s, w1.to(s.dtype), b1.to(s.dtype)))
+        return torch.sigmoid(torch.nn.functional.conv2d(h, w2.to(s.dtype), b2.to(s.dtype)))
+
+    return ops.bn_se_residual_relu(y, running[0], running[1], weight, bias, excite, shortcut, training=True,
+                                   backend=backend)
 
 
 def _time_op(records, op, shape, dtype, device, measure, floor_passes, make, call,
@@ -128,8 +159,8 @@ def _time_op(records, op, shape, dtype, device, measure, floor_passes, make, cal
 
 
 def run(device, quick: bool = False, batch_norm: bool | None = None) -> list[dict]:
-    """Benchmark records (one per shape, dtype, pass and backend) on ``device``; the BatchNorm +
-    ReLU rows where ``batch_norm`` (default: on CUDA, where Triton runs compiled; interpreted on
+    """Benchmark records (one per shape, dtype, pass and backend) on ``device``; the BatchNorm
+    rows (BatchNorm + ReLU, the bottleneck end) where ``batch_norm`` (default: on CUDA, where Triton runs compiled; interpreted on
     a CPU it is far too slow to time)."""
     device = torch.device(device)
     dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
@@ -158,6 +189,14 @@ def run(device, quick: bool = False, batch_norm: bool | None = None) -> list[dic
                          make=lambda requires_grad, shape=shape, dtype=dtype: _bn_inputs(shape, dtype, device,
                                                                                           requires_grad),
                          call=lambda args, backend, running=running: _bn_call(args, backend, running),
+                         backends=("triton", "reference"))
+        for shape in BN_SE_QUICK_SHAPES if quick else BN_SE_REAL_SHAPES:
+            running = (torch.zeros(shape[1], device=device), torch.ones(shape[1], device=device))
+            for dtype in dtypes:
+                _time_op(records, "bn_se_residual_relu", shape, dtype, device, measure, floor_passes=(3, 8),
+                         make=lambda requires_grad, shape=shape, dtype=dtype: _bn_se_inputs(shape, dtype, device,
+                                                                                             requires_grad),
+                         call=lambda args, backend, running=running: _bn_se_call(args, backend, running),
                          backends=("triton", "reference"))
     return records
 
