@@ -235,13 +235,20 @@ def test_fused_block_with_the_op_matches_the_plain_block(monkeypatch):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_a, out_b = block(xa), plain_block(xb)
     assert len(calls) == 2  # bn1 + act1 and bn2 + act2
+    assert_blocks_match(block, plain_block, (xa, out_a), (xb, out_b), rtol=1e-3, atol=1e-4)
+
+
+def assert_blocks_match(block, plain_block, fused_run, plain_run, *, rtol, atol):
+    """Outputs, input and parameter gradients (one random output gradient) and buffers of a
+    fused block and the plain one on the same input; each run is (input leaf, output)."""
+    (xa, out_a), (xb, out_b) = fused_run, plain_run
     torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-4)
     g = torch.randn_like(out_a)
     out_a.backward(g)
     out_b.backward(g)
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=rtol, atol=atol)
     for (name, pa), pb in zip(block.named_parameters(), plain_block.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=rtol, atol=atol, msg=name)
     for (name, ba), bb in zip(block.named_buffers(), plain_block.buffers()):
         torch.testing.assert_close(ba, bb, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -23,7 +23,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_batch_norm_relu import _bn, _welford_float32
+from test_batch_norm_relu import _bn, _welford_float32, assert_blocks_match
 from timm.layers import SEModule
 from torch import nn
 
@@ -361,12 +361,4 @@ def test_a_checkpointed_block_matches_the_plain_one_and_counts_its_batch_once(mo
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_a = checkpoint(_RecomputeKeepsBNStats(block), xa, use_reentrant=False)
     out_b = plain(xb)
-    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(out_a)
-    out_a.backward(g)
-    out_b.backward(g)
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
-    for (name, pa), pb in zip(block.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-4, msg=name)
-    for (name, ba), bb in zip(block.named_buffers(), plain.buffers()):
-        torch.testing.assert_close(ba, bb, rtol=1e-5, atol=1e-6, msg=name)
+    assert_blocks_match(block, plain, (xa, out_a), (xb, out_b), rtol=1e-4, atol=1e-4)

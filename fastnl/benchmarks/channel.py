@@ -182,22 +182,18 @@ def run(device, quick: bool = False, batch_norm: bool | None = None) -> list[dic
                      make=lambda requires_grad, shape=shape, dtype=dtype: _se_inputs(shape, dtype, device, requires_grad),
                      call=lambda args, backend: ops.se_residual_relu(*args, backend=backend))
     if device.type == "cuda" if batch_norm is None else batch_norm:
-        for shape in BN_QUICK_SHAPES if quick else BN_REAL_SHAPES:
-            running = (torch.zeros(shape[1], device=device), torch.ones(shape[1], device=device))
-            for dtype in dtypes:
-                _time_op(records, "batch_norm_relu", shape, dtype, device, measure, floor_passes=(2, 5),
-                         make=lambda requires_grad, shape=shape, dtype=dtype: _bn_inputs(shape, dtype, device,
-                                                                                          requires_grad),
-                         call=lambda args, backend, running=running: _bn_call(args, backend, running),
-                         backends=("triton", "reference"))
-        for shape in BN_SE_QUICK_SHAPES if quick else BN_SE_REAL_SHAPES:
-            running = (torch.zeros(shape[1], device=device), torch.ones(shape[1], device=device))
-            for dtype in dtypes:
-                _time_op(records, "bn_se_residual_relu", shape, dtype, device, measure, floor_passes=(3, 8),
-                         make=lambda requires_grad, shape=shape, dtype=dtype: _bn_se_inputs(shape, dtype, device,
-                                                                                             requires_grad),
-                         call=lambda args, backend, running=running: _bn_se_call(args, backend, running),
-                         backends=("triton", "reference"))
+        for op, shapes, floors, make, call in (
+                ("batch_norm_relu", BN_QUICK_SHAPES if quick else BN_REAL_SHAPES, (2, 5), _bn_inputs, _bn_call),
+                ("bn_se_residual_relu", BN_SE_QUICK_SHAPES if quick else BN_SE_REAL_SHAPES, (3, 8), _bn_se_inputs,
+                 _bn_se_call)):
+            for shape in shapes:
+                running = (torch.zeros(shape[1], device=device), torch.ones(shape[1], device=device))
+                for dtype in dtypes:
+                    _time_op(records, op, shape, dtype, device, measure, floor_passes=floors,
+                             make=lambda requires_grad, shape=shape, dtype=dtype, make=make: make(
+                                 shape, dtype, device, requires_grad),
+                             call=lambda args, backend, running=running, call=call: call(args, backend, running),
+                             backends=("triton", "reference"))
     return records
 
 
