@@ -70,7 +70,7 @@ class _Tail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, stats, gate, shortcut, handoff):
         N, C = y.shape[:2]
-        gate32 = gate.reshape(N, C).float()
+        gate32 = gate.reshape(N, C).float().contiguous()  # the kernel reads row n at n * C
         out = torch.ops.fastnl.se_tail.default(y, stats, gate32, shortcut)
         ctx.save_for_backward(y, out, stats, gate32)
         ctx.handoff = handoff

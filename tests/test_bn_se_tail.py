@@ -362,3 +362,24 @@ def test_a_checkpointed_block_matches_the_plain_one_and_counts_its_batch_once(mo
     out_a = checkpoint(_RecomputeKeepsBNStats(block), xa, use_reentrant=False)
     out_b = plain(xb)
     assert_blocks_match(block, plain, (xa, out_a), (xb, out_b), rtol=1e-4, atol=1e-4)
+
+
+def test_a_gate_of_any_strides():
+    # excite may return a non-contiguous [N, C] gate (here float32, a transposed product)
+    y, shortcut, weight, bias, _, grad, _ = _inputs((3, 10, 4, 5))
+    proj = torch.randn(10, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    results = []
+    for backend in ("triton", "reference"):
+        yd = y.float().to(DEVICE).requires_grad_()
+        p = proj.float().to(DEVICE).requires_grad_()
+
+        def excite(s):
+            gate = torch.sigmoid(p @ s.flatten(1).t()).t()
+            assert not gate.is_contiguous()
+            return gate
+
+        out = ops.bn_se_residual_relu(yd, None, None, weight.float().to(DEVICE), bias.float().to(DEVICE), excite,
+                                      shortcut.float().to(DEVICE), training=True, backend=backend)
+        results.append((out, *torch.autograd.grad(out, (yd, p), grad.float().to(DEVICE))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
