@@ -111,4 +111,24 @@ def bn_se_residual_relu(y, weight, bias, eps, excite, shortcut):
     if not isinstance(gate, torch.Tensor) or tuple(gate.shape) not in ((N, C), (N, C, 1, 1)):
         got = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
         raise ValueError(f"excite must return the gate as [N, C] = [{N}, {C}] or [{N}, {C}, 1, 1], got {got}")
+    if squeeze.requires_grad and not _reaches(gate.grad_fn, squeeze.grad_fn):
+        # y's gradient through the tail is completed in the squeeze's backward: without that
+        # path it would silently be left out
+        raise ValueError("excite must compute the gate from the squeeze it is given (its gradient flows back "
+                         "through the squeeze); use backend='reference' for a gate made otherwise")
     return _Tail.apply(y, stats, gate, shortcut, handoff), stats
+
+
+def _reaches(node, target, limit: int = 4096) -> bool:
+    """Whether autograd node ``target`` is among ``node``'s inputs, transitively (at most
+    ``limit`` nodes looked at: an SE module's excitation is a handful)."""
+    seen, todo = set(), [node]
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        if n is target:
+            return True
+        seen.add(n)
+        todo.extend(next_fn for next_fn, _ in n.next_functions)
+    return False

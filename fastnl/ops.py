@@ -417,7 +417,8 @@ def bn_se_residual_relu(y: torch.Tensor, running_mean: torch.Tensor | None, runn
     y, shortcut: [N, C, H, W] of one dtype; running_mean, running_var: [C] or None (updated in
     place in training mode, as ``F.batch_norm`` does); weight, bias: [C]; ``excite``: the SE
     module's excitation, a function of the [N, C, 1, 1] squeeze (y's dtype) returning the gate
-    ([N, C, 1, 1] or [N, C]), run by autograd as it is. Differentiable in y, weight, bias,
+    ([N, C, 1, 1] or [N, C]), run by autograd as it is; for backend "triton" the gate must be
+    computed from that squeeze (a ValueError otherwise). Differentiable in y, weight, bias,
     shortcut and whatever ``excite`` uses.
 
     backend: "auto" (:func:`batch_norm_relu_backend`'s choice), "triton" (the kernels of

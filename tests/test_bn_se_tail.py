@@ -314,6 +314,10 @@ def test_bad_input_names_the_cause():
         call(weight=None, bias=None)
     with pytest.raises(ValueError, match="excite must return the gate as"):
         call(excite=lambda s: s[:, :2])
+    # a gate not made from the squeeze: y's gradient through the tail would be lost
+    gate = torch.rand(2, 4, 1, 1, requires_grad=True)
+    with pytest.raises(ValueError, match="excite must compute the gate from the squeeze"):
+        call(y=y.clone().requires_grad_(), excite=lambda s: gate * 2)
     with pytest.raises(ValueError, match="backend must be one of"):
         call(backend="cuda")
 
