@@ -114,8 +114,14 @@ def test_quick_count_of_the_real_model_separates_quadratic_from_linear(monkeypat
     expected_fused = setting.batch * nltp / MB
     assert fits["reference"]["kept_c_mb"] == pytest.approx(expected_ref, rel=1e-6)
     assert fits["fused"]["kept_c_mb"] == pytest.approx(expected_fused, rel=1e-6)
-    # the same linear part: both keep the backbone's activations and the 1x1-conv outputs
-    assert fits["fused"]["kept_b_mb"] == pytest.approx(fits["reference"]["kept_b_mb"], rel=0.05)
+    # the linear part: both keep the backbone's activations and the 1x1-conv outputs, but the
+    # fused bottleneck ends (as CUDA runs them) keep no normalised map x (bf16) and keep each
+    # image's mean of xhat (float32 [N, C]) instead: per frame, sum over the 16 bottlenecks of
+    # C (2 H W - 4) bytes, with layer1..4 at 16x8, 8x4, 4x2, 2x1 here
+    per_frame = sum(blocks * c * (2 * hw - 4) for blocks, c, hw in
+                    ((3, 256, 128), (4, 512, 32), (6, 1024, 8), (3, 2048, 2)))
+    assert fits["fused"]["kept_b_mb"] == pytest.approx(
+        fits["reference"]["kept_b_mb"] - setting.batch * per_frame / MB, abs=0.01 * fits["reference"]["kept_b_mb"])
     for r in counts:
         assert r["peak_mb"] >= r["start_mb"] + r["kept_mb"] - 1e-6
     text = memory.format_table(rows)
