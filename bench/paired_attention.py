@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     for baseline in args.baseline:
         s = result.speedup(args.engine, baseline)
         print(f"{args.engine} over {baseline}, B={B} L={L} D={D}, {args.rounds} rounds: median speed-up "
-              f"{s['median']:.3f} (range {s['min']:.2f}-{s['max']:.2f})")
+              f"{s['median']:.3f} (range {s['min']:.3f}-{s['max']:.3f})")
 
 
 if __name__ == "__main__":
