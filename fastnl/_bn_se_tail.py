@@ -101,16 +101,13 @@ def bn_se_residual_relu(y, weight, bias, eps, excite, shortcut):
     variance). y: dense [N, C, H, W] in float32 / float16 / bfloat16; shortcut y's shape and
     dtype, dense. ``excite`` maps the [N, C, 1, 1] squeeze (y's dtype) to the gate, [N, C, 1, 1]
     or [N, C]."""
-    from fastnl.ops import _load_triton_kernels
+    from fastnl.ops import _check_gate, _load_triton_kernels
 
     _load_triton_kernels()  # defines the ops
     handoff = _Handoff()
     squeeze, stats = _BnSqueeze.apply(y, weight, bias, eps, handoff)
     gate = excite(squeeze)
-    N, C = y.shape[:2]
-    if not isinstance(gate, torch.Tensor) or tuple(gate.shape) not in ((N, C), (N, C, 1, 1)):
-        got = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
-        raise ValueError(f"excite must return the gate as [N, C] = [{N}, {C}] or [{N}, {C}, 1, 1], got {got}")
+    _check_gate(gate, *y.shape[:2], what="excite must return the gate as")
     if squeeze.requires_grad and not _reaches(gate.grad_fn, squeeze.grad_fn):
         # y's gradient through the tail is completed in the squeeze's backward: without that
         # path it would silently be left out

@@ -323,8 +323,6 @@ def bn_se_check(batch: int, channels: int, height: int, width: int, device: str)
     relu(x * excite(mean_hw(x)) + shortcut), x = batch_norm(y) in training mode; y and the
     shortcut in the model dtype, the BatchNorm's and the SE module's parameters in float32, the
     SE convolutions in the maps' dtype (as autocast runs them)."""
-    import torch.nn.functional as F
-
     from fastnl import ops, reference
 
     hidden = max(1, channels // 16)
@@ -344,10 +342,7 @@ def bn_se_check(batch: int, channels: int, height: int, width: int, device: str)
         }
         params = {n: p.to(wide).requires_grad_(True) for n, p in params.items()}
 
-        def excite(s):
-            h = torch.relu(F.conv2d(s, params["fc1.weight"].to(s.dtype), params["fc1.bias"].to(s.dtype)))
-            return torch.sigmoid(F.conv2d(h, params["fc2.weight"].to(s.dtype), params["fc2.bias"].to(s.dtype)))
-
+        excite = reference.se_excitation(*(params[n] for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")))
         weight, bias = params["bn.weight"], params["bn.bias"]
         if variant == "fused":
             out = ops.bn_se_residual_relu(y, None, None, weight, bias, excite, shortcut, training=True,

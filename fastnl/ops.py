@@ -64,6 +64,21 @@ def _check_same(names, tensors) -> None:
     _check_devices(names, tensors)
 
 
+def _check_map_and_shortcut(name: str, x, shortcut) -> None:
+    """``name`` and the shortcut: [N, C, H, W] float tensors of one shape."""
+    _check_tensor(name, x, 4, "[N, C, H, W]")
+    _check_tensor("shortcut", shortcut, 4, "[N, C, H, W]")
+    if shortcut.shape != x.shape:
+        raise ValueError(f"shortcut must have {name}'s shape {tuple(x.shape)}, got {tuple(shortcut.shape)}")
+
+
+def _check_gate(gate, N: int, C: int, what: str = "gate must have shape") -> None:
+    """An SE gate: a tensor of shape [N, C] or [N, C, 1, 1] (a ValueError starting ``what``)."""
+    if not isinstance(gate, torch.Tensor) or tuple(gate.shape) not in ((N, C), (N, C, 1, 1)):
+        got = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
+        raise ValueError(f"{what} [N, C] = [{N}, {C}] or [{N}, {C}, 1, 1], got {got}")
+
+
 def _extension_runs(op: str, device: torch.device, backend: str, has_kernels, reason_for, what: str) -> bool:
     """Whether the compiled extension runs ``op`` on ``device`` for ``backend`` ("auto" or
     "extension"). "auto" falls back to plain PyTorch (False) with one warning per ``what``;
@@ -289,14 +304,9 @@ def se_residual_relu(x: torch.Tensor, gate: torch.Tensor, shortcut: torch.Tensor
     """
     if backend not in CHANNEL_BACKENDS:
         raise ValueError(f"backend must be one of {CHANNEL_BACKENDS}, got {backend!r}")
-    _check_tensor("x", x, 4, "[N, C, H, W]")
-    _check_tensor("shortcut", shortcut, 4, "[N, C, H, W]")
-    if shortcut.shape != x.shape:
-        raise ValueError(f"shortcut must have x's shape {tuple(x.shape)}, got {tuple(shortcut.shape)}")
+    _check_map_and_shortcut("x", x, shortcut)
     N, C = x.shape[:2]
-    if not isinstance(gate, torch.Tensor) or tuple(gate.shape) not in ((N, C), (N, C, 1, 1)):
-        got = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
-        raise ValueError(f"gate must have shape [N, C] = [{N}, {C}] or [{N}, {C}, 1, 1], got {got}")
+    _check_gate(gate, N, C)
     if not gate.is_floating_point():
         raise TypeError(f"gate must be floating point, got {gate.dtype}")
     _check_devices(("x", "shortcut", "gate"), (x, shortcut, gate))
@@ -355,12 +365,12 @@ def _check_triton_bn(x: torch.Tensor, training: bool, weight, bias, name: str = 
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
 
 
-def _check_bn_vectors(x, running_mean, running_var, weight, bias) -> None:
+def _check_bn_vectors(x, running_mean, running_var, weight, bias, name: str = "x") -> None:
     C = x.shape[1]
-    per_channel = f"[C] = [{C}] (x's channels)"
-    names, tensors = _check_vectors([(name, t, C, per_channel) for name, t in (
+    per_channel = f"[C] = [{C}] ({name}'s channels)"
+    names, tensors = _check_vectors([(vector, t, C, per_channel) for vector, t in (
         ("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))],
-        ["x"], [x])
+        [name], [x])
     _check_devices(names, tensors)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
@@ -429,13 +439,10 @@ def bn_se_residual_relu(y: torch.Tensor, running_mean: torch.Tensor | None, runn
     """
     if backend not in BN_RELU_BACKENDS:
         raise ValueError(f"backend must be one of {BN_RELU_BACKENDS}, got {backend!r}")
-    _check_tensor("y", y, 4, "[N, C, H, W]")
-    _check_tensor("shortcut", shortcut, 4, "[N, C, H, W]")
-    if shortcut.shape != y.shape:
-        raise ValueError(f"shortcut must have y's shape {tuple(y.shape)}, got {tuple(shortcut.shape)}")
+    _check_map_and_shortcut("y", y, shortcut)
     if not callable(excite):
         raise TypeError(f"excite must be a function of the squeeze (the SE module's layers), got {type(excite).__name__}")
-    _check_bn_vectors(y, running_mean, running_var, weight, bias)
+    _check_bn_vectors(y, running_mean, running_var, weight, bias, "y")
     _check_devices(("y", "shortcut"), (y, shortcut))
     if backend == "auto":
         backend = batch_norm_relu_backend(y, training, weight, bias)

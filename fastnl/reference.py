@@ -79,3 +79,14 @@ def bn_se_residual_relu(y: torch.Tensor, running_mean, running_var, weight, bias
     x = torch.nn.functional.batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps)
     gate = excite(x.mean((2, 3), keepdim=True))
     return se_residual_relu(x, gate, shortcut)
+
+
+def se_excitation(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
+    """timm's SE excitation after the squeeze, ``sigmoid(fc2(relu(fc1(s))))`` with 1x1-conv weights
+    w1 [R, C, 1, 1], w2 [C, R, 1, 1], as a function of the squeeze s [N, C, 1, 1]; the weights
+    cast to s's dtype, as autocast runs the convolutions."""
+    def excite(s: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(torch.nn.functional.conv2d(s, w1.to(s.dtype), b1.to(s.dtype)))
+        return torch.sigmoid(torch.nn.functional.conv2d(h, w2.to(s.dtype), b2.to(s.dtype)))
+
+    return excite

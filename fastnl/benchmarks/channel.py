@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from fastnl import ops
+from fastnl import ops, reference
 from fastnl.benchmarks import live_rows, timer
 
 REAL_SHAPES = [(32, 8, 1024, 16, 8), (32, 8, 2048, 8, 4)]  # (B, N, C, H, W), B*N = 256 frames
@@ -102,12 +102,8 @@ def _bn_se_inputs(shape, dtype, device, requires_grad):
 
 
 def _bn_se_call(args, backend, running):
-    y, shortcut, weight, bias, w1, b1, w2, b2 = args
-
-    def excite(s):  # the SE convolutions in the maps' dtype, as autocast runs them
-        h = torch.relu(torch.nn.functional.conv2d(s, w1.to(s.dtype), b1.to(s.dtype)))
-        return torch.sigmoid(torch.nn.functional.conv2d(h, w2.to(s.dtype), b2.to(s.dtype)))
-
+    y, shortcut, weight, bias, *se_params = args
+    excite = reference.se_excitation(*se_params)  # the SE convolutions in the maps' dtype, as under autocast
     return ops.bn_se_residual_relu(y, running[0], running[1], weight, bias, excite, shortcut, training=True,
                                    backend=backend)
 
