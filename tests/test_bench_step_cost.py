@@ -24,7 +24,7 @@ def test_roofline_prices_a_gemm_by_its_flops_and_an_elementwise_op_by_its_bytes(
     with FakeTensorMode(allow_non_fake_inputs=True):
         a = torch.randn(B, M, K, dtype=torch.bfloat16)
         b = torch.randn(B, K, N, dtype=torch.bfloat16)
-        with step_cost.Roofline() as roof:
+        with step_cost.Roofline(launch_floor=False) as roof:
             c = torch.bmm(a, b)
         assert roof.flops == 2 * B * M * K * N
         assert roof.bytes == 2 * (B * M * K + B * K * N + B * M * N)
@@ -32,7 +32,7 @@ def test_roofline_prices_a_gemm_by_its_flops_and_an_elementwise_op_by_its_bytes(
         assert roof.memory_s == 0.0
         x = torch.randn(1000, 300)
         y = torch.randn(1000, 300)
-        with step_cost.Roofline() as roof:
+        with step_cost.Roofline(launch_floor=False) as roof:
             x.t().view(300, 1000)  # views: free
             z = x + y  # reads 2, writes 1
             z.add_(y)  # reads z and y, writes z
@@ -45,6 +45,29 @@ def test_roofline_prices_a_gemm_by_its_flops_and_an_elementwise_op_by_its_bytes(
         assert roof.flops == 0 and w.shape == z.shape and c.shape == (B, M, N)
 
 
+def test_every_kernel_takes_at_least_the_launch_floor():
+    """A kernel shorter than the GPU's launch_us costs launch_us, a long one its roofline; an op
+    of several kernels (``OWN_OP_LAUNCHES``) its long kernels at their roofline, or their floors
+    if more, plus a floor for each tiny one."""
+    _gemm, bw = _rates()
+    floor = HOPPER.launch_us * 1e-6
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        small, big = torch.randn(256), torch.randn(64, 1024, 1024)
+        with step_cost.Roofline() as roof:
+            small + small
+            big + big
+        assert roof.launches == 2 and roof.ops == 2
+        # (each storage read once: x + x reads x once and writes the sum)
+        assert roof.per_op["add"][0] == pytest.approx(floor + 2 * big.numel() * 4 / bw)
+        assert roof.floor_s == pytest.approx(floor - 2 * 256 * 4 / bw)
+    roof = step_cost.Roofline()
+    # bn_relu: two passes over the map and a finalize over the partials
+    roof.add("bn_relu", 0, int(1e6), torch.bfloat16, step_cost.OWN_OP_LAUNCHES[("fastnl", "bn_relu")])
+    assert roof.launches == 3 and roof.memory_s == pytest.approx(2 * floor + floor)  # 1 MB: 0.3 us of bandwidth
+    roof.add("bn_relu", 0, int(1e9), torch.bfloat16, (3, 1))
+    assert roof.memory_s == pytest.approx(3 * floor + 1e9 / bw + floor)
+
+
 @pytest.mark.parametrize("B,L,D", [(8, 1024, 512), (32, 1024, 512), (8, 8192, 512), (8, 2048, 1024)])
 def test_op_pricer_and_attention_cost_model_agree_on_plain_attention(B, L, D):
     """Two independent estimates of the plain bf16 attention (bmm, softmax, bmm under CUDA's
@@ -54,7 +77,7 @@ def test_op_pricer_and_attention_cost_model_agree_on_plain_attention(B, L, D):
     with memory.cuda_like(), FakeTensorMode(allow_non_fake_inputs=True):
         q, k, v = (torch.randn(B, D, L, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         grad = torch.randn(B, L, D, dtype=torch.bfloat16)
-        with step_cost.Roofline() as roof:
+        with step_cost.Roofline(launch_floor=False) as roof:
             with runtime.autocast("cpu", torch.bfloat16):
                 out = reference.nl_attention_plain(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                    D ** -0.5)
@@ -87,7 +110,7 @@ def test_stand_in_records_each_call_and_prices_it_by_the_cost_model():
 @pytest.mark.parametrize("grad_checkpoint", [False, True])
 def test_step_prices_both_models_on_the_same_backbone_flops(grad_checkpoint):
     case = step_cost.StepCase("tiny", 2, 4, 64, 32, grad_checkpoint=grad_checkpoint)
-    row = step_cost.compare(case)
+    row = step_cost.compare(case, launch_floor=False)  # the rooflines alone
     ref, fused = row["rows"]["reference"], row["rows"]["fused"]
     # two NLAMs (after layer3 and layer4), each a forward and a backward
     assert ref["attention_calls"] == fused["attention_calls"] == 4
@@ -102,6 +125,14 @@ def test_step_prices_both_models_on_the_same_backbone_flops(grad_checkpoint):
     assert row["predicted_speedup"] == pytest.approx(ref["step_ms"] / fused["step_ms"])
     assert row["attention_share"] == pytest.approx(ref["attention_ms"] / ref["step_ms"])
     assert row["speedup_if_attention_free"] > row["predicted_speedup"]
+    # the fused model's BatchNorms are more, shorter kernels: more launches; at these tiny maps
+    # nearly every kernel is shorter than the launch floor, and the floors make it the slower
+    assert row["fused_launches"] > row["reference_launches"] > 500 and row["fused_floor_ms"] == 0
+    floored = step_cost.compare(case)
+    assert floored["fused_launches"] == row["fused_launches"]
+    assert floored["fused_floor_ms"] > floored["reference_floor_ms"] > 0
+    assert floored["fused_ms"] == pytest.approx(row["fused_ms"] + floored["fused_floor_ms"])
+    assert floored["fused_ms"] > floored["reference_ms"]
     # checkpointing recomputes the backbone's forward: more work, the same attention
     if grad_checkpoint:
         plain = step_cost.price_step(step_cost.StepCase("tiny", 2, 4, 64, 32), "reference")
@@ -136,9 +167,11 @@ def test_cli_runs_the_suite_and_writes_its_rows(tmp_path, capsys):
     assert cli.main(["bench", "step-cost", "--quick", "--device", "cpu", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["suites"]["step-cost"]
     assert [r["case"] for r in rows] == [c.name for c in step_cost.default_cases(quick=True)]
-    assert all(r["predicted_speedup"] > 1.0 and 0 < r["attention_share"] < 1 for r in rows)
+    # at 64x32 the steps are launch-bound (the floors, not the maps, price most kernels)
+    assert all(r["predicted_speedup"] > 0.5 and 0 < r["attention_share"] < 1 for r in rows)
+    assert all(r["fused_floor_ms"] > 0.5 * r["fused_ms"] for r in rows)
     printed = capsys.readouterr().out
-    assert "an estimate" in printed and "predicted_speedup" in printed
+    assert "an estimate" in printed and "predicted_speedup" in printed and "fused_floor_ms" in printed
 
 
 @pytest.mark.parametrize("as_on_cuda", [True, False])
@@ -158,7 +191,7 @@ def test_fused_bottleneck_prices_its_batch_norm_ops_as_cuda_runs_them(as_on_cuda
         block = Bottleneck(256, 64, attn_layer="se").train()
         assert fuse_se_tails(block) == 1
         x = torch.randn(4, 256, 16, 8, dtype=torch.bfloat16, requires_grad=True)
-        with step_cost.Roofline() as roof:
+        with step_cost.Roofline(launch_floor=False) as roof:
             with runtime.autocast("cpu", torch.bfloat16):
                 out = block(x)
             out.sum().backward()
@@ -183,7 +216,7 @@ def test_fused_bottleneck_prices_its_batch_norm_ops_as_cuda_runs_them(as_on_cuda
         # price (one read per argument) has it, forward and backward (and the gradient too)
         prices = []
         for second_reads in (step_cost.SECOND_READS, {}):
-            roof_bn = step_cost.Roofline()
+            roof_bn = step_cost.Roofline(launch_floor=False)
             with mock.patch.object(step_cost, "SECOND_READS", second_reads), \
                     FakeTensorMode(allow_non_fake_inputs=True), roof_bn:
                 bn = torch.nn.BatchNorm2d(64).train()

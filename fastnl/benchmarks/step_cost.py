@@ -21,9 +21,17 @@ model, the engine ``auto`` picks on sm_90 in the fused one. Everything else (the
 the NLAM's 1x1 convolutions, the channel attention, the loss, the optimizer) is priced the
 same way in both models, so their predicted ratio is what the attention engine changes.
 
-This is an estimate, and an optimistic one for everything but the attention: no launch
-overheads, no kernel below the roofline, no cuDNN inefficiency at small spatial sizes. The
-less time the rest of the step takes, the more of it the attention is, so the predicted
+Every kernel takes at least the GPU model's ``launch_us`` (4 us on sm_90: the launch and the
+gap to the next kernel of one stream), counted per kernel where an op launches several
+(``OWN_OP_LAUNCHES``): the fused model's BatchNorm ops and their small [C] and [N, C] torch ops
+are more kernels than cuDNN's BatchNorm, and at the paper's setting more than half of either
+model's kernels are shorter than that floor.
+
+This is an estimate, and an optimistic one for everything but the attention: no kernel below
+its roofline, no cuDNN inefficiency at small spatial sizes, and the host assumed to keep ahead
+of the GPU (eager PyTorch dispatches an op in a few microseconds; the Triton ops' Python
+launches take longer: ``reference_launches`` and ``fused_launches`` say how many there are).
+The less time the rest of the step takes, the more of it the attention is, so the predicted
 speed-up of the fused model is, as far as the rest of the step goes, an upper bound.
 """
 from __future__ import annotations
@@ -101,11 +109,24 @@ SECOND_READS = {("aten", "native_batch_norm"): (0,), ("aten", "native_batch_norm
                 ("aten", "cudnn_batch_norm"): (0,), ("aten", "cudnn_batch_norm_backward"): (0, 1),
                 ("fastnl", "bn_relu"): (0,), ("fastnl", "bn_relu_backward"): (0, 1)}
 
+# Kernels an op launches where it is not one: (launches, of which tiny). Every kernel takes at
+# least the GPU's launch_us (launch and the gap to the next kernel): an op costs
+# max(its roofline, launches - tiny floors) + tiny floors. The Triton ops launch what
+# fastnl.kernels.batch_norm / bn_se_tail do (a statistics pass, a finalize over [G, C]
+# partials, an apply pass; bn_pool four torch ops on [N, C] after its two kernels); the
+# extension's channel attention its two passes over x and the MLP's ops on [B, N, C] (counted
+# in csrc/channel_attention.cpp). Ops not listed launch one kernel.
+OWN_OP_LAUNCHES = {("fastnl", "bn_relu"): (3, 1), ("fastnl", "bn_relu_backward"): (3, 1),
+                   ("fastnl", "bn_pool"): (6, 5),
+                   ("fastnl", "channel_attention"): (17, 15), ("fastnl", "channel_attention_backward"): (40, 38)}
+
 
 class Roofline:
     """A ``TorchDispatchMode`` that prices every op it sees on ``gpu`` (see the module's doc) and
     sums ``gemm_s`` (ops with flops, each at max(flops, bytes) time), ``memory_s`` (the others),
-    ``flops`` and ``bytes``; ``per_op`` holds (seconds, count) per op name. Enter it inside a
+    ``flops`` and ``bytes``; ``per_op`` holds (seconds, count) per op name. Each kernel takes at
+    least ``gpu.launch_us`` (``OWN_OP_LAUNCHES``; ``launch_floor=False``: the rooflines alone):
+    ``floor_s`` is what that adds, ``launches`` the kernels counted. Enter it inside a
     ``FakeTensorMode`` to price without computing."""
 
     FREE = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "lift_fresh",
@@ -114,7 +135,7 @@ class Roofline:
     # metadata queries (prim.device, as fake tensors answer .device under a mode) and markers
     FREE_NAMESPACES = frozenset({"prim", "profiler"})
 
-    def __init__(self, gpu=None):
+    def __init__(self, gpu=None, launch_floor: bool = True):
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils.flop_counter import flop_registry
@@ -122,7 +143,10 @@ class Roofline:
         from fastnl.attention_engines import HOPPER
 
         self.gpu = gpu or HOPPER
+        self.launch_floor = launch_floor
         self.gemm_s = self.memory_s = 0.0
+        self.floor_s = 0.0  # what the launch floors add to the rooflines
+        self.launches = 0
         self.flops = self.bytes = 0
         self.ops = 0
         self.per_op: dict = {}
@@ -143,7 +167,8 @@ class Roofline:
                 own = OWN_OP_BYTES.get((func.namespace, name))
                 nbytes = own(args, out) if own is not None else roofline.op_bytes(func, args, kwargs, out)
                 nbytes += sum(_tensor_bytes(args[i]) for i in SECOND_READS.get((func.namespace, name), ()))
-                roofline.add(name, flops, nbytes, roofline.op_dtype(args, out))
+                launches = OWN_OP_LAUNCHES.get((func.namespace, name), (1, 0))
+                roofline.add(name, flops, nbytes, roofline.op_dtype(args, out), launches)
                 return out
 
         self._mode = _Mode()
@@ -201,8 +226,13 @@ class Roofline:
             rate = gpu.fp32_tflops / 2 * gpu.gemm_efficiency
         return max(flops / (rate * 1e12), nbytes / (gpu.bandwidth_tbs * 1e12))
 
-    def add(self, name: str, flops: int, nbytes: int, dtype) -> None:
-        s = self.seconds(flops, nbytes, dtype)
+    def add(self, name: str, flops: int, nbytes: int, dtype, launches: tuple = (1, 0)) -> None:
+        kernels, tiny = launches
+        floor = self.gpu.launch_us * 1e-6 if self.launch_floor else 0.0
+        roof = self.seconds(flops, nbytes, dtype)
+        s = max(roof, (kernels - tiny) * floor) + tiny * floor
+        self.floor_s += s - roof
+        self.launches += kernels
         if flops:
             self.gemm_s += s
         else:
@@ -293,10 +323,10 @@ def attention_stand_in(calls: AttentionCalls):
 # --------------------------------------------------------------------------------------------
 
 
-def price_step(case: StepCase, impl: str, gpu=None) -> dict:
+def price_step(case: StepCase, impl: str, gpu=None, launch_floor: bool = True) -> dict:
     """The predicted time of one training step of ``impl`` at ``case`` on ``gpu`` (default
-    H100/H200): the op counter's seconds for everything but the attention, the cost model's
-    for the attention calls."""
+    H100/H200): the op counter's seconds for everything but the attention (``launch_floor``:
+    see :class:`Roofline`), the cost model's for the attention calls."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -327,7 +357,7 @@ def price_step(case: StepCase, impl: str, gpu=None) -> dict:
 
         step()  # Adam's state is created here, as in training before the steps that repeat
         calls.clear()
-        with Roofline(gpu) as roof:
+        with Roofline(gpu, launch_floor) as roof:
             step()
         del model, optimizer
     engines = sorted({(c["engine"], c["L"], c["D"]) for c in calls.calls})
@@ -338,17 +368,18 @@ def price_step(case: StepCase, impl: str, gpu=None) -> dict:
             "grad_checkpoint": case.grad_checkpoint, "step_ms": rest_ms + calls.ms, "attention_ms": calls.ms,
             "rest_ms": rest_ms, "gemm_ms": 1e3 * roof.gemm_s, "memory_ms": 1e3 * roof.memory_s,
             "tflops": roof.flops / 1e12, "gbytes": roof.bytes / 1e9, "ops": roof.ops,
+            "launches": roof.launches, "floor_ms": 1e3 * roof.floor_s,
             "attention_calls": len(calls.calls),
             "top_ops_ms": {name: round(1e3 * sec, 3) for name, (sec, _n) in
                            sorted(roof.per_op.items(), key=lambda kv: -kv[1][0])[:10]},
             "engines": ", ".join(f"{e} (L={L}, D={D})" for e, L, D in engines),
-            "gpu": gpu.name, "seconds": time.perf_counter() - t0}
+            "gpu": gpu.name, "launch_us": gpu.launch_us, "seconds": time.perf_counter() - t0}
 
 
-def compare(case: StepCase, gpu=None) -> dict:
+def compare(case: StepCase, gpu=None, launch_floor: bool = True) -> dict:
     """Both models at ``case``: the fused step's predicted speed-up over the reference's, and the
     share of the reference step that its attention takes."""
-    rows = {impl: price_step(case, impl, gpu) for impl in BENCH_IMPLS}
+    rows = {impl: price_step(case, impl, gpu, launch_floor) for impl in BENCH_IMPLS}
     ref, fused = rows["reference"], rows["fused"]
     return {"case": case.name, "batch": case.batch, "frames": case.frames, "L_layer3": case.positions[0],
             "amp": case.amp, "grad_checkpoint": case.grad_checkpoint,
@@ -358,7 +389,9 @@ def compare(case: StepCase, gpu=None) -> dict:
             "attention_share": ref["attention_ms"] / ref["step_ms"],
             "predicted_speedup": ref["step_ms"] / fused["step_ms"],
             "speedup_if_attention_free": ref["step_ms"] / fused["rest_ms"],
-            "engines": fused["engines"], "gpu": fused["gpu"], "rows": rows}
+            "reference_launches": ref["launches"], "fused_launches": fused["launches"],
+            "reference_floor_ms": ref["floor_ms"], "fused_floor_ms": fused["floor_ms"],
+            "engines": fused["engines"], "gpu": fused["gpu"], "launch_us": fused["launch_us"], "rows": rows}
 
 
 def run(device=None, quick: bool = False, cases: list[StepCase] | None = None, log=print) -> list[dict]:
@@ -380,13 +413,15 @@ def run(device=None, quick: bool = False, cases: list[StepCase] | None = None, l
 
 COLUMNS = ["case", "batch", "frames", "L_layer3", "grad_checkpoint", "reference_ms", "fused_ms", "rest_ms",
            "attention_plain_ms", "attention_fused_ms", "attention_share", "predicted_speedup",
-           "speedup_if_attention_free", "engines"]
+           "speedup_if_attention_free", "reference_launches", "fused_launches", "fused_floor_ms", "engines"]
 
 
 def format_table(rows: list[dict]) -> str:
     gpu = rows[0].get("gpu", "GPU") if rows else "GPU"
-    return (f"predicted training step on {gpu} (an estimate: the rest of the step at its roofline, "
-            f"the attention by the cost model)\n" + generic_table(rows, COLUMNS))
+    floor = rows[0].get("launch_us") if rows else None
+    return (f"predicted training step on {gpu} (an estimate: the rest of the step at its roofline, each kernel "
+            f"at least {floor:g} us, the attention by the cost model; fused_floor_ms: what those floors add to the "
+            f"fused step)\n" + generic_table(rows, COLUMNS))
 
 
 __all__ = ["AttentionCalls", "Roofline", "StepCase", "attention_stand_in", "compare", "default_cases",
