@@ -47,21 +47,17 @@ class _BnSqueeze(torch.autograd.Function):
         y, weight, stats, pooled = ctx.saved_tensors
         handoff = ctx.handoff
         N, C, H, W = y.shape
-        S = H * W
-        M = N * S
         dsq = (torch.zeros((N, C), device=y.device, dtype=torch.float32) if grad_squeeze is None
-               else grad_squeeze.reshape(N, C).float())
+               else grad_squeeze.reshape(N, C).contiguous())
         if handoff.g is None:  # the squeeze reaches the output only through the gate
             raise RuntimeError("bn_se_residual_relu: the squeeze has a gradient but the output had none; "
                                "the squeeze must only feed the gate")
-        g, (sum_g, sum_gx, _sum_ga), gate = handoff.g, handoff.sums, handoff.gate
+        g, sums, gate = handoff.g, handoff.sums, handoff.gate
         handoff.g = handoff.sums = handoff.gate = None
-        dbias = (gate * sum_g + dsq).sum(0)
-        dweight = (gate * sum_gx + dsq * pooled).sum(0)
-        invstd, scale = stats[1], stats[3]
-        coef_p = scale * gate
-        coef_q = scale * (dsq / S - dbias / M)
-        coef_b = -scale * invstd * (dweight / M)
+        # dbias = sum_n gate * sum g + dsq, dweight = sum_n gate * sum g xhat + dsq * pooled, the
+        # coefficients of dy = coef_p * g + coef_b * (y - mean) + coef_q, in one small kernel
+        coef_p, coef_q, coef_b, dweight, dbias = torch.ops.fastnl.se_tail_bwd_coefs.default(
+            gate, sums, dsq, pooled, stats, H * W)
         dy = torch.ops.fastnl.se_tail_bwd_apply.default(g, y, stats, coef_p, coef_q, coef_b)
         return dy, dweight.to(weight.dtype), dbias.to(weight.dtype), None, None
 

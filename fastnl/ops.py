@@ -380,9 +380,9 @@ def _update_running(running_mean, running_var, stats: torch.Tensor, momentum: fl
     """``running = (1 - momentum) * running + momentum * batch`` from the kernels' stats (row 0
     the mean, row 2 the unbiased variance), as ``F.batch_norm`` updates them."""
     if running_mean is not None and running_var is not None and momentum != 0.0:
-        with torch.no_grad():
-            running_mean.lerp_(stats[0].to(running_mean.dtype), float(momentum))
-            running_var.lerp_(stats[2].to(running_var.dtype), float(momentum))
+        with torch.no_grad():  # both in one launch on a GPU
+            torch._foreach_lerp_([running_mean, running_var],
+                                 [stats[0].to(running_mean.dtype), stats[2].to(running_var.dtype)], float(momentum))
 
 
 def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,

@@ -156,8 +156,8 @@ def compile_rows(seq_len: int, dtype: str = "bf16", arch: int = 90) -> list[dict
 # maps): contiguous (positions contiguous) and channels_last (channels contiguous).
 BN_LAYOUTS = {"contiguous": ({"sS": 1, "dS": 1}, (256, 64, 64, 32)),
               "channels_last": ({"sC": 1, "dC": 1}, (256, 64, 64, 32))}
-_BN_DATA_POINTERS = {"X", "Y", "DY", "DX", "R", "DR"}
-_BN_SIZES = {"C", "S", "T", "NSB", "G", "K"}  # the integer sizes (upper case like the pointers)
+_BN_DATA_POINTERS = {"X", "Y", "DY", "DX", "R", "DR", "DSQ"}
+_BN_SIZES = {"N", "C", "S", "T", "NSB", "G", "K"}  # the integer sizes (upper case like the pointers)
 
 
 def _bn_signature(fn, dtype: str, constants: dict):
@@ -168,7 +168,7 @@ def _bn_signature(fn, dtype: str, constants: dict):
         elif name.isupper() and name not in _BN_SIZES:  # pointers
             signature[name] = "*" + _TYPES[dtype] if name in _BN_DATA_POINTERS else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("eps", "count"):
+        elif name in ("eps", "count", "positions"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
@@ -177,7 +177,7 @@ def _bn_signature(fn, dtype: str, constants: dict):
 
 def batch_norm_kernels() -> dict:
     """The BatchNorm kernels by name: the six of the BatchNorm + ReLU op (``batch_norm``), then
-    the three of the bottleneck end (``bn_se_tail``; its statistics are ``bn_stats_partial``'s
+    the four of the bottleneck end (``bn_se_tail``; its statistics are ``bn_stats_partial``'s
     with tile sums, the variant compiled here)."""
     return {**batch_norm.KERNELS, **bn_se_tail.KERNELS}
 
@@ -202,6 +202,8 @@ def compile_batch_norm(dtype: str = "bf16", arch: int = 90) -> list[dict]:
                 tiles = batch * triton.cdiv(height * width, block_s)
                 partials = batch_norm.reduction_programs(132, triton.cdiv(channels, block_c), tiles)
                 constants["BLOCK_G"], constants["BLOCK_C"] = batch_norm.finalize_blocks(channels, partials)
+            if kernel == "se_tail_bwd_coefs":  # [N, C] tensors: its own tiles, any layout alike
+                constants["BLOCK_N"], constants["BLOCK_C"] = bn_se_tail.COEF_BLOCKS
             signature, attrs = _bn_signature(fn, dtype, constants)
             target = GPUTarget("cuda", arch, 32)
             backend = triton.compiler.make_backend(target)
@@ -211,7 +213,8 @@ def compile_batch_norm(dtype: str = "bf16", arch: int = 90) -> list[dict]:
                                       options=options.__dict__)
             cubin = compiled.asm["cubin"]
             out.append({"kernel": kernel, "layout": layout, "dtype": dtype, "BLOCK_C": constants.get("BLOCK_C"),
-                        "BLOCK_S": constants.get("BLOCK_S"), "BLOCK_G": constants.get("BLOCK_G"), "num_warps": 4,
+                        "BLOCK_S": constants.get("BLOCK_S"), "BLOCK_G": constants.get("BLOCK_G"),
+                        "BLOCK_N": constants.get("BLOCK_N"), "num_warps": 4,
                         "arch": arch,
                         "shared": compiled.metadata.shared, **res_usage(cubin),
                         "compile_s": round(time.perf_counter() - start, 2)})

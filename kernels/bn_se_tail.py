@@ -121,7 +121,47 @@ def _tail_bwd_apply(DR, X, DX, ANCHOR, OFFSET, COEF_P, COEF_Q, COEF_B, C, S, NSB
     tl.store(DX + offs, _rounded(dx, DX.dtype.element_ty, INTERPRETED), mask=mask)
 
 
-KERNELS = {"se_tail_fwd": _tail_fwd, "se_tail_bwd_partial": _tail_bwd_partial, "se_tail_bwd_apply": _tail_bwd_apply}
+@triton.jit
+def _bwd_coefs(GATE, SUMS, DSQ, POOLED, INVSTD, SCALE, COEF_P, COEF_Q, COEF_B, DW, DB, N, C, positions, count,
+               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (channel blocks,): from the gate, the [3, N, C] sums of ``_tail_bwd_partial``, the
+    squeeze's gradient and the per-image means of xhat (all [N, C], float32 but DSQ), the
+    BatchNorm's ``db = sum_n gate * sum g + dsq`` and ``dw = sum_n gate * sum g xhat + dsq *
+    pooled`` per channel, then ``_tail_bwd_apply``'s coefficients ``p = scale * gate``, ``q =
+    scale * (dsq / positions - db / count)`` ([N, C]) and ``b = -scale * invstd * dw / count``
+    ([C]): what would otherwise be some twenty small torch ops on [N, C]."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = c < C
+    rows = tl.arange(0, BLOCK_N)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + rows
+        mask = (n < N)[:, None] & keep[None, :]
+        at = n[:, None] * C + c[None, :]
+        gate = tl.load(GATE + at, mask=mask, other=0.0)
+        dsq = tl.load(DSQ + at, mask=mask, other=0.0).to(tl.float32)
+        db += tl.sum(gate * tl.load(SUMS + at, mask=mask, other=0.0) + dsq, 0)
+        dw += tl.sum(gate * tl.load(SUMS + N * C + at, mask=mask, other=0.0)
+                     + dsq * tl.load(POOLED + at, mask=mask, other=0.0), 0)
+    invstd = tl.load(INVSTD + c, mask=keep, other=0.0)
+    scale = tl.load(SCALE + c, mask=keep, other=0.0)
+    tl.store(DB + c, db, mask=keep)
+    tl.store(DW + c, dw, mask=keep)
+    tl.store(COEF_B + c, -scale * invstd * (dw / count), mask=keep)
+    shift = db / count
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + rows
+        mask = (n < N)[:, None] & keep[None, :]
+        at = n[:, None] * C + c[None, :]
+        gate = tl.load(GATE + at, mask=mask, other=0.0)
+        dsq = tl.load(DSQ + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(COEF_P + at, scale[None, :] * gate, mask=mask)
+        tl.store(COEF_Q + at, scale[None, :] * (dsq / positions - shift[None, :]), mask=mask)
+
+
+KERNELS = {"se_tail_fwd": _tail_fwd, "se_tail_bwd_partial": _tail_bwd_partial, "se_tail_bwd_apply": _tail_bwd_apply,
+           "se_tail_bwd_coefs": _bwd_coefs}
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +224,27 @@ def tail_bwd_partial(grad_y: torch.Tensor, y: torch.Tensor, x: torch.Tensor, sta
     return g, sums
 
 
+COEF_BLOCKS = (32, 32)  # (BLOCK_N, BLOCK_C) of ``_bwd_coefs``: rows of 128 bytes, 32 images a step
+
+
+def tail_bwd_coefs(gate: torch.Tensor, sums: torch.Tensor, dsq: torch.Tensor, pooled: torch.Tensor,
+                   stats: torch.Tensor, positions: int):
+    """(coef_p, coef_q, coef_b, dweight, dbias), float32: the BatchNorm backward's coefficients
+    for :func:`tail_bwd_apply` and the affine gradients, from the gate [N, C], the sums [3, N, C]
+    of :func:`tail_bwd_partial`, the squeeze's gradient dsq [N, C] (any float dtype), the
+    per-image means of xhat [N, C] and the forward's stats; ``positions`` = H W."""
+    N, C = gate.shape
+    coef_p, coef_q = torch.empty_like(gate), torch.empty_like(gate)
+    coef_b, dweight, dbias = (gate.new_empty(C) for _ in range(3))
+    if not bn._launches(gate):
+        return coef_p, coef_q, coef_b, dweight, dbias
+    block_n, block_c = COEF_BLOCKS
+    _bwd_coefs[(triton.cdiv(C, block_c),)](gate, sums, dsq, pooled, stats[1], stats[3], coef_p, coef_q, coef_b,
+                                           dweight, dbias, N, C, float(positions), float(N * positions),
+                                           BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+    return coef_p, coef_q, coef_b, dweight, dbias
+
+
 def tail_bwd_apply(g: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, coef_p: torch.Tensor,
                    coef_q: torch.Tensor, coef_b: torch.Tensor) -> torch.Tensor:
     """dx = coef_p * g + coef_b * (x - mean) + coef_q (coef_p, coef_q [N, C], coef_b [C], float32)
@@ -214,6 +275,11 @@ def _fake_tail_bwd_apply(g, x, stats, coef_p, coef_q, coef_b):
     return torch.empty_like(x)
 
 
+def _fake_tail_bwd_coefs(gate, sums, dsq, pooled, stats, positions):
+    C = gate.shape[1]
+    return (torch.empty_like(gate), torch.empty_like(gate), *(gate.new_empty(C) for _ in range(3)))
+
+
 _OPS = {
     "bn_pool": (bn_pool, "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)", _fake_bn_pool),
     "se_tail": (tail_fwd, "(Tensor x, Tensor stats, Tensor gate, Tensor shortcut) -> Tensor", _fake_tail_fwd),
@@ -221,6 +287,9 @@ _OPS = {
                             _fake_tail_bwd_partial),
     "se_tail_bwd_apply": (tail_bwd_apply, "(Tensor g, Tensor x, Tensor stats, Tensor coef_p, Tensor coef_q, "
                                           "Tensor coef_b) -> Tensor", _fake_tail_bwd_apply),
+    "se_tail_bwd_coefs": (tail_bwd_coefs, "(Tensor gate, Tensor sums, Tensor dsq, Tensor pooled, Tensor stats, "
+                                          "int positions) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                          _fake_tail_bwd_coefs),
 }
 
 for _name, (_fn, _schema, _fake) in _OPS.items():
