@@ -122,6 +122,16 @@ def _tail_bwd_apply(DR, X, DX, ANCHOR, OFFSET, COEF_P, COEF_Q, COEF_B, C, S, NSB
 
 
 @triton.jit
+def _coef_rows(GATE, DSQ, n, c, keep, N, C):
+    """Offsets and mask of rows n, channels c of an [N, C] tensor, and the gate and the squeeze's
+    gradient there (float32)."""
+    mask = (n < N)[:, None] & keep[None, :]
+    at = n[:, None] * C + c[None, :]
+    return (at, mask, tl.load(GATE + at, mask=mask, other=0.0),
+            tl.load(DSQ + at, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _bwd_coefs(GATE, SUMS, DSQ, POOLED, INVSTD, SCALE, COEF_P, COEF_Q, COEF_B, DW, DB, N, C, positions, count,
                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid (channel blocks,): from the gate, the [3, N, C] sums of ``_tail_bwd_partial``, the
@@ -136,11 +146,7 @@ def _bwd_coefs(GATE, SUMS, DSQ, POOLED, INVSTD, SCALE, COEF_P, COEF_Q, COEF_B, D
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        n = n0 + rows
-        mask = (n < N)[:, None] & keep[None, :]
-        at = n[:, None] * C + c[None, :]
-        gate = tl.load(GATE + at, mask=mask, other=0.0)
-        dsq = tl.load(DSQ + at, mask=mask, other=0.0).to(tl.float32)
+        at, mask, gate, dsq = _coef_rows(GATE, DSQ, n0 + rows, c, keep, N, C)
         db += tl.sum(gate * tl.load(SUMS + at, mask=mask, other=0.0) + dsq, 0)
         dw += tl.sum(gate * tl.load(SUMS + N * C + at, mask=mask, other=0.0)
                      + dsq * tl.load(POOLED + at, mask=mask, other=0.0), 0)
@@ -151,11 +157,7 @@ def _bwd_coefs(GATE, SUMS, DSQ, POOLED, INVSTD, SCALE, COEF_P, COEF_Q, COEF_B, D
     tl.store(COEF_B + c, -scale * invstd * (dw / count), mask=keep)
     shift = db / count
     for n0 in range(0, N, BLOCK_N):
-        n = n0 + rows
-        mask = (n < N)[:, None] & keep[None, :]
-        at = n[:, None] * C + c[None, :]
-        gate = tl.load(GATE + at, mask=mask, other=0.0)
-        dsq = tl.load(DSQ + at, mask=mask, other=0.0).to(tl.float32)
+        at, mask, gate, dsq = _coef_rows(GATE, DSQ, n0 + rows, c, keep, N, C)
         tl.store(COEF_P + at, scale[None, :] * gate, mask=mask)
         tl.store(COEF_Q + at, scale[None, :] * (dsq / positions - shift[None, :]), mask=mask)
 

@@ -418,7 +418,9 @@ COLUMNS = ["case", "batch", "frames", "L_layer3", "grad_checkpoint", "reference_
 
 def format_table(rows: list[dict]) -> str:
     gpu = rows[0].get("gpu", "GPU") if rows else "GPU"
-    floor = rows[0].get("launch_us") if rows else None
+    from fastnl.attention_engines import HOPPER
+
+    floor = rows[0]["launch_us"] if rows else HOPPER.launch_us
     return (f"predicted training step on {gpu} (an estimate: the rest of the step at its roofline, each kernel "
             f"at least {floor:g} us, the attention by the cost model; fused_floor_ms: what those floors add to the "
             f"fused step)\n" + generic_table(rows, COLUMNS))

@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--p", type=int, default=8, help="identities per batch P (paper: 8)")
     parser.add_argument("--k", type=int, default=4, help="tracklets per identity K (paper: 4)")
     parser.add_argument("--epochs", type=int, default=20,
-                        help="training epochs (paper: 800); 20 x 3 steps take about 3.5 minutes on 2 cores")
+                        help="training epochs (paper: 800); 20 x 3 steps take about 4 minutes on 2 cores")
     parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 1e-4)")
     parser.add_argument("--minutes", type=float, default=0.0,
                         help="stop training after this many minutes even if epochs remain (default 0: no limit; "
