@@ -33,13 +33,13 @@ class _Handoff:
 class _BnSqueeze(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, eps, handoff):
-        stats, pooled = torch.ops.fastnl.bn_pool.default(y, weight, bias, float(eps))
-        squeeze = torch.addcmul(bias.float(), pooled, weight.float())  # mean_hw(x), [N, C]
+        # squeeze = mean_hw(x) [N, C] in y's dtype, pooled = mean_hw(xhat) float32
+        stats, pooled, squeeze = torch.ops.fastnl.bn_pool.default(y, weight, bias, float(eps))
         ctx.save_for_backward(y, weight, stats, pooled)
         ctx.handoff = handoff
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
-        return squeeze.to(y.dtype).view(*y.shape[:2], 1, 1), stats
+        return squeeze.view(*y.shape[:2], 1, 1), stats
 
     @staticmethod
     @once_differentiable

@@ -156,8 +156,10 @@ def compile_rows(seq_len: int, dtype: str = "bf16", arch: int = 90) -> list[dict
 # maps): contiguous (positions contiguous) and channels_last (channels contiguous).
 BN_LAYOUTS = {"contiguous": ({"sS": 1, "dS": 1}, (256, 64, 64, 32)),
               "channels_last": ({"sC": 1, "dC": 1}, (256, 64, 64, 32))}
-_BN_DATA_POINTERS = {"X", "Y", "DY", "DX", "R", "DR", "DSQ"}
+_BN_DATA_POINTERS = {"X", "Y", "DY", "DX", "R", "DR", "DSQ", "SQUEEZE"}
 _BN_SIZES = {"N", "C", "S", "T", "NSB", "G", "K"}  # the integer sizes (upper case like the pointers)
+# the bottleneck end's kernels over [N, C] rows, and the constant naming their (BLOCK_N, BLOCK_C)
+SMALL_BN_KERNELS = {"se_tail_bwd_coefs": "COEF_BLOCKS", "bn_pool_finish": "POOL_BLOCKS"}
 
 
 def _bn_signature(fn, dtype: str, constants: dict):
@@ -177,7 +179,7 @@ def _bn_signature(fn, dtype: str, constants: dict):
 
 def batch_norm_kernels() -> dict:
     """The BatchNorm kernels by name: the six of the BatchNorm + ReLU op (``batch_norm``), then
-    the four of the bottleneck end (``bn_se_tail``; its statistics are ``bn_stats_partial``'s
+    the five of the bottleneck end (``bn_se_tail``; its statistics are ``bn_stats_partial``'s
     with tile sums, the variant compiled here)."""
     return {**batch_norm.KERNELS, **bn_se_tail.KERNELS}
 
@@ -202,8 +204,8 @@ def compile_batch_norm(dtype: str = "bf16", arch: int = 90) -> list[dict]:
                 tiles = batch * triton.cdiv(height * width, block_s)
                 partials = batch_norm.reduction_programs(132, triton.cdiv(channels, block_c), tiles)
                 constants["BLOCK_G"], constants["BLOCK_C"] = batch_norm.finalize_blocks(channels, partials)
-            if kernel == "se_tail_bwd_coefs":  # [N, C] tensors: its own tiles, any layout alike
-                constants["BLOCK_N"], constants["BLOCK_C"] = bn_se_tail.COEF_BLOCKS
+            if kernel in SMALL_BN_KERNELS:  # [N, C] tensors: their own tiles, any layout alike
+                constants["BLOCK_N"], constants["BLOCK_C"] = getattr(bn_se_tail, SMALL_BN_KERNELS[kernel])
             signature, attrs = _bn_signature(fn, dtype, constants)
             target = GPUTarget("cuda", arch, 32)
             backend = triton.compiler.make_backend(target)

@@ -11,8 +11,9 @@ Forward:
 
 - ``batch_norm._stats_partial`` with ``TILE_SUMS``: the batch statistics of y (as the BatchNorm
   + ReLU op computes them) and, in the same read, each tile's sum of ``y - anchor`` per channel;
-  the per-image means of the normalised map (``pooled``, [N, C]) follow from those on [N, C]
-  tensors, and so the squeeze ``pooled * weight + bias``. One read of y.
+  ``batch_norm._stats_finalize`` merges the statistics, and ``_pool_finish`` turns the tile
+  sums into the per-image means of the normalised map (``pooled``, [N, C]) and the squeeze
+  ``pooled * weight + bias``. One read of y, three launches.
 - ``_tail_fwd``: ``out = relu(gate * ((y - mean) * scale + bias) + shortcut)`` in float32,
   rounded once. One read of y and of the shortcut, one write.
 
@@ -162,8 +163,34 @@ def _bwd_coefs(GATE, SUMS, DSQ, POOLED, INVSTD, SCALE, COEF_P, COEF_Q, COEF_B, D
         tl.store(COEF_Q + at, scale[None, :] * (dsq / positions - shift[None, :]), mask=mask)
 
 
+@triton.jit
+def _pool_finish(TSUM, OFFSET, INVSTD, W, BIAS, POOLED, SQUEEZE, N, C, NSB, positions,
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Grid (image blocks, channel blocks): from the [N * NSB, C] tile sums of ``y - anchor`` that
+    ``batch_norm._stats_partial`` wrote, the per-image means of xhat ``pooled = (sum_sb tsum -
+    S offset) * (invstd / S)`` (float32 [N, C]) and the squeeze ``bias + pooled * weight``, rounded
+    once to SQUEEZE's dtype: what would otherwise be six small torch ops on [N, C]."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = c < C
+    mask = (n < N)[:, None] & keep[None, :]
+    rows = n[:, None].to(tl.int64) * NSB * C + c[None, :]  # tile (n, 0) of the image's NSB
+    total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for sb in range(0, NSB):
+        total += tl.load(TSUM + rows + sb * C, mask=mask, other=0.0)
+    offset = tl.load(OFFSET + c, mask=keep, other=0.0)
+    invstd = tl.load(INVSTD + c, mask=keep, other=0.0)
+    weight = tl.load(W + c, mask=keep, other=0.0).to(tl.float32)
+    bias = tl.load(BIAS + c, mask=keep, other=0.0)
+    pooled = (total - positions * offset[None, :]) * (invstd / positions)[None, :]
+    at = n[:, None] * C + c[None, :]
+    tl.store(POOLED + at, pooled, mask=mask)
+    squeeze = bias[None, :] + pooled * weight[None, :]
+    tl.store(SQUEEZE + at, _rounded(squeeze, SQUEEZE.dtype.element_ty, INTERPRETED), mask=mask)
+
+
 KERNELS = {"se_tail_fwd": _tail_fwd, "se_tail_bwd_partial": _tail_bwd_partial, "se_tail_bwd_apply": _tail_bwd_apply,
-           "se_tail_bwd_coefs": _bwd_coefs}
+           "se_tail_bwd_coefs": _bwd_coefs, "bn_pool_finish": _pool_finish}
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,15 +199,20 @@ KERNELS = {"se_tail_fwd": _tail_fwd, "se_tail_bwd_partial": _tail_bwd_partial, "
 # --------------------------------------------------------------------------------------------
 
 
+POOL_BLOCKS = (16, 32)  # (BLOCK_N, BLOCK_C) of ``_pool_finish``: rows of 128 bytes
+
+
 def bn_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-    """(stats, pooled): the batch statistics of x as ``batch_norm.bn_relu_fwd`` returns them
-    ([STATS, C] float32) and the per-image mean of the normalised ``xhat = (x - mean) / std``
-    ([N, C] float32), in one read of x."""
+    """(stats, pooled, squeeze): the batch statistics of x as ``batch_norm.bn_relu_fwd`` returns
+    them ([STATS, C] float32), the per-image mean of the normalised ``xhat = (x - mean) / std``
+    ([N, C] float32) and the squeeze ``mean_hw(xhat * weight + bias)`` ([N, C] in x's dtype), in
+    one read of x and three launches."""
     N, C = x.shape[:2]
     stats = torch.empty((bn.STATS, C), device=x.device, dtype=torch.float32)
     pooled = torch.empty((N, C), device=x.device, dtype=torch.float32)
+    squeeze = torch.empty((N, C), device=x.device, dtype=x.dtype)
     if not bn._launches(x):
-        return stats, pooled
+        return stats, pooled, squeeze
     N, C, S, block_c, block_s, nsb, cb, tiles = bn._geometry(x)
     G = bn._reduction_programs(x, cb, tiles)
     partial = torch.empty((3, G, C), device=x.device, dtype=torch.float32)
@@ -192,10 +224,11 @@ def bn_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     fin_g, fin_c = bn.finalize_blocks(C, G)
     bn._stats_finalize[(triton.cdiv(C, fin_c),)](partial[0], partial[1], partial[2], weight, bias, *stats, C, G,
                                                  float(eps), BLOCK_G=fin_g, BLOCK_C=fin_c, num_warps=4)
-    # mean over the image of x - anchor, less the offset: the image's mean of x - mean
-    torch.sub(tile_sums.view(N, nsb, C).sum(1), stats[6], alpha=S, out=pooled)
-    pooled.mul_(stats[1] / S)
-    return stats, pooled
+    block_n, block_c = POOL_BLOCKS
+    _pool_finish[(triton.cdiv(N, block_n), triton.cdiv(C, block_c))](
+        tile_sums, stats[6], stats[1], weight, stats[4], pooled, squeeze, N, C, nsb, float(S),
+        BLOCK_N=block_n, BLOCK_C=block_c, INTERPRETED=triton_interpreted(), num_warps=4)
+    return stats, pooled, squeeze
 
 
 def tail_fwd(x: torch.Tensor, stats: torch.Tensor, gate: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
@@ -262,7 +295,8 @@ def tail_bwd_apply(g: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, coef_p
 
 
 def _fake_bn_pool(x, weight, bias, eps):
-    return x.new_empty((bn.STATS, x.shape[1]), dtype=torch.float32), x.new_empty(x.shape[:2], dtype=torch.float32)
+    return (x.new_empty((bn.STATS, x.shape[1]), dtype=torch.float32), x.new_empty(x.shape[:2], dtype=torch.float32),
+            x.new_empty(x.shape[:2]))
 
 
 def _fake_tail_fwd(x, stats, gate, shortcut):
@@ -283,7 +317,8 @@ def _fake_tail_bwd_coefs(gate, sums, dsq, pooled, stats, positions):
 
 
 _OPS = {
-    "bn_pool": (bn_pool, "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)", _fake_bn_pool),
+    "bn_pool": (bn_pool, "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)",
+                _fake_bn_pool),
     "se_tail": (tail_fwd, "(Tensor x, Tensor stats, Tensor gate, Tensor shortcut) -> Tensor", _fake_tail_fwd),
     "se_tail_bwd_partial": (tail_bwd_partial, "(Tensor grad_y, Tensor y, Tensor x, Tensor stats) -> (Tensor, Tensor)",
                             _fake_tail_bwd_partial),

@@ -421,3 +421,38 @@ def test_backward_coefficients_over_many_images_and_channel_blocks(dsq_dtype):
         assert g.dtype == torch.float32 and g.shape == e.shape, name
         bound = 2 * (p.double() - e).abs().max() + 2 * torch.finfo(torch.float32).eps * e.abs().max()
         assert (g.double().cpu() - e).abs().max() <= bound, name
+
+
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "contiguous"), (torch.bfloat16, "channels_last")])
+def test_statistics_pass_pools_and_squeezes_over_many_images_and_channel_blocks(dtype, layout):
+    """``bn_pool``'s per-image means of xhat and the squeeze ``pooled * weight + bias`` (its last
+    kernel, ``POOL_BLOCKS``: 16 images, 32 channels a program; here 3 and 3 steps, the last ones
+    partial, several position blocks per image) against float64: within twice the error of
+    plain float32 torch (the BatchNorm's normalisation, then the mean), the squeeze rounded once
+    to y's dtype."""
+    from fastnl.kernels import bn_se_tail
+
+    block_n, block_c = bn_se_tail.POOL_BLOCKS
+    N, C, H, W = 2 * block_n + 3, 3 * block_c - 7, 16, 33  # contiguous: 2 position blocks, channels_last 33
+    gen = torch.Generator().manual_seed(0)
+    y64 = (3.0 + 2.0 * torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)).to(dtype).double()
+    weight, bias = torch.randn(C, generator=gen).float(), torch.randn(C, generator=gen).float()
+    eps = 1e-5
+    mean, var = y64.mean((0, 2, 3)), y64.var((0, 2, 3), unbiased=False)
+    pooled_exact = ((y64 - mean[:, None, None]) / (var[:, None, None] + eps).sqrt()).mean((2, 3))
+    squeeze_exact = pooled_exact * weight.double() + bias.double()
+    y32 = y64.float()
+    mean32, var32 = _welford_float32(y32)  # the statistics as a GPU's BatchNorm computes them
+    plain_pooled = ((y32 - mean32[:, None, None]) * torch.rsqrt(var32[:, None, None] + eps)).mean((2, 3))
+    plain_squeeze = torch.addcmul(bias, plain_pooled, weight).to(dtype)
+    stats, pooled, squeeze = torch.ops.fastnl.bn_pool.default(_layout(y64.to(dtype), layout).to(DEVICE),
+                                                              weight.to(DEVICE), bias.to(DEVICE), eps)
+    assert pooled.dtype == torch.float32 and squeeze.dtype == dtype and pooled.shape == squeeze.shape == (N, C)
+    ulp = torch.finfo(torch.float32).eps
+    for name, got, plain, exact, floor in (
+            ("pooled", pooled, plain_pooled, pooled_exact, 2 * ulp),
+            ("squeeze", squeeze, plain_squeeze, squeeze_exact, torch.finfo(dtype).eps)):
+        bound = 2 * (plain.double() - exact).abs().max() + floor * exact.abs().max()
+        err = (got.double().cpu() - exact).abs().max()
+        assert err <= bound, (name, float(err), float(bound))
+    assert torch.allclose(stats[0].double().cpu(), mean, rtol=1e-5, atol=1e-5)

@@ -101,8 +101,10 @@ def test_batch_norm_kernels_compile_without_spills(dtype):
     for r in results:
         assert r["stack"] == 0 and r["local"] == 0, f"spills: {r}"
         assert r["shared"] <= H100_SHARED_BYTES and 0 < r["reg"] <= 128, r
-        if r["kernel"] == "se_tail_bwd_coefs":  # [N, C] tiles, the channels (contiguous) 128 bytes
-            assert (r["BLOCK_N"], r["BLOCK_C"]) == kernels.bn_se_tail.COEF_BLOCKS and r["BLOCK_C"] * 4 >= 128, r
+        if r["kernel"] in ("se_tail_bwd_coefs", "bn_pool_finish"):  # [N, C] tiles, the channels 128 bytes
+            blocks = {"se_tail_bwd_coefs": kernels.bn_se_tail.COEF_BLOCKS,
+                      "bn_pool_finish": kernels.bn_se_tail.POOL_BLOCKS}[r["kernel"]]
+            assert (r["BLOCK_N"], r["BLOCK_C"]) == blocks and r["BLOCK_C"] * 4 >= 128, r
         elif not r["kernel"].endswith("finalize"):  # a tile of TILE elements, the contiguous side long
             assert r["BLOCK_C"] * r["BLOCK_S"] == bn.TILE, r
             assert (r["BLOCK_S"] if r["layout"] == "contiguous" else r["BLOCK_C"]) >= 128, r
