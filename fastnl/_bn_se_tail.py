@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 class _Handoff:
     """What ``_Tail``'s backward leaves for ``_BnSqueeze``'s: g (the shortcut's gradient), the
-    [3, N, C] sums of g, g * xhat and g * x, and the gate as float32 [N, C]."""
+    [2, N, C] float32 sums of g and g * xhat, and the gate [N, C] (in its own dtype)."""
 
     __slots__ = ("g", "sums", "gate")
 
@@ -66,27 +66,26 @@ class _Tail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, stats, gate, shortcut, handoff):
         N, C = y.shape[:2]
-        gate32 = gate.reshape(N, C).float().contiguous()  # the kernel reads row n at n * C
-        out = torch.ops.fastnl.se_tail.default(y, stats, gate32, shortcut)
-        ctx.save_for_backward(y, out, stats, gate32)
+        gate2d = gate.reshape(N, C).contiguous()  # the kernels read row n at n * C, as float32
+        out = torch.ops.fastnl.se_tail.default(y, stats, gate2d, shortcut)
+        ctx.save_for_backward(y, out, stats, gate2d)
         ctx.handoff = handoff
-        ctx.gate_shape, ctx.gate_dtype = gate.shape, gate.dtype
+        ctx.gate_shape = gate.shape
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        y, out, stats, gate32 = ctx.saved_tensors
+        y, out, stats, gate2d = ctx.saved_tensors
         from fastnl.ops import _load_triton_kernels
 
         if not _load_triton_kernels().batch_norm.dense_layout(grad_out):
             grad_out = grad_out.contiguous()
-        g, sums = torch.ops.fastnl.se_tail_bwd_partial.default(grad_out, out, y, stats)
-        dgate = sums[2]
+        g, sums, dgate = torch.ops.fastnl.se_tail_bwd_partial.default(grad_out, out, y, stats, gate2d.dtype)
         handoff = ctx.handoff
-        handoff.g, handoff.sums, handoff.gate = g, sums, gate32
+        handoff.g, handoff.sums, handoff.gate = g, sums, gate2d
         needs = ctx.needs_input_grad
-        return (None, None, dgate.to(ctx.gate_dtype).view(ctx.gate_shape) if needs[2] else None,
+        return (None, None, dgate.view(ctx.gate_shape) if needs[2] else None,
                 g if needs[3] else None, None)
 
 

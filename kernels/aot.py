@@ -156,7 +156,7 @@ def compile_rows(seq_len: int, dtype: str = "bf16", arch: int = 90) -> list[dict
 # maps): contiguous (positions contiguous) and channels_last (channels contiguous).
 BN_LAYOUTS = {"contiguous": ({"sS": 1, "dS": 1}, (256, 64, 64, 32)),
               "channels_last": ({"sC": 1, "dC": 1}, (256, 64, 64, 32))}
-_BN_DATA_POINTERS = {"X", "Y", "DY", "DX", "R", "DR", "DSQ", "SQUEEZE"}
+_BN_DATA_POINTERS = {"X", "Y", "DY", "DX", "R", "DR", "DSQ", "SQUEEZE", "GATE", "DGATE"}
 _BN_SIZES = {"N", "C", "S", "T", "NSB", "G", "K"}  # the integer sizes (upper case like the pointers)
 # the bottleneck end's kernels over [N, C] rows, and the constant naming their (BLOCK_N, BLOCK_C)
 SMALL_BN_KERNELS = {"se_tail_bwd_coefs": "COEF_BLOCKS", "bn_pool_finish": "POOL_BLOCKS"}

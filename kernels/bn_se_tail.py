@@ -59,7 +59,7 @@ def _tail_fwd(X, R, Y, ANCHOR, OFFSET, SCALE, BIAS, GATE, C, S, NSB, sN, sC, sS,
     offset = tl.load(OFFSET + c, mask=keep, other=0.0)
     scale = tl.load(SCALE + c, mask=keep, other=0.0)
     bias = tl.load(BIAS + c, mask=keep, other=0.0)
-    gate = tl.load(GATE + n * C + c, mask=keep, other=0.0)
+    gate = tl.load(GATE + n * C + c, mask=keep, other=0.0).to(tl.float32)
     pre = _pre_activation(tl.load(X + offs, mask=mask, other=0.0), anchor, offset, scale, bias)
     v = gate[:, None] * pre + tl.load(R + roffs, mask=mask, other=0.0).to(tl.float32)
     y = tl.where(v < 0.0, 0.0, v)  # NaN stays NaN, as torch's relu keeps it
@@ -67,12 +67,14 @@ def _tail_fwd(X, R, Y, ANCHOR, OFFSET, SCALE, BIAS, GATE, C, S, NSB, sN, sC, sS,
 
 
 @triton.jit
-def _tail_bwd_partial(DY, Y, X, DR, ANCHOR, OFFSET, INVSTD, SCALE, BIAS, PSUM, PSUMX, PSUMA, C, S, NSB,
-                      sN, sC, sS, dN, dC, dS, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _tail_bwd_partial(DY, Y, X, DR, ANCHOR, OFFSET, INVSTD, SCALE, BIAS, PSUM, PSUMX, DGATE, C, S, NSB,
+                      sN, sC, sS, dN, dC, dS, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                      INTERPRETED: tl.constexpr):
     """Grid (N, channel blocks): program n writes g = dy * (y > 0) over image n (DR, x's strides;
-    dy has strides dN, dC, dS) and its sums ``sum g``, ``sum g * xhat`` and ``sum g * a`` (a the
-    normalised, affine map, as the forward computes it: the gate's gradient with no cancellation
-    between its weight and bias terms) per channel to row n of PSUM, PSUMX and PSUMA [N, C]."""
+    dy has strides dN, dC, dS) and its sums ``sum g`` and ``sum g * xhat`` per channel to row n
+    of PSUM and PSUMX [N, C] (float32), and the gate's gradient ``sum g * a`` (a the normalised,
+    affine map, as the forward computes it: no cancellation between its weight and bias terms)
+    to row n of DGATE [N, C], rounded once to its dtype."""
     n = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c < C
@@ -99,7 +101,7 @@ def _tail_bwd_partial(DY, Y, X, DR, ANCHOR, OFFSET, INVSTD, SCALE, BIAS, PSUM, P
         acc_a += tl.sum(g32 * (centred * scale[:, None] + bias[:, None]), 1)
     tl.store(PSUM + n * C + c, acc, mask=keep)
     tl.store(PSUMX + n * C + c, acc_x, mask=keep)
-    tl.store(PSUMA + n * C + c, acc_a, mask=keep)
+    tl.store(DGATE + n * C + c, _rounded(acc_a, DGATE.dtype.element_ty, INTERPRETED), mask=keep)
 
 
 @triton.jit
@@ -125,18 +127,18 @@ def _tail_bwd_apply(DR, X, DX, ANCHOR, OFFSET, COEF_P, COEF_Q, COEF_B, C, S, NSB
 @triton.jit
 def _coef_rows(GATE, DSQ, n, c, keep, N, C):
     """Offsets and mask of rows n, channels c of an [N, C] tensor, and the gate and the squeeze's
-    gradient there (float32)."""
+    gradient there (as float32)."""
     mask = (n < N)[:, None] & keep[None, :]
     at = n[:, None] * C + c[None, :]
-    return (at, mask, tl.load(GATE + at, mask=mask, other=0.0),
+    return (at, mask, tl.load(GATE + at, mask=mask, other=0.0).to(tl.float32),
             tl.load(DSQ + at, mask=mask, other=0.0).to(tl.float32))
 
 
 @triton.jit
 def _bwd_coefs(GATE, SUMS, DSQ, POOLED, INVSTD, SCALE, COEF_P, COEF_Q, COEF_B, DW, DB, N, C, positions, count,
                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Grid (channel blocks,): from the gate, the [3, N, C] sums of ``_tail_bwd_partial``, the
-    squeeze's gradient and the per-image means of xhat (all [N, C], float32 but DSQ), the
+    """Grid (channel blocks,): from the gate, the [2, N, C] sums of ``_tail_bwd_partial``, the
+    squeeze's gradient and the per-image means of xhat (all [N, C], float32 but the gate and DSQ), the
     BatchNorm's ``db = sum_n gate * sum g + dsq`` and ``dw = sum_n gate * sum g xhat + dsq *
     pooled`` per channel, then ``_tail_bwd_apply``'s coefficients ``p = scale * gate``, ``q =
     scale * (dsq / positions - db / count)`` ([N, C]) and ``b = -scale * invstd * dw / count``
@@ -232,8 +234,8 @@ def bn_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
 
 
 def tail_fwd(x: torch.Tensor, stats: torch.Tensor, gate: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-    """``relu(gate * batch_norm(x) + shortcut)`` (gate [N, C] float32; the BatchNorm from
-    ``stats``) in x's dtype and layout."""
+    """``relu(gate * batch_norm(x) + shortcut)`` (gate contiguous [N, C], any float dtype, read as
+    float32; the BatchNorm from ``stats``) in x's dtype and layout."""
     y = torch.empty_like(x)
     if not bn._launches(x):
         return y
@@ -244,19 +246,21 @@ def tail_fwd(x: torch.Tensor, stats: torch.Tensor, gate: torch.Tensor, shortcut:
     return y
 
 
-def tail_bwd_partial(grad_y: torch.Tensor, y: torch.Tensor, x: torch.Tensor, stats: torch.Tensor):
-    """(g, sums): g = grad_y where y > 0 (the shortcut's gradient, in x's layout and grad_y's
-    dtype) and sums [3, N, C] float32: per image and channel ``sum g``, ``sum g * xhat`` and
-    ``sum g * batch_norm(x)`` (the gate's gradient)."""
+def tail_bwd_partial(grad_y: torch.Tensor, y: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
+                     gate_dtype: torch.dtype):
+    """(g, sums, dgate): g = grad_y where y > 0 (the shortcut's gradient, in x's layout and
+    grad_y's dtype), sums [2, N, C] float32: per image and channel ``sum g`` and ``sum g * xhat``,
+    and the gate's gradient ``sum g * batch_norm(x)`` [N, C] in ``gate_dtype``."""
     g = torch.empty_like(x, dtype=grad_y.dtype)
-    sums = torch.empty((3, x.shape[0], x.shape[1]), device=x.device, dtype=torch.float32)
+    sums = torch.empty((2, x.shape[0], x.shape[1]), device=x.device, dtype=torch.float32)
+    dgate = torch.empty((x.shape[0], x.shape[1]), device=x.device, dtype=gate_dtype)
     if not bn._launches(x):
-        return g, sums
+        return g, sums, dgate
     N, C, S, block_c, block_s, nsb, cb, tiles = bn._geometry(x)
-    _tail_bwd_partial[(N, cb)](grad_y, y, x, g, stats[5], stats[6], stats[1], stats[3], stats[4], *sums, C, S, nsb,
-                               *bn._strides(x), *bn._strides(grad_y), BLOCK_C=block_c, BLOCK_S=block_s,
-                               num_warps=4)
-    return g, sums
+    _tail_bwd_partial[(N, cb)](grad_y, y, x, g, stats[5], stats[6], stats[1], stats[3], stats[4], *sums, dgate, C, S,
+                               nsb, *bn._strides(x), *bn._strides(grad_y), BLOCK_C=block_c, BLOCK_S=block_s,
+                               INTERPRETED=triton_interpreted(), num_warps=4)
+    return g, sums, dgate
 
 
 COEF_BLOCKS = (32, 32)  # (BLOCK_N, BLOCK_C) of ``_bwd_coefs``: rows of 128 bytes, 32 images a step
@@ -265,12 +269,13 @@ COEF_BLOCKS = (32, 32)  # (BLOCK_N, BLOCK_C) of ``_bwd_coefs``: rows of 128 byte
 def tail_bwd_coefs(gate: torch.Tensor, sums: torch.Tensor, dsq: torch.Tensor, pooled: torch.Tensor,
                    stats: torch.Tensor, positions: int):
     """(coef_p, coef_q, coef_b, dweight, dbias), float32: the BatchNorm backward's coefficients
-    for :func:`tail_bwd_apply` and the affine gradients, from the gate [N, C], the sums [3, N, C]
+    for :func:`tail_bwd_apply` and the affine gradients, from the gate [N, C] (any float dtype),
+    the sums [2, N, C]
     of :func:`tail_bwd_partial`, the squeeze's gradient dsq [N, C] (any float dtype), the
     per-image means of xhat [N, C] and the forward's stats; ``positions`` = H W."""
     N, C = gate.shape
-    coef_p, coef_q = torch.empty_like(gate), torch.empty_like(gate)
-    coef_b, dweight, dbias = (gate.new_empty(C) for _ in range(3))
+    coef_p, coef_q = (gate.new_empty((N, C), dtype=torch.float32) for _ in range(2))
+    coef_b, dweight, dbias = (gate.new_empty(C, dtype=torch.float32) for _ in range(3))
     if not bn._launches(gate):
         return coef_p, coef_q, coef_b, dweight, dbias
     block_n, block_c = COEF_BLOCKS
@@ -303,8 +308,9 @@ def _fake_tail_fwd(x, stats, gate, shortcut):
     return torch.empty_like(x)
 
 
-def _fake_tail_bwd_partial(grad_y, y, x, stats):
-    return torch.empty_like(x, dtype=grad_y.dtype), x.new_empty((3, *x.shape[:2]), dtype=torch.float32)
+def _fake_tail_bwd_partial(grad_y, y, x, stats, gate_dtype):
+    return (torch.empty_like(x, dtype=grad_y.dtype), x.new_empty((2, *x.shape[:2]), dtype=torch.float32),
+            x.new_empty(x.shape[:2], dtype=gate_dtype))
 
 
 def _fake_tail_bwd_apply(g, x, stats, coef_p, coef_q, coef_b):
@@ -312,15 +318,17 @@ def _fake_tail_bwd_apply(g, x, stats, coef_p, coef_q, coef_b):
 
 
 def _fake_tail_bwd_coefs(gate, sums, dsq, pooled, stats, positions):
-    C = gate.shape[1]
-    return (torch.empty_like(gate), torch.empty_like(gate), *(gate.new_empty(C) for _ in range(3)))
+    N, C = gate.shape
+    return (*(gate.new_empty((N, C), dtype=torch.float32) for _ in range(2)),
+            *(gate.new_empty(C, dtype=torch.float32) for _ in range(3)))
 
 
 _OPS = {
     "bn_pool": (bn_pool, "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)",
                 _fake_bn_pool),
     "se_tail": (tail_fwd, "(Tensor x, Tensor stats, Tensor gate, Tensor shortcut) -> Tensor", _fake_tail_fwd),
-    "se_tail_bwd_partial": (tail_bwd_partial, "(Tensor grad_y, Tensor y, Tensor x, Tensor stats) -> (Tensor, Tensor)",
+    "se_tail_bwd_partial": (tail_bwd_partial, "(Tensor grad_y, Tensor y, Tensor x, Tensor stats, ScalarType gate_dtype) "
+                            "-> (Tensor, Tensor, Tensor)",
                             _fake_tail_bwd_partial),
     "se_tail_bwd_apply": (tail_bwd_apply, "(Tensor g, Tensor x, Tensor stats, Tensor coef_p, Tensor coef_q, "
                                           "Tensor coef_b) -> Tensor", _fake_tail_bwd_apply),

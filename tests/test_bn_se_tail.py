@@ -391,6 +391,7 @@ def test_a_gate_of_any_strides():
 
 @pytest.mark.parametrize("dsq_dtype", [torch.float32, torch.bfloat16])
 def test_backward_coefficients_over_many_images_and_channel_blocks(dsq_dtype):
+    # the gate and the squeeze's gradient in one dtype, as autocast gives them
     """The backward's coefficient kernel over more images and channels than one step of it
     (``COEF_BLOCKS``: 32 images, 32 channels; here 2 and 3 steps, the last ones partial) against
     its formulas in float64: within twice the error of the same formulas in float32 torch ops."""
@@ -400,7 +401,8 @@ def test_backward_coefficients_over_many_images_and_channel_blocks(dsq_dtype):
     N, C, S = 2 * block_n - 5, 3 * block_c - 7, 6
     gen = torch.Generator().manual_seed(0)
     gate, sum_g, sum_gx, pooled = (torch.randn(N, C, generator=gen, dtype=torch.float64) for _ in range(4))
-    sums = torch.stack([sum_g * 30, sum_gx * 30, torch.zeros_like(sum_g)])
+    gate = gate.to(dsq_dtype).double()
+    sums = torch.stack([sum_g * 30, sum_gx * 30])
     dsq = torch.randn(N, C, generator=gen, dtype=torch.float64).to(dsq_dtype).double()
     stats = torch.randn(7, C, generator=gen, dtype=torch.float64)
     stats[1] = stats[1].abs() + 0.5  # 1/std
@@ -414,7 +416,7 @@ def test_backward_coefficients_over_many_images_and_channel_blocks(dsq_dtype):
     exact = formulas(gate, sums, dsq, pooled, stats[1], stats[3])
     f32 = [t.float() for t in (gate, sums, dsq, pooled, stats)]
     plain = formulas(*f32[:4], f32[4][1], f32[4][3])
-    got = torch.ops.fastnl.se_tail_bwd_coefs.default(*(t.to(DEVICE) for t in f32[:2]),
+    got = torch.ops.fastnl.se_tail_bwd_coefs.default(f32[0].to(dsq_dtype).to(DEVICE), f32[1].to(DEVICE),
                                                      f32[2].to(dsq_dtype).to(DEVICE),
                                                      *(t.to(DEVICE) for t in f32[3:]), S)
     for name, e, p, g in zip(("coef_p", "coef_q", "coef_b", "dweight", "dbias"), exact, plain, got):
