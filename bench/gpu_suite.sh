@@ -269,11 +269,51 @@ for name in ("torch", "triton", "timm", "numpy", "pytest", "xdist", "pytest_benc
     except Exception:
         info[name] = None
 import torch
+
+
+# what one tiny kernel costs (fastnl bench step-cost --launch-us prices every kernel at least
+# this): on the GPU, back to back with the host ahead (queued behind a sleep kernel) and in a
+# CUDA graph's replay; on the host, per aten op (the host keeps ahead when this is smaller)
+def launch_costs():
+    import time
+    x, n = torch.zeros(256, device="cuda"), 1000
+    for _ in range(100):
+        x.add_(1.0)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(200_000_000)  # ~0.1 s: the host queues the n kernels meanwhile
+    start.record()
+    t = time.perf_counter()
+    for _ in range(n):
+        x.add_(1.0)
+    host_us = 1e6 * (time.perf_counter() - t) / n
+    end.record()
+    torch.cuda.synchronize()
+    launch = {"stream_us": round(1e3 * start.elapsed_time(end) / n, 3), "host_us": round(host_us, 3)}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(100):
+            x.add_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    launch["graph_us"] = round(1e3 * start.elapsed_time(end) / 1000, 3)
+    return launch
+
+
 info["cuda"] = torch.version.cuda
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     info["gpu"] = {"name": p.name, "memory_mb": p.total_memory // 2**20, "capability": [p.major, p.minor],
                    "multiprocessors": p.multi_processor_count}
+    try:
+        info["launch"] = launch_costs()
+    except Exception as err:  # the environment is recorded all the same
+        info["launch"] = {"error": f"{type(err).__name__}: {err}"}
 json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info, indent=1))
 EOF

@@ -174,6 +174,55 @@ def test_cli_runs_the_suite_and_writes_its_rows(tmp_path, capsys):
     assert "an estimate" in printed and "predicted_speedup" in printed and "fused_floor_ms" in printed
 
 
+def test_cli_prices_with_a_given_launch_time_beside_a_measured_step(tmp_path, capsys):
+    """``--launch-us`` replaces the least time per kernel; ``--measured`` puts a GPU's measured
+    steps (a `fastnl bench model` report) beside the prediction of the same batch, clip length
+    and checkpointing: the measured times, speed-up, and each over its prediction."""
+    from fastnl import cli
+
+    measured = tmp_path / "bench-model.json"
+    measured.write_text(json.dumps({"environment": {"device_name": "NVIDIA H200"}, "suites": {"model": [
+        {"case": "paper setting", "shape": "2x4x3x64x32", "grad_checkpoint": False, "reference_ms": 30.0,
+         "fused_ms": 24.0},
+        {"case": "other", "shape": "2x4x3x64x32", "grad_checkpoint": True, "reference_ms": 1.0, "fused_ms": 1.0}]}}))
+    out = tmp_path / "sc.json"
+    assert cli.main(["bench", "step-cost", "--quick", "--device", "cpu", "--launch-us", "8", "--measured",
+                     str(measured), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["suites"]["step-cost"]
+    assert [r["launch_us"] for r in rows] == [8.0, 8.0]
+    first, second = rows
+    # every kernel at least 8 us: at 64x32 the floors price most of the fused step, and add at
+    # most 8 us per kernel
+    assert first["fused_floor_ms"] > 0.6 * first["fused_ms"]
+    assert first["fused_launches"] * 8e-3 >= first["fused_floor_ms"]
+    assert (first["batch"], first["frames"], first["measured_on"]) == (2, 4, "NVIDIA H200")
+    assert first["measured_speedup"] == pytest.approx(30.0 / 24.0)
+    assert first["reference_measured_over_predicted"] == pytest.approx(30.0 / first["reference_ms"])
+    assert first["fused_measured_over_predicted"] == pytest.approx(24.0 / first["fused_ms"])
+    assert "measured_reference_ms" not in second  # 1 x 16 frames: nothing measured there
+    printed = capsys.readouterr().out
+    assert "each kernel at least 8 us" in printed and "measured on NVIDIA H200" in printed
+
+
+@pytest.mark.parametrize("content,message", [(None, "no file"), ("{}", "not a `fastnl bench model --json` report"),
+                                             ('{"suites": {"model": [{"case": "x"}]}}', "no training-step rows")])
+def test_measured_file_errors_name_the_cause(tmp_path, content, message):
+    from fastnl.errors import UserError
+
+    path = tmp_path / "m.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        step_cost.read_measured(str(path))
+
+
+def test_cli_refuses_a_negative_launch_time(capsys):
+    from fastnl import cli
+
+    assert cli.main(["bench", "step-cost", "--quick", "--device", "cpu", "--launch-us", "-1"]) != 0
+    assert "--launch-us must be a time in microseconds >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("as_on_cuda", [True, False])
 def test_fused_bottleneck_prices_its_batch_norm_ops_as_cuda_runs_them(as_on_cuda):
     """A fused bottleneck's step as the pricer sees it: on CUDA (``cuda_like``) bn1 + act1 and

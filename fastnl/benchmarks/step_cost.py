@@ -394,26 +394,82 @@ def compare(case: StepCase, gpu=None, launch_floor: bool = True) -> dict:
             "engines": fused["engines"], "gpu": fused["gpu"], "launch_us": fused["launch_us"], "rows": rows}
 
 
-def run(device=None, quick: bool = False, cases: list[StepCase] | None = None, log=print) -> list[dict]:
+def read_measured(path: str) -> list[dict]:
+    """The training-step rows of a ``fastnl bench model --json`` report (a GPU's: the suite's
+    ``data/bench-nlam-model.json``), each with its batch and clip length; a UserError naming the
+    file where it cannot be read or holds no step."""
+    import json
+
+    from fastnl.errors import UserError
+
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        rows = report["suites"]["model"]
+    except FileNotFoundError:
+        raise UserError(f"--measured: no file {path}") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"--measured: {path} is not a `fastnl bench model --json` report with a model suite "
+                        f"({type(err).__name__}: {err})") from None
+    out = []
+    for row in rows:
+        try:
+            batch, frames = (int(v) for v in str(row["shape"]).split("x")[:2])
+        except (KeyError, ValueError):
+            continue
+        out.append({**row, "batch": batch, "frames": frames,
+                    "device_name": row.get("device_name") or report.get("environment", {}).get("device_name")})
+    if not out:
+        raise UserError(f"--measured: {path} has no training-step rows")
+    return out
+
+
+def beside_measured(row: dict, measured: list[dict]) -> dict:
+    """``row`` (a :func:`compare` row) with the measured step of the same batch, clip length and
+    checkpointing, where ``measured`` has one: both times, the measured speed-up and each
+    measurement over its prediction."""
+    for m in measured:
+        if (m["batch"], m["frames"], bool(m.get("grad_checkpoint"))) != \
+                (row["batch"], row["frames"], bool(row["grad_checkpoint"])):
+            continue
+        ref, fused = m.get("reference_ms"), m.get("fused_ms")
+        row = {**row, "measured_on": m.get("device_name"), "measured_reference_ms": ref, "measured_fused_ms": fused}
+        if ref and fused:
+            row.update(measured_speedup=ref / fused, reference_measured_over_predicted=ref / row["reference_ms"],
+                       fused_measured_over_predicted=fused / row["fused_ms"])
+        return row
+    return row
+
+
+def run(device=None, quick: bool = False, cases: list[StepCase] | None = None, log=print,
+        launch_us: float | None = None, measured: list[dict] | None = None) -> list[dict]:
     """Suite ``step-cost``: :func:`compare` at every case (default: the GPU cases of ``fastnl
     bench model`` and longer clips; ``quick``: 64x32). ``device`` is not used: the prediction
-    is for an H100/H200 on any machine."""
+    is for an H100/H200 on any machine; ``launch_us`` replaces its least time per kernel;
+    ``measured`` (:func:`read_measured`) puts a GPU's measured steps beside the prediction."""
+    import dataclasses
+
+    from fastnl.attention_engines import HOPPER
     from fastnl.benchmarks import live_rows
 
+    gpu = HOPPER if launch_us is None else dataclasses.replace(HOPPER, launch_us=float(launch_us))
     out = live_rows()
     for case in cases or default_cases(quick):
         if log:
             log(f"  pricing {case.name}: {case.batch} clips x {case.frames} frames, {case.height}x{case.width}, "
                 f"amp {case.amp}{', grad checkpoint' if case.grad_checkpoint else ''} ...")
-        row = compare(case)
+        row = compare(case, gpu)
         row.pop("rows")
-        out.append(row)
+        out.append(beside_measured(row, measured) if measured else row)
     return list(out)
 
 
 COLUMNS = ["case", "batch", "frames", "L_layer3", "grad_checkpoint", "reference_ms", "fused_ms", "rest_ms",
            "attention_plain_ms", "attention_fused_ms", "attention_share", "predicted_speedup",
            "speedup_if_attention_free", "reference_launches", "fused_launches", "fused_floor_ms", "engines"]
+MEASURED_COLUMNS = ["case", "batch", "frames", "grad_checkpoint", "reference_ms", "measured_reference_ms",
+                    "reference_measured_over_predicted", "fused_ms", "measured_fused_ms",
+                    "fused_measured_over_predicted", "predicted_speedup", "measured_speedup"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -421,10 +477,15 @@ def format_table(rows: list[dict]) -> str:
     from fastnl.attention_engines import HOPPER
 
     floor = rows[0]["launch_us"] if rows else HOPPER.launch_us
-    return (f"predicted training step on {gpu} (an estimate: the rest of the step at its roofline, each kernel "
+    text = (f"predicted training step on {gpu} (an estimate: the rest of the step at its roofline, each kernel "
             f"at least {floor:g} us, the attention by the cost model; fused_floor_ms: what those floors add to the "
             f"fused step)\n" + generic_table(rows, COLUMNS))
+    beside = [r for r in rows if "measured_reference_ms" in r]
+    if beside:
+        text += (f"\n\nmeasured on {beside[0].get('measured_on') or 'a GPU'} (fastnl bench model) beside the "
+                 f"prediction\n" + generic_table(beside, MEASURED_COLUMNS))
+    return text
 
 
-__all__ = ["AttentionCalls", "Roofline", "StepCase", "attention_stand_in", "compare", "default_cases",
-           "format_table", "price_step", "run"]
+__all__ = ["AttentionCalls", "Roofline", "StepCase", "attention_stand_in", "beside_measured", "compare",
+           "default_cases", "format_table", "price_step", "read_measured", "run"]

@@ -50,6 +50,13 @@ def add_arguments(parser) -> None:
     mem.add_argument("--grad-checkpoint", choices=("both", "on", "off"), default="both",
                      help="count with gradient checkpointing, without, or both (default)")
     mem.add_argument("--impl", choices=("both", "fused", "reference"), default="both", help="model variants")
+    cost = parser.add_argument_group("step-cost (fastnl bench step-cost; an estimate for an H100/H200)")
+    cost.add_argument("--launch-us", type=float, default=None, metavar="US",
+                      help="the least time of any kernel, its launch and the gap to the next (default 4; the GPU "
+                           "suite's environment.json measures it as launch.stream_us)")
+    cost.add_argument("--measured", metavar="FILE", default=None,
+                      help="a `fastnl bench model --json` report from a GPU (the suite's data/bench-nlam-model.json): "
+                           "its training steps beside the prediction for the same batch, clip length and checkpointing")
 
 
 def _parse_what(values) -> tuple:
@@ -128,6 +135,8 @@ def run(args) -> int:
         with benchmarks.row_sink(keep):
             if name == "memory":
                 rows = suite(device, quick=args.quick, setting=memory_setting(args))
+            elif name == "step-cost":
+                rows = suite(device, quick=args.quick, **step_cost_setting(args))
             else:
                 rows = suite(device, quick=args.quick)
         report["suites"][name] = rows
@@ -157,6 +166,19 @@ def _int_list(text: str, what: str) -> tuple:
     if not values or min(values) < 1:
         raise UserError(f"{what} must be a comma-separated list of positive integers, got {text!r}")
     return values
+
+
+def step_cost_setting(args) -> dict:
+    """The ``step-cost`` suite's keyword arguments from the command line."""
+    from fastnl.benchmarks import step_cost
+    from fastnl.errors import UserError
+
+    launch_us = getattr(args, "launch_us", None)
+    if launch_us is not None and not launch_us >= 0:
+        raise UserError(f"--launch-us must be a time in microseconds >= 0, got {launch_us}")
+    measured = getattr(args, "measured", None)
+    return {"launch_us": launch_us,
+            "measured": step_cost.read_measured(measured) if measured else None}
 
 
 def memory_setting(args):
