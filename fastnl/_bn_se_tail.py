@@ -64,12 +64,12 @@ class _BnSqueeze(torch.autograd.Function):
 
 class _Tail(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, stats, gate, shortcut, handoff):
+    def forward(ctx, y, stats, gate, shortcut, handoff, sink):
         N, C = y.shape[:2]
         gate2d = gate.reshape(N, C).contiguous()  # the kernels read row n at n * C, as float32
         out = torch.ops.fastnl.se_tail.default(y, stats, gate2d, shortcut)
         ctx.save_for_backward(y, out, stats, gate2d)
-        ctx.handoff = handoff
+        ctx.handoff, ctx.sink = handoff, sink
         ctx.gate_shape = gate.shape
         return out
 
@@ -85,17 +85,21 @@ class _Tail(torch.autograd.Function):
         handoff = ctx.handoff
         handoff.g, handoff.sums, handoff.gate = g, sums, gate2d
         needs = ctx.needs_input_grad
+        if ctx.sink is not None and needs[3]:  # the block's first convolution adds g into its GEMM
+            ctx.sink.g, g = g, None
         return (None, None, dgate.view(ctx.gate_shape) if needs[2] else None,
-                g if needs[3] else None, None)
+                g if needs[3] else None, None, None)
 
 
-def bn_se_residual_relu(y, weight, bias, eps, excite, shortcut):
+def bn_se_residual_relu(y, weight, bias, eps, excite, shortcut, shortcut_sink=None):
     """(out, stats): ``relu(x * excite(mean_hw(x)) + shortcut)`` with x the training-mode
     BatchNorm of y (its batch statistics, affine ``weight``, ``bias``), through the Triton ops;
     stats as ``fastnl.kernels.batch_norm`` returns them (row 0 the mean, row 2 the unbiased
     variance). y: dense [N, C, H, W] in float32 / float16 / bfloat16; shortcut y's shape and
     dtype, dense. ``excite`` maps the [N, C, 1, 1] squeeze (y's dtype) to the gate, [N, C, 1, 1]
-    or [N, C]."""
+    or [N, C]. ``shortcut_sink`` (a ``fastnl._residual_conv.ShortcutSink``): the shortcut's
+    gradient goes there, not to autograd (the shortcut being the block's input, whose first
+    convolution adds it in)."""
     from fastnl.ops import _check_gate, _load_triton_kernels
 
     _load_triton_kernels()  # defines the ops
@@ -108,7 +112,7 @@ def bn_se_residual_relu(y, weight, bias, eps, excite, shortcut):
         # path it would silently be left out
         raise ValueError("excite must compute the gate from the squeeze it is given (its gradient flows back "
                          "through the squeeze); use backend='reference' for a gate made otherwise")
-    return _Tail.apply(y, stats, gate, shortcut, handoff), stats
+    return _Tail.apply(y, stats, gate, shortcut, handoff, shortcut_sink), stats
 
 
 def _reaches(node, target, limit: int = 4096) -> bool:

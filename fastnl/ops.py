@@ -419,7 +419,7 @@ def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_
 def bn_se_residual_relu(y: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                         weight: torch.Tensor | None, bias: torch.Tensor | None, excite, shortcut: torch.Tensor, *,
                         training: bool, momentum: float = 0.1, eps: float = 1e-5,
-                        backend: str = "auto") -> torch.Tensor:
+                        backend: str = "auto", shortcut_sink=None) -> torch.Tensor:
     """The end of an SE-ResNet bottleneck from its last convolution's output ``y``:
     ``relu(x * excite(x.mean((2, 3), keepdim=True)) + shortcut)`` with
     ``x = F.batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps)``.
@@ -436,6 +436,11 @@ def bn_se_residual_relu(y: torch.Tensor, running_mean: torch.Tensor | None, runn
     a map, backward 6, where plain PyTorch makes 7 and 12, and y and the output are kept for the
     backward, not x too; training mode, float32 / float16 / bfloat16, weight and bias given; the
     output and y's gradient in y's dtype and layout), or "reference" (plain PyTorch).
+
+    shortcut_sink: with backend "triton", a ``fastnl._residual_conv.ShortcutSink`` that the
+    shortcut's gradient is left in instead of returned to autograd, for the block's first
+    convolution to add in (``fastnl._residual_conv.conv_with_shortcut``; the shortcut must be
+    that convolution's input); other backends return it as usual.
     """
     if backend not in BN_RELU_BACKENDS:
         raise ValueError(f"backend must be one of {BN_RELU_BACKENDS}, got {backend!r}")
@@ -457,6 +462,6 @@ def bn_se_residual_relu(y: torch.Tensor, running_mean: torch.Tensor | None, runn
 
     bn = _load_triton_kernels().batch_norm
     dense = [t if bn.dense_layout(t) else t.contiguous() for t in (y, shortcut)]
-    out, stats = _bn_se_tail.bn_se_residual_relu(dense[0], weight, bias, eps, excite, dense[1])
+    out, stats = _bn_se_tail.bn_se_residual_relu(dense[0], weight, bias, eps, excite, dense[1], shortcut_sink)
     _update_running(running_mean, running_var, stats, momentum)
     return out

@@ -43,6 +43,14 @@ def test_roofline_prices_a_gemm_by_its_flops_and_an_elementwise_op_by_its_bytes(
         assert roof.bytes == 3 * n + 3 * n + 300 * 4 + (n + 300 * 4 + n)
         assert roof.memory_s == pytest.approx(roof.bytes / bw)
         assert roof.flops == 0 and w.shape == z.shape and c.shape == (B, M, N)
+        # an in-place GEMM into its accumulator (the residual convolution's input gradient): the
+        # GEMM's flops; the broadcast batch of the weight read once, the accumulator read and written
+        acc = torch.randn(B, M, N, dtype=torch.bfloat16)
+        weight = torch.randn(M, K, dtype=torch.bfloat16)
+        with step_cost.Roofline(launch_floor=False) as roof:
+            acc.baddbmm_(weight.expand(B, M, K), b)
+        assert roof.flops == 2 * B * M * K * N and roof.per_op["baddbmm_"][1] == 1
+        assert roof.bytes == 2 * (2 * B * M * N + M * K + B * K * N)
 
 
 def test_every_kernel_takes_at_least_the_launch_floor():

@@ -162,6 +162,9 @@ class Roofline:
                     return out
                 flops = 0
                 formula = flop_registry.get(packet)
+                if formula is None and name.endswith("_") and func.namespace == "aten":
+                    # an in-place GEMM (baddbmm_, addmm_) does its out-of-place form's flops
+                    formula = flop_registry.get(getattr(torch.ops.aten, name[:-1], None))
                 if formula is not None:
                     flops = int(formula(*args, **kwargs, out_val=out))
                 own = OWN_OP_BYTES.get((func.namespace, name))

@@ -7,6 +7,7 @@ from timm.models.resnet import Bottleneck
 from torch import nn
 
 from fastnl import ops
+from fastnl._residual_conv import ShortcutSink, conv_with_shortcut, plain_1x1
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -74,17 +75,25 @@ def _excitation(se: SEModule):
     return lambda squeeze: se.gate(se.fc2(se.act(se.bn(se.fc1(squeeze)))))
 
 
-def bn_se_residual_relu(bn: nn.Module, se: SEModule, y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+def _triton_end(bn: nn.Module, y: torch.Tensor, shortcut: torch.Tensor) -> bool:
+    """Whether :func:`bn_se_residual_relu` runs the bottleneck end's Triton op."""
+    return _triton_bn(bn, y) and shortcut.dtype == y.dtype and not torch.compiler.is_compiling()
+
+
+def bn_se_residual_relu(bn: nn.Module, se: SEModule, y: torch.Tensor, shortcut: torch.Tensor,
+                        shortcut_sink: ShortcutSink | None = None) -> torch.Tensor:
     """``relu(se(bn(y)) + shortcut)``, a bottleneck's end from its last convolution's output, where
     ``bn`` is a training-mode ``nn.BatchNorm2d`` that the Triton kernels run (the normalised map
     never written: :func:`fastnl.ops.bn_se_residual_relu`), with the module's rules as in
     :func:`bn_relu`; otherwise ``bn``, the SE module and the one-pass tail op
     (:func:`fastnl.ops.se_residual_relu`), as also under ``torch.compile`` (the op's autograd
-    spans the SE module through Python state that a traced graph cannot hold)."""
-    if _triton_bn(bn, y) and shortcut.dtype == y.dtype and not torch.compiler.is_compiling():
+    spans the SE module through Python state that a traced graph cannot hold). With the Triton
+    op, ``shortcut_sink`` takes the shortcut's gradient (see :func:`fastnl.ops.bn_se_residual_relu`)."""
+    if _triton_end(bn, y, shortcut):
         running_mean, running_var, factor = _count_batch(bn)
         return ops.bn_se_residual_relu(y, running_mean, running_var, bn.weight, bn.bias, _excitation(se), shortcut,
-                                       training=True, momentum=factor, eps=bn.eps, backend="triton")
+                                       training=True, momentum=factor, eps=bn.eps, backend="triton",
+                                       shortcut_sink=shortcut_sink)
     x = bn(y)
     return ops.se_residual_relu(x, _excitation(se)(spatial_mean(x)), shortcut)
 
@@ -111,8 +120,15 @@ class FusedSEBottleneck(Bottleneck):
     (:func:`bn_se_residual_relu`). The same modules and parameters, so the same state_dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = bn_relu(self.bn1, self.act1, self.conv1(x))
+        shortcut, sink = x, None
+        if (self.downsample is None and x.requires_grad and torch.is_grad_enabled() and plain_1x1(self.conv1)
+                and _triton_end(self.bn3, x, x)):
+            # the input is the shortcut: its two gradients are summed in the first convolution's
+            # backward GEMM, not by autograd (see fastnl._residual_conv)
+            sink = ShortcutSink()
+            x = bn_relu(self.bn1, self.act1, conv_with_shortcut(self.conv1, x, sink))
+        else:
+            x = bn_relu(self.bn1, self.act1, self.conv1(x))
         x = self.conv2(x)
         if isinstance(self.drop_block, nn.Identity):
             x = self.aa(bn_relu(self.bn2, self.act2, x))
@@ -121,7 +137,7 @@ class FusedSEBottleneck(Bottleneck):
         x = self.conv3(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        return bn_se_residual_relu(self.bn3, self.se, x, shortcut)
+        return bn_se_residual_relu(self.bn3, self.se, x, shortcut, sink)
 
 
 def fusable(block: nn.Module) -> bool:
