@@ -10,6 +10,9 @@ from timm.models.resnet import Bottleneck
 from fastnl import _residual_conv, ops
 from fastnl.model import se_bottleneck
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CUDA_TOO = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # cuBLAS's batched GEMM on a GPU
+
 
 def _conv_input_grad(dh, weight):
     N, _, H, W = dh.shape
@@ -17,9 +20,10 @@ def _conv_input_grad(dh, weight):
                                                [0, 0], [1, 1], False, [0, 0], 1, [True, False, False])[0]
 
 
+@pytest.mark.parametrize("device", ON_CUDA_TOO)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_input_gradient_plus_the_shortcut_within_twice_plain(dtype, layout):
+def test_input_gradient_plus_the_shortcut_within_twice_plain(dtype, layout, device):
     """One GEMM into g (both maps contiguous or both channels_last) or the convolution's
     gradient then the sum (mixed layouts): within twice plain's error (the convolution's input
     gradient rounded to dtype, then the sum) against float64, batch 1 and 3, odd sizes."""
@@ -29,8 +33,8 @@ def test_input_gradient_plus_the_shortcut_within_twice_plain(dtype, layout):
         w64 = torch.randn(Cout, Cin, 1, 1, generator=gen, dtype=torch.float64).to(dtype).double()
         g64 = (10 * torch.randn(N, Cin, H, W, generator=gen, dtype=torch.float64)).to(dtype).double()
         exact = _conv_input_grad(dh64, w64) + g64
-        dh, w, g = (t.to(dtype) for t in (dh64, w64, g64))
-        plain = _conv_input_grad(dh, w) + g
+        dh, w, g = (t.to(device, dtype) for t in (dh64, w64, g64))
+        plain = (_conv_input_grad(dh, w) + g).cpu()
         cl = torch.channels_last
         if layout == "channels_last":
             dh, g = dh.contiguous(memory_format=cl), g.contiguous(memory_format=cl)
@@ -42,13 +46,13 @@ def test_input_gradient_plus_the_shortcut_within_twice_plain(dtype, layout):
         assert (got.data_ptr() == g_ptr) == (layout != "mixed")  # the GEMM accumulated into g
         ulp = torch.finfo(dtype).eps
         bound = 2 * (plain.double() - exact).abs().max() + ulp * exact.abs().max()
-        assert (got.double() - exact).abs().max() <= bound
+        assert (got.double().cpu() - exact).abs().max() <= bound
         assert torch.equal(_residual_conv.input_grad_plus(dh, w, None), _conv_input_grad(dh, w))
 
 
 def _identity_block(channels=16, planes=4):
     torch.manual_seed(0)
-    block = Bottleneck(channels, planes, attn_layer="se").train()
+    block = Bottleneck(channels, planes, attn_layer="se").to(DEVICE).train()
     return block, copy.deepcopy(block)
 
 
@@ -65,7 +69,7 @@ def test_identity_block_sums_its_input_gradients_in_the_first_convolution(monkey
     monkeypatch.setattr(_residual_conv._ConvWithShortcut, "apply", lambda *a: applied.append(1) or original(*a))
     block, plain = _identity_block()
     assert se_bottleneck.fuse_se_tails(block) == 1 and block.downsample is None
-    x = torch.randn(3, 16, 6, 5)
+    x = torch.randn(3, 16, 6, 5, device=DEVICE)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_a, out_b = block(xa), plain(xb)
     assert applied == [1]
@@ -117,7 +121,7 @@ def test_identity_block_with_a_plain_end_adds_nothing_twice(monkeypatch):
     sink = _residual_conv.ShortcutSink()
     block, plain = _identity_block()
     se_bottleneck.fuse_se_tails(block)
-    x = torch.randn(2, 16, 4, 4)
+    x = torch.randn(2, 16, 4, 4, device=DEVICE)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     h = _residual_conv.conv_with_shortcut(block.conv1, xa, sink)
     ha = F.conv2d(xb, plain.conv1.weight)
