@@ -117,7 +117,9 @@ class FusedSEBottleneck(Bottleneck):
     five backward. The SE squeeze's gradient is added to the op's in one pass
     (:func:`spatial_mean`). In training on CUDA the first two BatchNorm + ReLU pairs run as one
     op each (:func:`bn_relu`) and the last BatchNorm joins the tail, SE module included
-    (:func:`bn_se_residual_relu`). The same modules and parameters, so the same state_dict."""
+    (:func:`bn_se_residual_relu`); where the shortcut is the block's input, that end hands the
+    shortcut's gradient to the first convolution, whose backward GEMM adds it in
+    (:mod:`fastnl._residual_conv`). The same modules and parameters, so the same state_dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut, sink = x, None
