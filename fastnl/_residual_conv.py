@@ -39,6 +39,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _conv1x1_backward(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: list) -> tuple:
+    """aten's convolution backward of ``conv2d(x, weight)`` (1x1, stride 1, no bias) for the
+    gradients ``mask`` asks for ([input, weight, bias])."""
+    return torch.ops.aten.convolution_backward(dh, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask)
+
+
 def input_grad_plus(dh: torch.Tensor, weight: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
     """``conv1x1_input_grad(dh, weight) + g`` ([N, Cout, H, W] dh, [Cout, Cin, 1, 1] weight, g
     [N, Cin, H, W] or None), in dh's dtype: where g and dh are both contiguous or both
@@ -57,8 +63,7 @@ def input_grad_plus(dh: torch.Tensor, weight: torch.Tensor, g: torch.Tensor | No
             # positions as rows: g (N H W x Cin) += dh (N H W x Cout) @ W (Cout x Cin)
             g.permute(0, 2, 3, 1).reshape(-1, Cin).addmm_(dh.permute(0, 2, 3, 1).reshape(-1, Cout), w2d)
             return g
-    dx = torch.ops.aten.convolution_backward(dh, dh.new_empty((N, Cin, H, W)), weight, None, [1, 1], [0, 0],
-                                             [1, 1], False, [0, 0], 1, [True, False, False])[0]
+    dx = _conv1x1_backward(dh, dh.new_empty((N, Cin, H, W)), weight, [True, False, False])[0]
     return dx if g is None else dx + g
 
 
@@ -84,8 +89,7 @@ class _ConvWithShortcut(torch.autograd.Function):
         elif g is not None:
             raise RuntimeError("conv_with_shortcut: the shortcut has a gradient but the input needs none")
         if ctx.needs_input_grad[1]:
-            dweight = torch.ops.aten.convolution_backward(dh, xc, wc, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                                                          [False, True, False])[1].to(ctx.weight_dtype)
+            dweight = _conv1x1_backward(dh, xc, wc, [False, True, False])[1].to(ctx.weight_dtype)
         return dx, dweight, None
 
 

@@ -125,11 +125,16 @@ def _tail_bwd_apply(DR, X, DX, ANCHOR, OFFSET, COEF_P, COEF_Q, COEF_B, C, S, NSB
 
 
 @triton.jit
+def _nc_tile(n, c, keep, N, C):
+    """Offsets and mask of rows n, channels c of a contiguous [N, C] tensor."""
+    return n[:, None] * C + c[None, :], (n < N)[:, None] & keep[None, :]
+
+
+@triton.jit
 def _coef_rows(GATE, DSQ, n, c, keep, N, C):
     """Offsets and mask of rows n, channels c of an [N, C] tensor, and the gate and the squeeze's
     gradient there (as float32)."""
-    mask = (n < N)[:, None] & keep[None, :]
-    at = n[:, None] * C + c[None, :]
+    at, mask = _nc_tile(n, c, keep, N, C)
     return (at, mask, tl.load(GATE + at, mask=mask, other=0.0).to(tl.float32),
             tl.load(DSQ + at, mask=mask, other=0.0).to(tl.float32))
 
@@ -175,7 +180,7 @@ def _pool_finish(TSUM, OFFSET, INVSTD, W, BIAS, POOLED, SQUEEZE, N, C, NSB, posi
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c < C
-    mask = (n < N)[:, None] & keep[None, :]
+    at, mask = _nc_tile(n, c, keep, N, C)
     rows = n[:, None].to(tl.int64) * NSB * C + c[None, :]  # tile (n, 0) of the image's NSB
     total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     for sb in range(0, NSB):
@@ -185,7 +190,6 @@ def _pool_finish(TSUM, OFFSET, INVSTD, W, BIAS, POOLED, SQUEEZE, N, C, NSB, posi
     weight = tl.load(W + c, mask=keep, other=0.0).to(tl.float32)
     bias = tl.load(BIAS + c, mask=keep, other=0.0)
     pooled = (total - positions * offset[None, :]) * (invstd / positions)[None, :]
-    at = n[:, None] * C + c[None, :]
     tl.store(POOLED + at, pooled, mask=mask)
     squeeze = bias[None, :] + pooled * weight[None, :]
     tl.store(SQUEEZE + at, _rounded(squeeze, SQUEEZE.dtype.element_ty, INTERPRETED), mask=mask)

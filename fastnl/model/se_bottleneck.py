@@ -128,9 +128,7 @@ class FusedSEBottleneck(Bottleneck):
             # the input is the shortcut: its two gradients are summed in the first convolution's
             # backward GEMM, not by autograd (see fastnl._residual_conv)
             sink = ShortcutSink()
-            x = bn_relu(self.bn1, self.act1, conv_with_shortcut(self.conv1, x, sink))
-        else:
-            x = bn_relu(self.bn1, self.act1, self.conv1(x))
+        x = bn_relu(self.bn1, self.act1, self.conv1(x) if sink is None else conv_with_shortcut(self.conv1, x, sink))
         x = self.conv2(x)
         if isinstance(self.drop_block, nn.Identity):
             x = self.aa(bn_relu(self.bn2, self.act2, x))
