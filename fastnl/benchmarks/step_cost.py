@@ -121,6 +121,44 @@ OWN_OP_LAUNCHES = {("fastnl", "bn_relu"): (3, 1), ("fastnl", "bn_relu_backward")
                    ("fastnl", "channel_attention"): (17, 15), ("fastnl", "channel_attention_backward"): (40, 38)}
 
 
+# Ops whose destination arguments (positions) are written, not read: a copy.
+WRITE_ONLY = {("aten", "copy_"): (0,), ("aten", "_foreach_copy_"): (0,)}
+
+# torch's multi-tensor apply on CUDA (the ``_foreach_`` ops): one kernel takes at most
+# FOREACH_MAX_TENSORS[depth] tensors (depth: the tensor lists, an out-of-place op's result
+# included) and FOREACH_MAX_BLOCKS chunks of FOREACH_CHUNK elements; the 4 KB kernel-argument
+# limits (builds for CUDA 13 allow more: the count is an upper bound there).
+FOREACH_MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
+FOREACH_MAX_BLOCKS = 320
+FOREACH_CHUNK = 65536
+
+
+def foreach_launches(name: str, args) -> int:
+    """The kernels a CUDA ``_foreach_`` op ``name`` launches on ``args``, as torch's
+    multi_tensor_apply packs the tensors and their chunks (a tensor split across kernels
+    carried on to the next)."""
+    import torch
+
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a)]
+    if not lists:
+        return 1
+    depth = min(len(lists) + (0 if name.endswith("_") else 1), max(FOREACH_MAX_TENSORS))
+    max_tensors = FOREACH_MAX_TENSORS[depth]
+    numels = [t.numel() for t in lists[0] if t.numel()]
+    launches = tensors = blocks = 0
+    for index, numel in enumerate(numels):
+        tensors += 1
+        chunks = -(-numel // FOREACH_CHUNK)
+        for chunk in range(chunks):
+            blocks += 1
+            last_chunk = chunk == chunks - 1
+            if blocks == FOREACH_MAX_BLOCKS or (last_chunk and (tensors == max_tensors or index == len(numels) - 1)):
+                launches += 1
+                blocks = 0
+                tensors = 0 if last_chunk else 1
+    return max(launches, 1)
+
+
 class Roofline:
     """A ``TorchDispatchMode`` that prices every op it sees on ``gpu`` (see the module's doc) and
     sums ``gemm_s`` (ops with flops, each at max(flops, bytes) time), ``memory_s`` (the others),
@@ -171,6 +209,8 @@ class Roofline:
                 nbytes = own(args, out) if own is not None else roofline.op_bytes(func, args, kwargs, out)
                 nbytes += sum(_tensor_bytes(args[i]) for i in SECOND_READS.get((func.namespace, name), ()))
                 launches = OWN_OP_LAUNCHES.get((func.namespace, name), (1, 0))
+                if func.namespace == "aten" and name.startswith("_foreach_"):
+                    launches = (foreach_launches(name, args), 0)
                 roofline.add(name, flops, nbytes, roofline.op_dtype(args, out), launches)
                 return out
 
@@ -186,8 +226,9 @@ class Roofline:
 
     @staticmethod
     def op_bytes(func, args, kwargs, out) -> int:
-        """Bytes read (the tensor arguments) plus bytes written (new outputs, mutated arguments),
-        each storage once per side."""
+        """Bytes read (the tensor arguments, less the destinations a copy only writes:
+        ``WRITE_ONLY``) plus bytes written (new outputs, mutated arguments), each storage once
+        per side."""
         import torch
         from torch.utils._pytree import tree_leaves
 
@@ -200,7 +241,9 @@ class Roofline:
             if a.alias_info is not None and a.alias_info.is_write:
                 value = args[i] if i < len(args) else kwargs.get(a.name)
                 mutated += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
-        reads = {key(t): _tensor_bytes(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        skip = WRITE_ONLY.get((func.namespace, func._overloadpacket.__name__), ())
+        read_args = [a for i, a in enumerate(args) if i not in skip]
+        reads = {key(t): _tensor_bytes(t) for t in tree_leaves((read_args, kwargs)) if isinstance(t, torch.Tensor)}
         writes = {key(t): _tensor_bytes(t) for t in mutated}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):

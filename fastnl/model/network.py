@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fastnl._weight_cast import call_with, cast_group, subgroup
 from fastnl.errors import UserError
 from fastnl.model.nlam import NLAM, backends_for
 from fastnl.model.temporal import build_temporal
@@ -32,20 +33,20 @@ class _RecomputeKeepsBNStats:
     first call: only the momentum is 0 (running = 1 * running + 0 * batch) and the step counter
     is put back."""
 
-    def __init__(self, block: nn.Module):
-        self.block, self.calls = block, 0
+    def __init__(self, block: nn.Module, casts: dict | None = None):
+        self.block, self.casts, self.calls = block, casts or {}, 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.calls == 1:
-            return self.block(x)
+            return call_with(self.block, self.casts, x)
         norms = [m for m in self.block.modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
         for m in norms:
             m.momentum = 0.0
         try:
-            return self.block(x)
+            return call_with(self.block, self.casts, x)
         finally:
             # also when the recomputation stops early (torch's StopRecomputationError)
             with torch.no_grad():
@@ -74,6 +75,8 @@ class VideoReIDNet(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.grad_checkpointing = False
         self.fused_stem = impl == "fused"  # bn1 + act1 of the stem as one op (see FusedStem)
+        # under autocast, the weight casts of each stage / module in one group (fastnl._weight_cast)
+        self.grouped_weight_casts = impl == "fused"
         self.backbone = seresnet50()
         if impl == "fused":  # the bottlenecks' SE rescale + residual + ReLU in one op
             from fastnl.model.se_bottleneck import fuse_se_tails
@@ -107,32 +110,48 @@ class VideoReIDNet(nn.Module):
         most one block's activations are alive at a time during the recomputation."""
         self.grad_checkpointing = enabled
 
-    def _run_stage(self, stage: nn.Module, x: torch.Tensor, is_stem: bool) -> torch.Tensor:
+    def _cast_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The autocast dtype where this model makes autocast's weight casts per module group
+        (:mod:`fastnl._weight_cast`: the fused model under autocast); None: autocast casts."""
+        device = x.device.type
+        if not self.grouped_weight_casts or torch.compiler.is_compiling() or not torch.is_autocast_enabled(device):
+            return None
+        return torch.get_autocast_dtype(device)
+
+    @staticmethod
+    def _casts(module: nn.Module, dtype: torch.dtype | None) -> dict:
+        return {} if dtype is None else cast_group(module, dtype)
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor, is_stem: bool, casts: dict) -> torch.Tensor:
         if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
-            return stage(x)
-        for block in [stage] if is_stem else list(stage):
-            x = checkpoint(_RecomputeKeepsBNStats(block), x, use_reentrant=False)
+            return call_with(stage, casts, x)
+        blocks = [(stage, casts)] if is_stem else [(block, subgroup(casts, str(i))) for i, block in enumerate(stage)]
+        for block, block_casts in blocks:
+            x = checkpoint(_RecomputeKeepsBNStats(block, block_casts), x, use_reentrant=False)
         return x
 
     def frame_features(self, clips: torch.Tensor) -> torch.Tensor:
         """clips [B, N, 3, H, W] -> frame maps after block 5 (and the NLAMs) [B*N, 2048, h, w]."""
         b, n = clips.shape[:2]
         x = clips.reshape(b * n, *clips.shape[2:])
+        dtype = self._cast_dtype(clips)
         for index, stage in enumerate(self.stages(), start=1):
-            x = self._run_stage(stage, x, index == 1)
+            x = self._run_stage(stage, x, index == 1, self._casts(stage, dtype))
             key = str(index)
             if key in self.nlam:
-                x = self.nlam[key](x, n)
+                nlam = self.nlam[key]
+                x = call_with(nlam, self._casts(nlam, dtype), x, n)
         return x
 
     def forward(self, clips: torch.Tensor):
         if clips.dim() != 5 or clips.shape[2] != 3:
             raise ValueError(f"clips must have shape [B, N, 3, H, W], got {tuple(clips.shape)}")
         n = clips.shape[1]
-        descriptors = self.temporal(self.frame_features(clips), n)
+        dtype = self._cast_dtype(clips)
+        descriptors = call_with(self.temporal, self._casts(self.temporal, dtype), self.frame_features(clips), n)
         if not self.training:
             return descriptors
-        return self.classifier(descriptors), descriptors
+        return call_with(self.classifier, self._casts(self.classifier, dtype), descriptors), descriptors
 
 
 def _read_state_dict(path: Path) -> dict:

@@ -31,6 +31,9 @@ class NLAM(nn.Module):
     forward(x [B*N, C, H, W], frames=N) -> [B*N, C, H, W].
     """
 
+    # the MLP's weights go to the channel-attention op as they are (it runs without autocast)
+    outside_autocast = ("mlp_w1", "mlp_w2")
+
     def __init__(self, channels: int, *, inter_channels: int | None = None, reduction: int = 16,
                  scale: float = 1.0, impl: str = "fused"):
         super().__init__()
