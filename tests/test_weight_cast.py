@@ -135,3 +135,30 @@ def test_fused_model_step_is_bit_identical_with_grouped_casts(checkpointing):
     assert grouped.counts["_foreach_copy_"] == 2 * groups
     for name, p in model.named_parameters():
         assert type(p) is nn.Parameter and p.grad.stride() == p.stride(), name
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_stage_casts_in_one_kernel_each_way():
+    """On CUDA ``_foreach_copy_`` casts a whole stage (layer3: 43 tensors, float32 to bf16) in
+    one kernel, and its gradients back in one: the fast path, not a copy per tensor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    stage = build_model(5, frames=2, impl="fused").backbone.layer3.cuda()
+    targets = cast_targets(stage, torch.bfloat16)
+    assert len(targets) == 43
+    grads = [torch.randn(t.shape, device="cuda").to(torch.bfloat16) for _, t in targets]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        casts = cast_group(stage, torch.bfloat16)
+        torch.cuda.synchronize()
+    forward_kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(forward_kernels) == 1, [e.name for e in forward_kernels]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.autograd.backward(list(casts.values()), grads)
+        torch.cuda.synchronize()
+    backward_kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(backward_kernels) == 1, [e.name for e in backward_kernels]
+    for (name, t), g in zip(targets, grads):
+        assert torch.equal(casts[name], t.to(torch.bfloat16)), name
+        assert torch.equal(t.grad, g.float()) and t.grad.stride() == t.stride(), name
