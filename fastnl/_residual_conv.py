@@ -13,6 +13,12 @@ leaves it in a :class:`ShortcutSink` instead of returning it to autograd, and re
 the shortcut: autograd then has one gradient for the block's input, this one. Where the end
 returns the shortcut's gradient to autograd after all (another backend), the sink stays empty
 and the backward is the convolution's alone, which autograd adds to it as usual.
+
+The non-local blocks (NLAM, NLTP) use the same GEMMs for several 1x1 projections with biases,
+stacked (:func:`projection_with_residual`): their residual sum (:func:`residual_to_sink`)
+leaves the input's gradient in a sink that it does not own (autograd hands the same tensor to
+the other branch), so the GEMM writes the sum to a new tensor, reading that gradient as its
+addend.
 """
 from __future__ import annotations
 
@@ -22,13 +28,16 @@ from torch.autograd.function import once_differentiable
 
 
 class ShortcutSink:
-    """The shortcut's gradient g, left by the block's end for the block's first convolution
-    (it owns g: a fresh tensor that nothing reads after the end's backward)."""
+    """The shortcut's gradient g, left by the block's end for the block's first convolution.
+    ``owned``: g is a fresh tensor that nothing reads after the end's backward, so the
+    convolution's GEMM may accumulate into it; otherwise it writes the sum to a new tensor
+    (the same passes over the map: g read once, the sum written once)."""
 
-    __slots__ = ("g",)
+    __slots__ = ("g", "owned")
 
-    def __init__(self):
+    def __init__(self, owned: bool = True):
         self.g = None
+        self.owned = owned
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -40,15 +49,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _conv1x1_backward(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: list) -> tuple:
-    """aten's convolution backward of ``conv2d(x, weight)`` (1x1, stride 1, no bias) for the
+    """aten's convolution backward of ``conv2d(x, weight[, bias])`` (1x1, stride 1) for the
     gradients ``mask`` asks for ([input, weight, bias])."""
-    return torch.ops.aten.convolution_backward(dh, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask)
+    bias_sizes = [weight.shape[0]] if mask[2] else None
+    return torch.ops.aten.convolution_backward(dh, x, weight, bias_sizes, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                               mask)
 
 
-def input_grad_plus(dh: torch.Tensor, weight: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+def input_grad_plus(dh: torch.Tensor, weight: torch.Tensor, g: torch.Tensor | None,
+                    overwrite: bool = True) -> torch.Tensor:
     """``conv1x1_input_grad(dh, weight) + g`` ([N, Cout, H, W] dh, [Cout, Cin, 1, 1] weight, g
     [N, Cin, H, W] or None), in dh's dtype: where g and dh are both contiguous or both
-    channels_last and of dh's dtype, as one GEMM accumulating into g (g is overwritten);
+    channels_last and of dh's dtype, as one GEMM accumulating into g (``overwrite``: g is
+    overwritten; otherwise the sum is a new tensor, the GEMM reading g as its addend);
     otherwise the convolution's input gradient, then the sum."""
     N, Cout, H, W = dh.shape
     Cin = weight.shape[1]
@@ -56,13 +69,19 @@ def input_grad_plus(dh: torch.Tensor, weight: torch.Tensor, g: torch.Tensor | No
     if g is not None and g.dtype == dh.dtype and tuple(g.shape) == (N, Cin, H, W):
         if g.is_contiguous() and dh.is_contiguous():
             # per image: g[n] (Cin x HW) += W^T (Cin x Cout) @ dh[n] (Cout x HW), W^T broadcast
-            g.view(N, Cin, H * W).baddbmm_(w2d.t().expand(N, Cin, Cout), dh.view(N, Cout, H * W))
-            return g
+            g3, wt, dh3 = g.view(N, Cin, H * W), w2d.t().expand(N, Cin, Cout), dh.view(N, Cout, H * W)
+            if overwrite:
+                g3.baddbmm_(wt, dh3)
+                return g
+            return torch.baddbmm(g3, wt, dh3).view(N, Cin, H, W)
         cl = torch.channels_last
         if g.is_contiguous(memory_format=cl) and dh.is_contiguous(memory_format=cl):
             # positions as rows: g (N H W x Cin) += dh (N H W x Cout) @ W (Cout x Cin)
-            g.permute(0, 2, 3, 1).reshape(-1, Cin).addmm_(dh.permute(0, 2, 3, 1).reshape(-1, Cout), w2d)
-            return g
+            g2, dh2 = g.permute(0, 2, 3, 1).reshape(-1, Cin), dh.permute(0, 2, 3, 1).reshape(-1, Cout)
+            if overwrite:
+                g2.addmm_(dh2, w2d)
+                return g
+            return torch.addmm(g2, dh2, w2d).view(N, H, W, Cin).permute(0, 3, 1, 2)
     dx = _conv1x1_backward(dh, dh.new_empty((N, Cin, H, W)), weight, [True, False, False])[0]
     return dx if g is None else dx + g
 
@@ -85,12 +104,29 @@ class _ConvWithShortcut(torch.autograd.Function):
         g, ctx.sink.g = ctx.sink.g, None
         dx = dweight = None
         if ctx.needs_input_grad[0]:
-            dx = input_grad_plus(dh, wc, None if g is None else g.to(dh.dtype)).to(ctx.x_dtype)
+            dx = input_grad_plus(dh, wc, None if g is None else g.to(dh.dtype), overwrite=ctx.sink.owned).to(ctx.x_dtype)
         elif g is not None:
             raise RuntimeError("conv_with_shortcut: the shortcut has a gradient but the input needs none")
         if ctx.needs_input_grad[1]:
             dweight = _conv1x1_backward(dh, xc, wc, [False, True, False])[1].to(ctx.weight_dtype)
         return dx, dweight, None
+
+
+class _ResidualToSink(torch.autograd.Function):
+    """z + x whose gradient for x is left in a sink (for the convolution of x that adds it in
+    its backward GEMM) instead of being returned to autograd."""
+
+    @staticmethod
+    def forward(ctx, z, x, sink):
+        ctx.sink, ctx.z_dtype = sink, z.dtype
+        return z + x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        if ctx.needs_input_grad[1]:
+            ctx.sink.g = g
+        return (g.to(ctx.z_dtype) if ctx.needs_input_grad[0] else None), None, None
 
 
 def plain_1x1(conv: torch.nn.Module) -> bool:
@@ -110,3 +146,91 @@ def conv_with_shortcut(conv: torch.nn.Module, x: torch.Tensor, sink: ShortcutSin
     if x.dim() != 4 or x.shape[1] != conv.in_channels:
         raise ValueError(f"conv_with_shortcut: expected x [N, {conv.in_channels}, H, W], got {tuple(x.shape)}")
     return _ConvWithShortcut.apply(x, conv.weight, sink)
+
+
+def residual_to_sink(z: torch.Tensor, x: torch.Tensor, sink: ShortcutSink) -> torch.Tensor:
+    """``z + x`` whose gradient for ``x`` goes to ``sink`` (not owned: autograd hands the same
+    tensor to z's branch), for :func:`projection_with_residual` of the same x to add in. Autograd
+    then receives x's gradient from that projection alone, so the projection's backward must
+    run whenever this one does: x's every use but this sum is through it (it always is where
+    the sum's output depends on the projection, as in a non-local block)."""
+    if sink.owned:
+        raise ValueError("residual_to_sink needs a ShortcutSink(owned=False): z's branch reads the same gradient")
+    return _ResidualToSink.apply(z, x, sink)
+
+
+class _StackedProjection(torch.autograd.Function):
+    """1x1 convolution of x by several weights stacked along Cout (and their biases, None where
+    one has none), whose backward adds the sink's gradient into x's. Backward keeps x and the
+    stacked weight (a copy of the weights: 2 bytes per weight in bf16; concatenating them again
+    in backward would read and write them once more each step)."""
+
+    @staticmethod
+    def forward(ctx, x, sink, n, *tensors):
+        weights, biases = tensors[:n], tensors[n:]
+        dtype = _compute_dtype(x)
+        xc = x.to(dtype)
+        wc = [w.to(dtype) for w in weights]  # autocast's casts, made here (none where cast already)
+        stacked = torch.cat(wc)
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([torch.zeros(w.shape[0], dtype=dtype, device=w.device) if b is None else b.to(dtype)
+                              for w, b in zip(wc, biases)])
+        with torch.autocast(x.device.type, enabled=False):
+            h = F.conv2d(xc, stacked, bias)
+        ctx.save_for_backward(xc, stacked)
+        ctx.sink, ctx.n, ctx.x_dtype = sink, n, x.dtype
+        ctx.sizes = [w.shape[0] for w in wc]
+        ctx.weight_dtypes = [w.dtype for w in weights]
+        ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh):
+        xc, stacked = ctx.saved_tensors
+        sink, n, sizes = ctx.sink, ctx.n, ctx.sizes
+        g, sink.g = sink.g, None
+        want_x = ctx.needs_input_grad[0]
+        want_w = any(ctx.needs_input_grad[3:3 + n])
+        want_b = any(need and dt is not None for need, dt in zip(ctx.needs_input_grad[3 + n:], ctx.bias_dtypes))
+        dx = None
+        if want_x:
+            if g is not None:
+                g = g.to(dh.dtype).reshape(xc.shape)  # a residual's gradient comes in its own shape
+            dx = input_grad_plus(dh, stacked, g, overwrite=sink.owned).to(ctx.x_dtype)
+        elif g is not None:
+            raise RuntimeError("projection_with_residual: the residual has a gradient but the input needs none")
+        dweights, dbiases = [None] * n, [None] * n
+        if want_w or want_b:
+            _, dw, db = _conv1x1_backward(dh, xc, stacked, [False, want_w, want_b])
+            if want_w:
+                dweights = [d.to(dt) if need else None for d, dt, need in
+                            zip(dw.split(sizes), ctx.weight_dtypes, ctx.needs_input_grad[3:3 + n])]
+            if want_b:
+                dbiases = [d.to(dt) if need and dt is not None else None for d, dt, need in
+                           zip(db.split(sizes), ctx.bias_dtypes, ctx.needs_input_grad[3 + n:])]
+        return (dx, None, None, *dweights, *dbiases)
+
+
+def projection_with_residual(x: torch.Tensor, weights, biases, sink: ShortcutSink) -> torch.Tensor:
+    """``conv2d(x, cat(weights), cat(biases))``: several 1x1 projections of x stacked along the
+    output channels (weights [Cout_i, Cin, 1, 1]; biases [Cout_i] or None each), whose
+    backward makes x's gradient in one GEMM, accumulating the gradient that
+    :func:`residual_to_sink` left in ``sink`` for the same x. Where a block projects x three
+    times and adds x to its output (a non-local block's query, key and value), plain autograd
+    runs three input-gradient GEMMs and three adds of map-sized gradients; this runs one GEMM
+    and no add (and one GEMM for the weights, one reduction for the biases). x: [N, Cin, H, W]."""
+    weights, biases = list(weights), list(biases)
+    if not weights or len(biases) != len(weights):
+        raise ValueError(f"projection_with_residual: one bias (or None) per weight, got {len(weights)} weights "
+                         f"and {len(biases)} biases")
+    if x.dim() != 4:
+        raise ValueError(f"projection_with_residual: expected x [N, Cin, H, W], got {tuple(x.shape)}")
+    for w, b in zip(weights, biases):
+        if w.dim() != 4 or tuple(w.shape[1:]) != (x.shape[1], 1, 1):
+            raise ValueError(f"projection_with_residual: expected weights [Cout, {x.shape[1]}, 1, 1], "
+                             f"got {tuple(w.shape)}")
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"projection_with_residual: bias must be [{w.shape[0]}], got {tuple(b.shape)}")
+    return _StackedProjection.apply(x, sink, len(weights), *weights, *biases)

@@ -148,18 +148,32 @@ def test_step_prices_both_models_on_the_same_backbone_flops(grad_checkpoint):
         assert ref["tflops"] > 1.2 * plain["tflops"] and ref["attention_ms"] == pytest.approx(plain["attention_ms"])
 
 
+def _unstacked_build(build):
+    """``build_model`` with the NLAMs' and NLTP's projections run as three convolutions each."""
+    def wrapper(*args, **kwargs):
+        model = build(*args, **kwargs)
+        for module in model.modules():
+            if hasattr(module, "stacked_projections"):
+                module.stacked_projections = False
+        return model
+    return wrapper
+
+
 def test_grouped_weight_casts_take_two_kernels_per_group_not_two_per_tensor():
     """The fused step with autocast's own weight casts (one kernel per tensor each way) against
     the grouped ones (one ``_foreach_copy_`` kernel per module group each way): the same bytes,
-    2 x tensors - 2 x groups kernels fewer."""
+    2 x tensors - 2 x groups kernels fewer. (The projections unstacked in both: stacked, autocast
+    casts their concatenation instead of their tensors.)"""
+    import fastnl.model
     from fastnl._weight_cast import cast_targets
     from fastnl.model import build_model
     from fastnl.model.network import VideoReIDNet
 
     case = step_cost.StepCase("tiny", 2, 4, 64, 32)
-    grouped = step_cost.price_step(case, "fused", launch_floor=False)
-    with mock.patch.object(VideoReIDNet, "_cast_dtype", lambda self, x: None):
-        per_tensor = step_cost.price_step(case, "fused", launch_floor=False)
+    with mock.patch.object(fastnl.model, "build_model", _unstacked_build(build_model)):
+        grouped = step_cost.price_step(case, "fused", launch_floor=False)
+        with mock.patch.object(VideoReIDNet, "_cast_dtype", lambda self, x: None):
+            per_tensor = step_cost.price_step(case, "fused", launch_floor=False)
     model = build_model(10, verbose=False)
     tensors = len(cast_targets(model, torch.bfloat16))
     groups = 5 + len(model.nlam) + 2  # the stem, four stages, the NLAMs, temporal, classifier
@@ -167,6 +181,30 @@ def test_grouped_weight_casts_take_two_kernels_per_group_not_two_per_tensor():
     assert per_tensor["launches"] - grouped["launches"] == 2 * tensors - 2 * groups
     assert per_tensor["gbytes"] == pytest.approx(grouped["gbytes"], rel=1e-9)
     assert per_tensor["tflops"] == pytest.approx(grouped["tflops"], rel=1e-12)
+
+
+def test_stacked_projections_price_fewer_kernels_for_the_same_flops():
+    """The fused step with the NLAMs' and NLTP's projections stacked (one GEMM each way, the
+    residual's gradient added in the GEMM; the adds themselves are counted on the blocks in
+    ``tests/test_stacked_projections.py``) against unstacked, at 64x32 maps: the same flops,
+    fewer kernels, a shorter step; more bytes by less than the weights' concatenation (2 bytes
+    read and 2 written per stacked weight, which at these tiny maps outweighs the map-sized
+    adds saved; at the paper's 256x128 the stacked step moves fewer bytes)."""
+    import fastnl.model
+    from fastnl.model import build_model
+
+    case = step_cost.StepCase("tiny", 2, 4, 64, 32)
+    stacked = step_cost.price_step(case, "fused")
+    with mock.patch.object(fastnl.model, "build_model", _unstacked_build(build_model)):
+        plain = step_cost.price_step(case, "fused")
+    model = build_model(10, verbose=False)
+    weights = sum(conv.weight.numel() for m in model.modules() if getattr(m, "stacked_projections", False)
+                  for name, conv in m.named_children() if name in ("a", "b", "d", "theta", "phi", "g"))
+    assert weights == 3 * (512 * 1024 + 1024 * 2048 + 1024 * 2048)
+    assert stacked["tflops"] == pytest.approx(plain["tflops"], rel=1e-9)
+    assert stacked["launches"] < plain["launches"]
+    assert stacked["step_ms"] < plain["step_ms"]
+    assert 0 < (stacked["gbytes"] - plain["gbytes"]) * 1e9 < 4 * weights
 
 
 def test_step_flops_match_the_backbone_by_hand():

@@ -157,12 +157,16 @@ def test_pretrained_errors(tmp_path):
 
 
 def _saved_bytes_and_grads(model, clips):
-    """Bytes of the activations autograd keeps for backward (parameters excluded), and grads."""
+    """Bytes of the activations autograd keeps for backward (parameters excluded, and the
+    non-local blocks' stacked projection weights, a copy of parameters), and grads."""
     saved = []
     param_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stacked = {(3 * m.a.out_channels if hasattr(m, "a") else 3 * m.theta.out_channels, m.channels
+                if hasattr(m, "channels") else m.theta.in_channels, 1, 1)
+               for m in model.modules() if getattr(m, "stacked_projections", False)}
 
     def pack(t):
-        if t.untyped_storage().data_ptr() not in param_storage:
+        if t.untyped_storage().data_ptr() not in param_storage and tuple(t.shape) not in stacked:
             saved.append(t.numel() * t.element_size())
         return t
 

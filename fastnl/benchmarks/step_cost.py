@@ -98,7 +98,18 @@ def _channel_attention_backward_bytes(args, out) -> int:
 
 
 # The extension's ops, priced by the passes their CUDA kernels make (not one read per argument)
-OWN_OP_BYTES = {("fastnl", "channel_attention"): _channel_attention_bytes,
+def _convolution_backward_bytes(args, out) -> int:
+    # grad_output, input, weight, ..., output_mask: the input gradient reads the weight, the
+    # weight gradient the input (the input gradient needs only the input's shape); both and
+    # the bias gradient read grad_output
+    mask = args[10]
+    reads = _tensor_bytes(args[0]) + (_tensor_bytes(args[1]) if mask[1] else 0) + \
+        (_tensor_bytes(args[2]) if mask[0] else 0)
+    return reads + sum(_tensor_bytes(t) for t in out if t is not None)
+
+
+OWN_OP_BYTES = {("aten", "convolution_backward"): _convolution_backward_bytes,
+                ("fastnl", "channel_attention"): _channel_attention_bytes,
                 ("fastnl", "channel_attention_backward"): _channel_attention_backward_bytes}
 
 # Ops whose kernels read some arguments twice: the default price (one read per argument) plus
@@ -227,13 +238,14 @@ class Roofline:
     @staticmethod
     def op_bytes(func, args, kwargs, out) -> int:
         """Bytes read (the tensor arguments, less the destinations a copy only writes:
-        ``WRITE_ONLY``) plus bytes written (new outputs, mutated arguments), each storage once
-        per side."""
+        ``WRITE_ONLY``) plus bytes written (new outputs, mutated arguments), each tensor once
+        per side (the same view of a storage twice is one read; distinct views of one storage,
+        as the slices of a split, are read each)."""
         import torch
         from torch.utils._pytree import tree_leaves
 
         def key(t):
-            return t.untyped_storage()._cdata
+            return t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride())
 
         schema_args = func._schema.arguments
         mutated = []

@@ -91,7 +91,7 @@ class VideoReIDNet(nn.Module):
             str(b): NLAM(BLOCK_CHANNELS[b], reduction=nlam_reduction, scale=nlam_scale, impl=impl)
             for b in blocks
         })
-        self.temporal = build_temporal(temporal, DESCRIPTOR_DIM)
+        self.temporal = build_temporal(temporal, DESCRIPTOR_DIM, stacked_projections=impl == "fused")
         self.classifier = nn.Linear(DESCRIPTOR_DIM, num_classes)
 
     def stages(self) -> list[nn.Module]:

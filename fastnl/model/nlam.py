@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastnl import ops
+from fastnl._residual_conv import ShortcutSink, projection_with_residual, residual_to_sink
 from fastnl.vocabulary import MODEL_IMPLS as IMPLS
 
 
@@ -42,6 +43,9 @@ class NLAM(nn.Module):
             raise ValueError(f"inter_channels and reduction must be >= 1, got {inter}, {reduction}")
         self.channels, self.inter_channels, self.scale = channels, inter, float(scale)
         self.attention_backend, self.channel_backend = backends_for(impl)
+        # the fused model projects x to q, k, v in one GEMM whose backward adds the residual's
+        # gradient (fastnl._residual_conv.projection_with_residual); the same parameters
+        self.stacked_projections = impl == "fused"
         self.a = nn.Conv2d(channels, inter, 1)
         # A bias on b would add a_i^T beta to every logit of row i: softmax ignores it.
         self.b = nn.Conv2d(channels, inter, 1, bias=False)
@@ -61,13 +65,21 @@ class NLAM(nn.Module):
         length = frames * h * w
         x_cl = x.reshape(b, frames, c, h * w).transpose(1, 2).reshape(b, c, length)
         cp = self.inter_channels
+        sink = None
+        if self.stacked_projections and not torch.compiler.is_compiling():
+            # one [3C', C] projection; x's gradient from it and from the residual in one GEMM
+            sink = ShortcutSink(owned=False)
+            qkv = projection_with_residual(x_cl.unsqueeze(-1), [self.a.weight, self.b.weight, self.d.weight],
+                                           [self.a.bias, None, self.d.bias], sink).squeeze(-1)
+            projections = qkv.split(cp, dim=1)
+        else:
+            projections = [F.conv1d(x_cl, conv.weight.view(cp, c, 1), conv.bias) for conv in (self.a, self.b, self.d)]
         # q, k, v: [B, L, C'] views of the [B, C', L] conv outputs (no permute copies).
-        q, k, v = (F.conv1d(x_cl, conv.weight.view(cp, c, 1), conv.bias).transpose(1, 2)
-                   for conv in (self.a, self.b, self.d))
+        q, k, v = (t.transpose(1, 2) for t in projections)
         y = ops.nl_attention(q, k, v, scale=self.scale, backend=self.attention_backend)  # [B, L, C']
         z = F.conv1d(y.transpose(1, 2), self.w0.weight.view(c, cp, 1))  # [B, C, L]
         z = self.w0_bn(z.unsqueeze(-1)).squeeze(-1)
-        return z + x_cl
+        return z + x_cl if sink is None else residual_to_sink(z, x_cl, sink)
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         bn, c, h, w = x.shape
