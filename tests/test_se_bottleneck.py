@@ -1,6 +1,9 @@
 """The fused model's SE bottleneck: the lean SE squeeze (``spatial_mean``) and what it saves."""
+import collections
+
 import pytest
 import torch
+import torch.utils._python_dispatch
 from timm.models.resnet import Bottleneck
 
 from fastnl.benchmarks.step_cost import Roofline
@@ -50,3 +53,109 @@ def test_the_squeeze_gradient_costs_two_passes_of_the_map_less(monkeypatch):
     plain = _bytes_moved(block, x)
     map_bytes = x.numel() * x.element_size()  # the block's output has the input's shape
     assert 1.95 * map_bytes <= plain - lean <= 2.05 * map_bytes
+
+
+def _downsampling_pair(index=3, seed=0):
+    """(fused, timm) copies of one downsampling block of the model (3: layer2's first, stride
+    2; 0: layer1's, stride 1), float64, BatchNorms awake."""
+    from timm.models.resnet import Bottleneck as TimmBottleneck
+
+    from fastnl.model import build_model
+
+    torch.manual_seed(seed)
+    fused = build_model(10, impl="fused", verbose=False)
+    plain = build_model(10, impl="reference", verbose=False)
+    fb = [m for m in fused.backbone.modules() if isinstance(m, TimmBottleneck)][index].double()
+    pb = [m for m in plain.backbone.modules() if isinstance(m, TimmBottleneck)][index].double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in fb.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=gen, dtype=torch.float64) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen, dtype=torch.float64) * 0.1)
+    pb.load_state_dict(fb.state_dict())
+    return fb, pb
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch,h,w", [(1, 9, 5), (3, 8, 4)])
+def test_downsampling_block_matches_timm_in_float64(layout, batch, h, w):
+    """layer2's first block (a stride-2 shortcut convolution): output, input gradient, every
+    parameter's gradient and the running statistics the timm block's to float64 rounding, odd
+    maps (the grid's last row and column) and batch 1 included."""
+    fb, pb = _downsampling_pair()
+    assert fb._meeting(torch.zeros(1, requires_grad=True)) is not None and fb.downsample[0].stride == (2, 2)
+    x = torch.randn(batch, fb.conv1.in_channels, h, w, dtype=torch.float64).to(memory_format=layout)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, out_b = fb(xa), pb(xb)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-12)
+    g = torch.randn(out_a.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out_a.backward(g)
+    out_b.backward(g)
+    assert xb.grad.abs().max() > 0
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+    for (name, pa), pb_ in zip(fb.named_parameters(), pb.parameters()):
+        torch.testing.assert_close(pa.grad, pb_.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, ba), bb in zip(fb.named_buffers(), pb.buffers()):
+        torch.testing.assert_close(ba, bb, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_downsampling_block_adds_the_shortcut_gradient_on_its_grid_only():
+    """Plain autograd writes the strided shortcut's input gradient at full size and adds two
+    full-size gradients; the fused block writes it on the stride-2 grid and adds it there:
+    no full-size add, the shortcut's gradient a quarter of the map, and fewer bytes priced by
+    the step-cost roofline by at least three passes over the input less a quarter."""
+    fb, pb = _downsampling_pair()
+    x = torch.randn(2, fb.conv1.in_channels, 8, 4, dtype=torch.float64)
+    counts, moved = [], []
+    for block in (fb, pb):
+        xx = x.clone().requires_grad_()
+        out = block(xx)
+        seen = collections.Counter()
+
+        class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                res = func(*args, **(kwargs or {}))
+                outs = res if isinstance(res, (tuple, list)) else (res,)
+                if any(isinstance(t, torch.Tensor) and t.shape == x.shape for t in outs):
+                    seen[func._overloadpacket.__name__] += 1
+                return res
+
+        with Spy(), Roofline() as roof:
+            out.backward(torch.ones_like(out))
+        counts.append(seen)
+        moved.append(roof.bytes)
+    fused, plain = counts
+    assert plain["add"] == 1 and plain["convolution_backward"] == 2
+    assert fused["add"] == 0 and fused["convolution_backward"] == 1
+    map_bytes = x.numel() * x.element_size()
+    assert moved[1] - moved[0] >= (3 - 0.25) * map_bytes
+
+
+@pytest.mark.parametrize("grid_first", [True, False])
+def test_grad_meeting_sums_whichever_backward_runs_second(grid_first):
+    from fastnl._residual_conv import GradMeeting
+
+    dense = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    grid = torch.randn(2, 3, 3, 2, dtype=torch.float64)
+    expected = dense.clone()
+    expected[:, :, ::2, ::2] += grid
+    meeting = GradMeeting(2)
+    first, second = ({"grid": grid}, {"dense": dense.clone()}) if grid_first else ({"dense": dense.clone()},
+                                                                                 {"grid": grid})
+    assert meeting.meet(**first) is None
+    total = meeting.meet(**second)
+    assert torch.equal(total, expected)
+    assert meeting.dense is None and meeting.grid is None
+
+
+def test_meeting_conv_rejects_other_convolutions():
+    from fastnl._residual_conv import GradMeeting, meeting_conv
+
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(ValueError, match="stride 1 or 2"):
+        meeting_conv(torch.nn.Conv2d(4, 8, 3, bias=False), x, GradMeeting(2))
+    with pytest.raises(ValueError, match="stride 1 or 2"):
+        meeting_conv(torch.nn.Conv2d(4, 8, 1, stride=3, bias=False), x, GradMeeting(2))
+    with pytest.raises(ValueError, match=r"expected x \[N, 8, H, W\]"):
+        meeting_conv(torch.nn.Conv2d(8, 8, 1, bias=False), x, GradMeeting(2))

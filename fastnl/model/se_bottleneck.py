@@ -7,7 +7,7 @@ from timm.models.resnet import Bottleneck
 from torch import nn
 
 from fastnl import ops
-from fastnl._residual_conv import ShortcutSink, conv_with_shortcut, plain_1x1
+from fastnl._residual_conv import GradMeeting, ShortcutSink, conv_with_shortcut, meeting_conv, plain_1x1, strided_1x1
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -121,21 +121,42 @@ class FusedSEBottleneck(Bottleneck):
     shortcut's gradient to the first convolution, whose backward GEMM adds it in
     (:mod:`fastnl._residual_conv`). The same modules and parameters, so the same state_dict."""
 
+    def _meeting(self, x: torch.Tensor) -> GradMeeting | None:
+        """A :class:`GradMeeting` for x's two gradients where the shortcut is a strided 1x1
+        convolution and its BatchNorm (timm's downsampling), in training with autograd."""
+        ds = self.downsample
+        if (isinstance(ds, nn.Sequential) and len(ds) == 2 and strided_1x1(ds[0]) and isinstance(ds[1], nn.BatchNorm2d)
+                and plain_1x1(self.conv1) and x.requires_grad and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            return GradMeeting(ds[0].stride[0])
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut, sink = x, None
+        shortcut, sink, meeting = x, None, None
         if (self.downsample is None and x.requires_grad and torch.is_grad_enabled() and plain_1x1(self.conv1)
                 and _triton_end(self.bn3, x, x)):
             # the input is the shortcut: its two gradients are summed in the first convolution's
             # backward GEMM, not by autograd (see fastnl._residual_conv)
             sink = ShortcutSink()
-        x = bn_relu(self.bn1, self.act1, self.conv1(x) if sink is None else conv_with_shortcut(self.conv1, x, sink))
+        else:
+            # a strided shortcut: its gradient of x is added into conv1's on the grid positions
+            meeting = self._meeting(x)
+        if sink is not None:
+            h = conv_with_shortcut(self.conv1, x, sink)
+        elif meeting is not None:
+            h = meeting_conv(self.conv1, x, meeting)
+        else:
+            h = self.conv1(x)
+        x = bn_relu(self.bn1, self.act1, h)
         x = self.conv2(x)
         if isinstance(self.drop_block, nn.Identity):
             x = self.aa(bn_relu(self.bn2, self.act2, x))
         else:
             x = self.aa(self.act2(self.drop_block(self.bn2(x))))
         x = self.conv3(x)
-        if self.downsample is not None:
+        if meeting is not None:
+            shortcut = self.downsample[1](meeting_conv(self.downsample[0], shortcut, meeting))
+        elif self.downsample is not None:
             shortcut = self.downsample(shortcut)
         return bn_se_residual_relu(self.bn3, self.se, x, shortcut, sink)
 
