@@ -17,6 +17,7 @@ import sys
 import torch
 
 from fastnl import reference
+from fastnl._running_stats import lerp_running
 from fastnl.vocabulary import ATTENTION_BACKENDS, BN_RELU_BACKENDS, CHANNEL_BACKENDS, TRITON_MAX_HEAD_DIM  # noqa: F401
 from fastnl.vocabulary import triton_head_dim_ok
 from fastnl.vocabulary import triton_interpreted as _triton_interpreted
@@ -380,9 +381,10 @@ def _update_running(running_mean, running_var, stats: torch.Tensor, momentum: fl
     """``running = (1 - momentum) * running + momentum * batch`` from the kernels' stats (row 0
     the mean, row 2 the unbiased variance), as ``F.batch_norm`` updates them."""
     if running_mean is not None and running_var is not None and momentum != 0.0:
-        with torch.no_grad():  # both in one launch on a GPU
-            torch._foreach_lerp_([running_mean, running_var],
-                                 [stats[0].to(running_mean.dtype), stats[2].to(running_var.dtype)], float(momentum))
+        # both in one launch on a GPU; in the fused model's forward, with every other op's
+        # (fastnl._running_stats)
+        lerp_running([running_mean, running_var],
+                     [stats[0].to(running_mean.dtype), stats[2].to(running_var.dtype)], float(momentum))
 
 
 def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,

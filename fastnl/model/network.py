@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fastnl._running_stats import deferred_running_stats
 from fastnl._weight_cast import call_with, cast_group, subgroup
 from fastnl.errors import UserError
 from fastnl.model.nlam import NLAM, backends_for
@@ -77,6 +78,9 @@ class VideoReIDNet(nn.Module):
         self.fused_stem = impl == "fused"  # bn1 + act1 of the stem as one op (see FusedStem)
         # under autocast, the weight casts of each stage / module in one group (fastnl._weight_cast)
         self.grouped_weight_casts = impl == "fused"
+        # the fused BatchNorm ops' running-statistics updates and batch counts made when the
+        # training forward ends, in a few launches (fastnl._running_stats)
+        self.deferred_bn_stats = impl == "fused"
         self.backbone = seresnet50()
         if impl == "fused":  # the bottlenecks' SE rescale + residual + ReLU in one op
             from fastnl.model.se_bottleneck import fuse_se_tails
@@ -148,7 +152,9 @@ class VideoReIDNet(nn.Module):
             raise ValueError(f"clips must have shape [B, N, 3, H, W], got {tuple(clips.shape)}")
         n = clips.shape[1]
         dtype = self._cast_dtype(clips)
-        descriptors = call_with(self.temporal, self._casts(self.temporal, dtype), self.frame_features(clips), n)
+        with deferred_running_stats(self.deferred_bn_stats and self.training):
+            features = self.frame_features(clips)
+        descriptors = call_with(self.temporal, self._casts(self.temporal, dtype), features, n)
         if not self.training:
             return descriptors
         return call_with(self.classifier, self._casts(self.classifier, dtype), descriptors), descriptors

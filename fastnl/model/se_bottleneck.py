@@ -7,6 +7,7 @@ from timm.models.resnet import Bottleneck
 from torch import nn
 
 from fastnl import ops
+from fastnl._running_stats import count_batch
 from fastnl._residual_conv import GradMeeting, ShortcutSink, conv_with_shortcut, meeting_conv, plain_1x1, strided_1x1
 
 
@@ -50,7 +51,7 @@ def _count_batch(bn: nn.BatchNorm2d) -> tuple:
     factor of ``momentum=None`` the cumulative average's."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+        count_batch(bn.num_batches_tracked, now=bn.momentum is None)
         if bn.momentum is None:
             factor = 1.0 / float(bn.num_batches_tracked)
     tracked = bn.track_running_stats
