@@ -77,19 +77,20 @@ def _downsampling_pair(index=3, seed=0):
     return fb, pb
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("batch,h,w", [(1, 9, 5), (3, 8, 4)])
-def test_downsampling_block_matches_timm_in_float64(layout, batch, h, w):
+def test_downsampling_block_matches_timm_in_float64(layout, batch, h, w, device):
     """layer2's first block (a stride-2 shortcut convolution): output, input gradient, every
     parameter's gradient and the running statistics the timm block's to float64 rounding, odd
     maps (the grid's last row and column) and batch 1 included."""
-    fb, pb = _downsampling_pair()
+    fb, pb = (b.to(device) for b in _downsampling_pair())
     assert fb._meeting(torch.zeros(1, requires_grad=True)) is not None and fb.downsample[0].stride == (2, 2)
-    x = torch.randn(batch, fb.conv1.in_channels, h, w, dtype=torch.float64).to(memory_format=layout)
+    x = torch.randn(batch, fb.conv1.in_channels, h, w, dtype=torch.float64).to(device).to(memory_format=layout)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_a, out_b = fb(xa), pb(xb)
     torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-12)
-    g = torch.randn(out_a.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(out_a.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
     out_a.backward(g)
     out_b.backward(g)
     assert xb.grad.abs().max() > 0

@@ -53,21 +53,22 @@ def _blocks(kind, channels, dtype=torch.float64, seed=0):
 def _step(block, x, frames, weight=None):
     x = x.clone().requires_grad_()
     out = block(x, frames)
-    weight = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) \
+    weight = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(out.device) \
         if weight is None else weight
     (out.double() * weight).sum().backward()
     return [out.detach(), x.grad] + [p.grad for p in block.parameters()], weight
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kind", ["nlam", "nltp"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("clips,frames,h,w", [(1, 3, 5, 3), (2, 2, 3, 1)])
-def test_stacked_block_matches_unstacked_in_float64(kind, channels_last, clips, frames, h, w):
+def test_stacked_block_matches_unstacked_in_float64(kind, channels_last, clips, frames, h, w, device):
     """Output, input gradient and every parameter's gradient (the three projections' weights
     and biases, W0/W and its BatchNorm, the MLP) the unstacked block's to float64 rounding,
     batch 1 and 2, odd maps, both layouts."""
-    plain, stacked = _blocks(kind, 16)
-    x = torch.randn(clips * frames, 16, h, w, dtype=torch.float64)
+    plain, stacked = (b.to(device) for b in _blocks(kind, 16))
+    x = torch.randn(clips * frames, 16, h, w, dtype=torch.float64).to(device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     expected, weight = _step(plain, x, frames)
