@@ -48,12 +48,22 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _conv1x1_backward(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: list) -> tuple:
-    """aten's convolution backward of ``conv2d(x, weight[, bias])`` (1x1, stride 1) for the
+def _cast_conv1x1(x: torch.Tensor, weight: torch.Tensor, stride: int = 1) -> tuple:
+    """(xc, wc, conv2d(xc, wc, stride=stride)): x and the weight cast as autocast would cast
+    them for a convolution (no copy where they are in that dtype already), the convolution run
+    without autocast."""
+    dtype = _compute_dtype(x)
+    xc, wc = x.to(dtype), weight.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return xc, wc, F.conv2d(xc, wc, stride=stride)
+
+
+def _conv1x1_backward(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: list, stride: int = 1) -> tuple:
+    """aten's convolution backward of ``conv2d(x, weight[, bias], stride=stride)`` (1x1) for the
     gradients ``mask`` asks for ([input, weight, bias])."""
     bias_sizes = [weight.shape[0]] if mask[2] else None
-    return torch.ops.aten.convolution_backward(dh, x, weight, bias_sizes, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                                               mask)
+    return torch.ops.aten.convolution_backward(dh, x, weight, bias_sizes, [stride, stride], [0, 0], [1, 1], False,
+                                               [0, 0], 1, mask)
 
 
 def input_grad_plus(dh: torch.Tensor, weight: torch.Tensor, g: torch.Tensor | None,
@@ -89,10 +99,7 @@ def input_grad_plus(dh: torch.Tensor, weight: torch.Tensor, g: torch.Tensor | No
 class _ConvWithShortcut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, sink):
-        dtype = _compute_dtype(x)
-        xc, wc = x.to(dtype), weight.to(dtype)  # autocast's casts, made here
-        with torch.autocast(x.device.type, enabled=False):
-            h = F.conv2d(xc, wc)
+        xc, wc, h = _cast_conv1x1(x, weight)  # autocast's casts, made here
         ctx.save_for_backward(xc, wc)
         ctx.sink, ctx.x_dtype, ctx.weight_dtype = sink, x.dtype, weight.dtype
         return h
@@ -129,12 +136,16 @@ class _ResidualToSink(torch.autograd.Function):
         return (g.to(ctx.z_dtype) if ctx.needs_input_grad[0] else None), None, None
 
 
+def _bare_1x1(conv: torch.nn.Module) -> bool:
+    """An ``nn.Conv2d``, 1x1, no padding, dilation 1, one group, no bias (any stride)."""
+    return (type(conv) is torch.nn.Conv2d and conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None and conv.padding_mode == "zeros")
+
+
 def plain_1x1(conv: torch.nn.Module) -> bool:
     """Whether ``conv`` is an ``nn.Conv2d`` that :func:`conv_with_shortcut` computes: 1x1, stride
     1, no padding, dilation 1, one group, no bias."""
-    return (type(conv) is torch.nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
-            and conv.padding_mode == "zeros")
+    return _bare_1x1(conv) and conv.stride == (1, 1)
 
 
 def conv_with_shortcut(conv: torch.nn.Module, x: torch.Tensor, sink: ShortcutSink) -> torch.Tensor:
@@ -269,10 +280,7 @@ class GradMeeting:
 class _MeetingConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, meeting, stride):
-        dtype = _compute_dtype(x)
-        xc, wc = x.to(dtype), weight.to(dtype)  # autocast's casts, made here
-        with torch.autocast(x.device.type, enabled=False):
-            h = F.conv2d(xc, wc, stride=stride)
+        xc, wc, h = _cast_conv1x1(x, weight, stride)  # autocast's casts, made here
         ctx.save_for_backward(xc, wc)
         ctx.meeting, ctx.stride, ctx.x_dtype, ctx.weight_dtype = meeting, stride, x.dtype, weight.dtype
         return h
@@ -294,8 +302,7 @@ class _MeetingConv(torch.autograd.Function):
                 grid = _conv1x1_backward(dh, dh.new_empty((n, xc.shape[1], ho, wo)), wc, [True, False, False])[0]
                 dx = ctx.meeting.meet(grid=grid)
             if want_w:
-                dweight = torch.ops.aten.convolution_backward(dh, xc, wc, None, [s, s], [0, 0], [1, 1], False, [0, 0],
-                                                              1, [False, True, False])[1]
+                dweight = _conv1x1_backward(dh, xc, wc, [False, True, False], stride=s)[1]
         return (None if dx is None else dx.to(ctx.x_dtype)), \
             (None if dweight is None else dweight.to(ctx.weight_dtype)), None, None
 
@@ -304,9 +311,7 @@ def strided_1x1(conv: torch.nn.Module) -> bool:
     """Whether ``conv`` is a downsampling shortcut's convolution that :func:`meeting_conv`
     computes: an ``nn.Conv2d``, 1x1, stride s > 1 the same both ways, no padding, dilation 1,
     one group, no bias."""
-    return (type(conv) is torch.nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride[0] == conv.stride[1] > 1
-            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
-            and conv.padding_mode == "zeros")
+    return _bare_1x1(conv) and conv.stride[0] == conv.stride[1] > 1
 
 
 def meeting_conv(conv: torch.nn.Module, x: torch.Tensor, meeting: GradMeeting) -> torch.Tensor:

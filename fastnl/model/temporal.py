@@ -42,7 +42,7 @@ class NLTP(nn.Module):
         if self.stacked_projections and not torch.compiler.is_compiling():
             sink = ShortcutSink(owned=False)
             convs = (self.theta, self.phi, self.g)
-            projections = projection_with_residual(f, [c.weight for c in convs], [c.bias for c in convs],
+            projections = projection_with_residual(f, [conv.weight for conv in convs], [conv.bias for conv in convs],
                                                    sink).split(self.theta.out_channels, dim=1)
         else:
             projections = (self.theta(f), self.phi(f), self.g(f))
