@@ -76,6 +76,24 @@ def test_every_kernel_takes_at_least_the_launch_floor():
     assert roof.memory_s == pytest.approx(3 * floor + 1e9 / bw + floor)
 
 
+@pytest.mark.parametrize("input_grad,weight_grad", [(True, True), (True, False), (False, True)])
+def test_convolution_backward_launches_a_kernel_per_gradient(input_grad, weight_grad):
+    """cuDNN makes a convolution's input and weight gradients in separate kernels: a tiny
+    convolution's backward costs one launch floor per gradient asked for."""
+    floor = HOPPER.launch_us * 1e-6
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        conv.weight.requires_grad_(weight_grad)
+        x = torch.randn(2, 8, 6, 5, requires_grad=input_grad)
+        y = conv(x)
+        grad = torch.ones_like(y)
+        with step_cost.Roofline() as roof:
+            y.backward(grad)
+    kernels = int(input_grad) + int(weight_grad)
+    assert roof.per_op["convolution_backward"] == (pytest.approx(kernels * floor), 1)
+    assert roof.launches == kernels, roof.per_op
+
+
 @pytest.mark.parametrize("B,L,D", [(8, 1024, 512), (32, 1024, 512), (8, 8192, 512), (8, 2048, 1024)])
 def test_op_pricer_and_attention_cost_model_agree_on_plain_attention(B, L, D):
     """Two independent estimates of the plain bf16 attention (bmm, softmax, bmm under CUDA's

@@ -23,7 +23,8 @@ same way in both models, so their predicted ratio is what the attention engine c
 
 Every kernel takes at least the GPU model's ``launch_us`` (4 us on sm_90: the launch and the
 gap to the next kernel of one stream), counted per kernel where an op launches several
-(``OWN_OP_LAUNCHES``): the fused model's BatchNorm ops and their small [C] and [N, C] torch ops
+(``OWN_OP_LAUNCHES``; a convolution's backward one per gradient it makes, as cuDNN runs them:
+``LAUNCH_COUNTERS``): the fused model's BatchNorm ops and their small [C] and [N, C] torch ops
 are more kernels than cuDNN's BatchNorm, and at the paper's setting more than half of either
 model's kernels are shorter than that floor.
 
@@ -132,6 +133,17 @@ OWN_OP_LAUNCHES = {("fastnl", "bn_relu"): (3, 1), ("fastnl", "bn_relu_backward")
                    ("fastnl", "channel_attention"): (17, 15), ("fastnl", "channel_attention_backward"): (40, 38)}
 
 
+def _convolution_backward_launches(args) -> int:
+    """cuDNN's convolution backward runs the input gradient, the weight gradient and the bias
+    gradient (a reduction of grad_output) as separate kernels: one per gradient asked for
+    (``output_mask``)."""
+    return max(1, sum(bool(m) for m in args[10]))
+
+
+# Ops whose kernel count depends on their arguments: name -> function of the arguments
+LAUNCH_COUNTERS = {("aten", "convolution_backward"): _convolution_backward_launches}
+
+
 # Ops whose destination arguments (positions) are written, not read: a copy.
 WRITE_ONLY = {("aten", "copy_"): (0,), ("aten", "_foreach_copy_"): (0,)}
 
@@ -222,6 +234,8 @@ class Roofline:
                 launches = OWN_OP_LAUNCHES.get((func.namespace, name), (1, 0))
                 if func.namespace == "aten" and name.startswith("_foreach_"):
                     launches = (foreach_launches(name, args), 0)
+                elif (func.namespace, name) in LAUNCH_COUNTERS:
+                    launches = (LAUNCH_COUNTERS[(func.namespace, name)](args), 0)
                 roofline.add(name, flops, nbytes, roofline.op_dtype(args, out), launches)
                 return out
 
