@@ -64,45 +64,69 @@ class _BnSqueeze(torch.autograd.Function):
 
 class _Tail(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, stats, gate, shortcut, handoff, sink):
+    def forward(ctx, y, stats, gate, shortcut, handoff, sink, shortcut_weight, shortcut_bias, shortcut_stats):
         N, C = y.shape[:2]
         gate2d = gate.reshape(N, C).contiguous()  # the kernels read row n at n * C, as float32
-        out = torch.ops.fastnl.se_tail.default(y, stats, gate2d, shortcut)
-        ctx.save_for_backward(y, out, stats, gate2d)
-        ctx.handoff, ctx.sink = handoff, sink
+        out = torch.ops.fastnl.se_tail.default(y, stats, gate2d, shortcut, shortcut_stats)
+        norm = shortcut_stats is not None
+        # a normalised shortcut is kept (its BatchNorm's backward reads it), a plain one is not
+        ctx.save_for_backward(y, out, stats, gate2d, *((shortcut, shortcut_weight, shortcut_stats) if norm else ()))
+        ctx.handoff, ctx.sink, ctx.norm = handoff, sink, norm
         ctx.gate_shape = gate.shape
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        y, out, stats, gate2d = ctx.saved_tensors
+        y, out, stats, gate2d, *norm = ctx.saved_tensors
         from fastnl.ops import _load_triton_kernels
 
         if not _load_triton_kernels().batch_norm.dense_layout(grad_out):
             grad_out = grad_out.contiguous()
-        g, sums, dgate = torch.ops.fastnl.se_tail_bwd_partial.default(grad_out, out, y, stats, gate2d.dtype)
+        z, z_weight, z_stats = norm if ctx.norm else (None, None, None)
+        g, sums, dgate = torch.ops.fastnl.se_tail_bwd_partial.default(grad_out, out, y, stats, gate2d.dtype, z, z_stats)
         handoff = ctx.handoff
         handoff.g, handoff.sums, handoff.gate = g, sums, gate2d
         needs = ctx.needs_input_grad
-        if ctx.sink is not None and needs[3]:  # the block's first convolution adds g into its GEMM
+        dz_weight = dz_bias = None
+        if ctx.norm:
+            # the shortcut's BatchNorm backward: its gate is 1, its per-channel sums are row 0
+            # (sum g, shared with the tail) and row 2 of the partial pass's
+            coef_p, coef_q, coef_b, dz_weight, dz_bias = torch.ops.fastnl.se_tail_bwd_coefs.default(
+                None, sums, None, None, z_stats, y.shape[2] * y.shape[3], 2)
+            g = torch.ops.fastnl.se_tail_bwd_apply.default(g, z, z_stats, coef_p, coef_q, coef_b) if needs[3] else None
+            dz_weight, dz_bias = dz_weight.to(z_weight.dtype), dz_bias.to(z_weight.dtype)
+        elif ctx.sink is not None and needs[3]:  # the block's first convolution adds g into its GEMM
             ctx.sink.g, g = g, None
         return (None, None, dgate.view(ctx.gate_shape) if needs[2] else None,
-                g if needs[3] else None, None, None)
+                g if needs[3] else None, None, None, dz_weight if needs[6] else None,
+                dz_bias if needs[7] else None, None)
 
 
-def bn_se_residual_relu(y, weight, bias, eps, excite, shortcut, shortcut_sink=None):
-    """(out, stats): ``relu(x * excite(mean_hw(x)) + shortcut)`` with x the training-mode
-    BatchNorm of y (its batch statistics, affine ``weight``, ``bias``), through the Triton ops;
-    stats as ``fastnl.kernels.batch_norm`` returns them (row 0 the mean, row 2 the unbiased
-    variance). y: dense [N, C, H, W] in float32 / float16 / bfloat16; shortcut y's shape and
-    dtype, dense. ``excite`` maps the [N, C, 1, 1] squeeze (y's dtype) to the gate, [N, C, 1, 1]
-    or [N, C]. ``shortcut_sink`` (a ``fastnl._residual_conv.ShortcutSink``): the shortcut's
-    gradient goes there, not to autograd (the shortcut being the block's input, whose first
-    convolution adds it in)."""
+def bn_se_residual_relu(y, weight, bias, eps, excite, shortcut, shortcut_sink=None, shortcut_bn=None):
+    """(out, stats, shortcut_stats): ``relu(x * excite(mean_hw(x)) + shortcut)`` with x the
+    training-mode BatchNorm of y (its batch statistics, affine ``weight``, ``bias``), through the
+    Triton ops; stats as ``fastnl.kernels.batch_norm`` returns them (row 0 the mean, row 2 the
+    unbiased variance). y: dense [N, C, H, W] in float32 / float16 / bfloat16; shortcut y's
+    shape and dtype, dense. ``excite`` maps the [N, C, 1, 1] squeeze (y's dtype) to the gate,
+    [N, C, 1, 1] or [N, C]. ``shortcut_sink`` (a ``fastnl._residual_conv.ShortcutSink``): the
+    shortcut's gradient goes there, not to autograd (the shortcut being the block's input, whose
+    first convolution adds it in). ``shortcut_bn`` = (weight, bias, eps): the shortcut added is
+    the training-mode BatchNorm of ``shortcut`` (with y's strides), applied in the tail and never
+    written; its statistics are returned as the third value (None without)."""
     from fastnl.ops import _check_gate, _load_triton_kernels
 
     _load_triton_kernels()  # defines the ops
+    if shortcut_bn is not None and shortcut_sink is not None:
+        raise ValueError("a shortcut sink takes the gradient of the block's input; a normalised shortcut is not that")
+    z_weight, z_bias, z_stats = None, None, None
+    if shortcut_bn is not None:
+        z_weight, z_bias, z_eps = shortcut_bn
+        if shortcut.stride() != y.stride():
+            shortcut = torch.empty_like(y).copy_(shortcut)  # the kernels read both with y's strides
+        # (their gradient is in _Tail's backward, which makes the BatchNorm's)
+        z_stats = torch.ops.fastnl.bn_stats.default(shortcut.detach(), z_weight.detach(), z_bias.detach(),
+                                                    float(z_eps))
     handoff = _Handoff()
     squeeze, stats = _BnSqueeze.apply(y, weight, bias, eps, handoff)
     gate = excite(squeeze)
@@ -112,7 +136,8 @@ def bn_se_residual_relu(y, weight, bias, eps, excite, shortcut, shortcut_sink=No
         # path it would silently be left out
         raise ValueError("excite must compute the gate from the squeeze it is given (its gradient flows back "
                          "through the squeeze); use backend='reference' for a gate made otherwise")
-    return _Tail.apply(y, stats, gate, shortcut, handoff, shortcut_sink), stats
+    out = _Tail.apply(y, stats, gate, shortcut, handoff, shortcut_sink, z_weight, z_bias, z_stats)
+    return out, stats, z_stats
 
 
 def _reaches(node, target, limit: int = 4096) -> bool:

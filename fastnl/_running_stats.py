@@ -1,9 +1,10 @@
 """The fused BatchNorm ops' bookkeeping of a whole forward in a few launches, not two per op.
 
 Each training call of a Triton BatchNorm op (``fastnl.ops.batch_norm_relu``,
-``bn_se_residual_relu``) updates its module's running statistics (one ``_foreach_lerp_``) and
-counts the batch (``num_batches_tracked += 1``): two tiny kernels, 98 in a step of the fused
-SE-ResNet50, each shorter than a launch. Inside :func:`deferred_running_stats` (the fused
+``bn_se_residual_relu``, with a downsampling shortcut's BatchNorm two) updates its modules'
+running statistics (one ``_foreach_lerp_``) and counts the batch (``num_batches_tracked +=
+1``): two tiny kernels per BatchNorm, 106 in a step of the fused SE-ResNet50, each shorter
+than a launch. Inside :func:`deferred_running_stats` (the fused
 model's training forward) the updates are collected and made when the forward ends: one
 ``_foreach_lerp_`` per momentum value over every running mean and variance (on CUDA a kernel
 per 64 tensors) and one ``_foreach_add_`` over every counter. The values are those of the

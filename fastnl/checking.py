@@ -318,11 +318,14 @@ def bn_relu_check(batch: int, channels: int, height: int, width: int, device: st
                  lambda: _triton_reason(device))
 
 
-def bn_se_check(batch: int, channels: int, height: int, width: int, device: str) -> Check:
+def bn_se_check(batch: int, channels: int, height: int, width: int, device: str,
+                shortcut_norm: bool = False) -> Check:
     """A bottleneck's end from its last convolution's output y on the Triton kernels:
     relu(x * excite(mean_hw(x)) + shortcut), x = batch_norm(y) in training mode; y and the
     shortcut in the model dtype, the BatchNorm's and the SE module's parameters in float32, the
-    SE convolutions in the maps' dtype (as autocast runs them)."""
+    SE convolutions in the maps' dtype (as autocast runs them). ``shortcut_norm``: a
+    downsampling block's end, the shortcut the training-mode BatchNorm of its convolution's
+    output, applied in the op (:class:`fastnl.ops.ShortcutNorm`)."""
     from fastnl import ops, reference
 
     hidden = max(1, channels // 16)
@@ -340,20 +343,28 @@ def bn_se_check(batch: int, channels: int, height: int, width: int, device: str)
             "fc2.weight": _randn((channels, hidden, 1, 1), seed + 6, device, std=2 * hidden ** -0.5),
             "fc2.bias": _randn((channels,), seed + 7, device, std=0.1),
         }
+        if shortcut_norm:
+            params["shortcut_bn.weight"] = _randn((channels,), seed + 8, device)
+            params["shortcut_bn.bias"] = _randn((channels,), seed + 9, device, std=0.5)
         params = {n: p.to(wide).requires_grad_(True) for n, p in params.items()}
+        norm = None
+        if shortcut_norm:
+            norm = ops.ShortcutNorm(None, None, params["shortcut_bn.weight"], params["shortcut_bn.bias"])
 
         excite = reference.se_excitation(*(params[n] for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")))
         weight, bias = params["bn.weight"], params["bn.bias"]
         if variant == "fused":
             out = ops.bn_se_residual_relu(y, None, None, weight, bias, excite, shortcut, training=True,
-                                          backend="triton")
+                                          backend="triton", shortcut_norm=norm)
         else:
-            out = reference.bn_se_residual_relu(y, None, None, weight, bias, excite, shortcut, True, 0.1, 1e-5)
+            added = shortcut if norm is None else torch.nn.functional.batch_norm(
+                shortcut, None, None, norm.weight, norm.bias, True, 0.1, 1e-5)
+            out = reference.bn_se_residual_relu(y, None, None, weight, bias, excite, added, True, 0.1, 1e-5)
         outs = {"out": out}
         return outs, _grads(outs, {"y": y, "shortcut": shortcut, **params}, seed)
 
-    return Check("bn_se_residual_relu[triton]", f"y=[{batch},{channels},{height},{width}] R={hidden}", run,
-                 lambda: _triton_reason(device))
+    name = "bn_se_residual_relu[triton,shortcut_norm]" if shortcut_norm else "bn_se_residual_relu[triton]"
+    return Check(name, f"y=[{batch},{channels},{height},{width}] R={hidden}", run, lambda: _triton_reason(device))
 
 
 def _randomise_zero_init(module: torch.nn.Module, seed: int) -> None:
@@ -506,6 +517,7 @@ def build_checks(device: str, size: str, ops: tuple = OPS) -> list[Check]:
         dims = {"real": [(16, 256, 64, 32), (16, 2048, 8, 4)], "small": [(8, 256, 16, 8)],
                 "tiny": [(3, 20, 5, 3)]}[size]
         checks += [bn_se_check(*d, device) for d in dims]
+        checks.append(bn_se_check(*dims[0], device, shortcut_norm=True))  # a downsampling block's end
     if "nlam" in ops:
         dims = {"real": [(2, 8, 1024, 16, 8), (2, 8, 2048, 8, 4)], "small": [(2, 4, 128, 8, 4)],
                 "tiny": [(2, 2, 32, 4, 2)]}[size]
@@ -556,7 +568,7 @@ def run_all(device: str, dtypes, size: str, ops: tuple = OPS, seed: int = 0,
     return results
 
 
-COLUMNS = (("op", "op", 34), ("shape", "shape", 34), ("dtype", "dtype", 8), ("max_abs", "max abs err", 11),
+COLUMNS = (("op", "op", 46), ("shape", "shape", 34), ("dtype", "dtype", 8), ("max_abs", "max abs err", 11),
            ("tol", "tolerance", 10), ("norm_rel", "norm rel err", 12), ("norm_tol", "tolerance", 10),
            ("status", "result", 6))
 

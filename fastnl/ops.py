@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -418,10 +419,25 @@ def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_
     return y
 
 
+class ShortcutNorm(NamedTuple):
+    """A training-mode BatchNorm of the shortcut (a downsampling bottleneck's, after its 1x1
+    convolution) for :func:`bn_se_residual_relu` to apply in its tail: the running statistics
+    ([C] or None, updated in place as ``F.batch_norm`` does), the affine weight and bias ([C]),
+    the momentum and eps, as ``nn.BatchNorm2d`` holds them."""
+
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    momentum: float = 0.1
+    eps: float = 1e-5
+
+
 def bn_se_residual_relu(y: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                         weight: torch.Tensor | None, bias: torch.Tensor | None, excite, shortcut: torch.Tensor, *,
                         training: bool, momentum: float = 0.1, eps: float = 1e-5,
-                        backend: str = "auto", shortcut_sink=None) -> torch.Tensor:
+                        backend: str = "auto", shortcut_sink=None,
+                        shortcut_norm: ShortcutNorm | None = None) -> torch.Tensor:
     """The end of an SE-ResNet bottleneck from its last convolution's output ``y``:
     ``relu(x * excite(x.mean((2, 3), keepdim=True)) + shortcut)`` with
     ``x = F.batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps)``.
@@ -443,6 +459,13 @@ def bn_se_residual_relu(y: torch.Tensor, running_mean: torch.Tensor | None, runn
     shortcut's gradient is left in instead of returned to autograd, for the block's first
     convolution to add in (``fastnl._residual_conv.conv_with_shortcut``; the shortcut must be
     that convolution's input); other backends return it as usual.
+
+    shortcut_norm: a :class:`ShortcutNorm`: the shortcut added is the training-mode BatchNorm
+    of ``shortcut`` (``F.batch_norm(shortcut, *shortcut_norm, training=True)``). With backend
+    "triton" its statistics take one read of the shortcut and the tail applies it as it reads
+    the shortcut: the normalised shortcut is never written; its backward reads the shortcut once
+    more in the tail's partial pass and makes the shortcut's gradient in one more pass (2
+    passes forward and 3 backward fewer than a BatchNorm before the tail). Training mode only.
     """
     if backend not in BN_RELU_BACKENDS:
         raise ValueError(f"backend must be one of {BN_RELU_BACKENDS}, got {backend!r}")
@@ -451,19 +474,36 @@ def bn_se_residual_relu(y: torch.Tensor, running_mean: torch.Tensor | None, runn
         raise TypeError(f"excite must be a function of the squeeze (the SE module's layers), got {type(excite).__name__}")
     _check_bn_vectors(y, running_mean, running_var, weight, bias, "y")
     _check_devices(("y", "shortcut"), (y, shortcut))
+    if shortcut_norm is not None:
+        if not isinstance(shortcut_norm, ShortcutNorm):
+            raise TypeError(f"shortcut_norm must be a fastnl.ops.ShortcutNorm, got {type(shortcut_norm).__name__}")
+        if not training:
+            raise ValueError("shortcut_norm is a training-mode BatchNorm: in eval mode apply the shortcut's "
+                             "BatchNorm before the op")
+        _check_bn_vectors(shortcut, *shortcut_norm[:4], "shortcut")
     if backend == "auto":
         backend = batch_norm_relu_backend(y, training, weight, bias)
-        if shortcut.dtype != y.dtype:
+        if shortcut.dtype != y.dtype or (shortcut_norm is not None and batch_norm_relu_backend(
+                shortcut, training, shortcut_norm.weight, shortcut_norm.bias) != backend):
             backend = "reference"
     if backend == "reference":
+        if shortcut_norm is not None:
+            shortcut = torch.nn.functional.batch_norm(shortcut, *shortcut_norm[:4], True, shortcut_norm.momentum,
+                                                      shortcut_norm.eps)
         return reference.bn_se_residual_relu(y, running_mean, running_var, weight, bias, excite, shortcut, training,
                                              momentum, eps)
     _check_triton_bn(y, training, weight, bias, "y")
     _check_same(("y", "shortcut"), (y, shortcut))
+    if shortcut_norm is not None:
+        _check_triton_bn(shortcut, training, shortcut_norm.weight, shortcut_norm.bias, "shortcut")
     from fastnl import _bn_se_tail
 
     bn = _load_triton_kernels().batch_norm
     dense = [t if bn.dense_layout(t) else t.contiguous() for t in (y, shortcut)]
-    out, stats = _bn_se_tail.bn_se_residual_relu(dense[0], weight, bias, eps, excite, dense[1], shortcut_sink)
+    z_bn = None if shortcut_norm is None else (shortcut_norm.weight, shortcut_norm.bias, shortcut_norm.eps)
+    out, stats, z_stats = _bn_se_tail.bn_se_residual_relu(dense[0], weight, bias, eps, excite, dense[1],
+                                                          shortcut_sink, z_bn)
     _update_running(running_mean, running_var, stats, momentum)
+    if shortcut_norm is not None:
+        _update_running(shortcut_norm.running_mean, shortcut_norm.running_var, z_stats, shortcut_norm.momentum)
     return out

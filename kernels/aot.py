@@ -160,6 +160,20 @@ _BN_DATA_POINTERS = {"X", "Y", "DY", "DX", "R", "DR", "DSQ", "SQUEEZE", "GATE", 
 _BN_SIZES = {"N", "C", "S", "T", "NSB", "G", "K"}  # the integer sizes (upper case like the pointers)
 # the bottleneck end's kernels over [N, C] rows, and the constant naming their (BLOCK_N, BLOCK_C)
 SMALL_BN_KERNELS = {"se_tail_bwd_coefs": "COEF_BLOCKS", "bn_pool_finish": "POOL_BLOCKS"}
+# constexpr switches of the bottleneck end's kernels, (the common value, the other): both are
+# compiled (a normalised shortcut, NORM_R, loads more per element; HAS_GATE=False is the
+# shortcut BatchNorm's coefficients)
+BN_VARIANTS = {"NORM_R": (False, True), "HAS_GATE": (True, False)}
+
+
+def batch_norm_variants(fn) -> list[dict]:
+    """The constexpr switches to compile ``fn`` with: ``{}`` for a kernel without any, else its
+    common setting and each other one (:data:`BN_VARIANTS`)."""
+    flags = [name for name in BN_VARIANTS if name in fn.arg_names]
+    if not flags:
+        return [{}]
+    common = {name: BN_VARIANTS[name][0] for name in flags}
+    return [common] + [{**common, name: BN_VARIANTS[name][1]} for name in flags]
 
 
 def _bn_signature(fn, dtype: str, constants: dict):
@@ -194,8 +208,10 @@ def compile_batch_norm(dtype: str = "bf16", arch: int = 90) -> list[dict]:
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         block_c, block_s = batch_norm.blocks(x)
-        for kernel, fn in batch_norm_kernels().items():
+        for kernel, fn, variant in [(k, f, v) for k, f in batch_norm_kernels().items()
+                                    for v in batch_norm_variants(f)]:
             constants = {name: value for name, value in unit.items() if name in fn.arg_names}
+            constants.update(variant)
             for name, value in (("BLOCK_C", block_c), ("BLOCK_S", block_s), ("INTERPRETED", False),
                                 ("TILE_SUMS", True)):
                 if name in fn.arg_names:
@@ -209,14 +225,17 @@ def compile_batch_norm(dtype: str = "bf16", arch: int = 90) -> list[dict]:
             signature, attrs = _bn_signature(fn, dtype, constants)
             target = GPUTarget("cuda", arch, 32)
             backend = triton.compiler.make_backend(target)
-            options = backend.parse_options({"num_warps": 4, "num_stages": 1})
+            warps = bn_se_tail.NORM_R_PARTIAL_WARPS if kernel == "se_tail_bwd_partial" and variant.get("NORM_R") else 4
+            options = backend.parse_options({"num_warps": warps, "num_stages": 1})
             start = time.perf_counter()
             compiled = triton.compile(triton.compiler.ASTSource(fn, signature, constants, attrs), target=target,
                                       options=options.__dict__)
             cubin = compiled.asm["cubin"]
-            out.append({"kernel": kernel, "layout": layout, "dtype": dtype, "BLOCK_C": constants.get("BLOCK_C"),
+            other = {name: value for name, value in variant.items() if value != BN_VARIANTS[name][0]}
+            out.append({"kernel": kernel, "layout": layout, "variant": ",".join(f"{k}={v}" for k, v in other.items()),
+                        "dtype": dtype, "BLOCK_C": constants.get("BLOCK_C"),
                         "BLOCK_S": constants.get("BLOCK_S"), "BLOCK_G": constants.get("BLOCK_G"),
-                        "BLOCK_N": constants.get("BLOCK_N"), "num_warps": 4,
+                        "BLOCK_N": constants.get("BLOCK_N"), "num_warps": warps,
                         "arch": arch,
                         "shared": compiled.metadata.shared, **res_usage(cubin),
                         "compile_s": round(time.perf_counter() - start, 2)})

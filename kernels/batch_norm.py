@@ -369,25 +369,36 @@ def _stats_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape[1], device=x.device, dtype=torch.float32)
 
 
-def bn_relu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-    """(y, stats): y = relu(batch_norm(x)) with x's batch statistics, in x's dtype and layout;
-    stats [STATS, C] float32: mean, 1/std, unbiased variance, scale (weight / std), bias, anchor,
-    mean less the anchor."""
-    y = torch.empty_like(x)
+def batch_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                tile_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """stats [STATS, C] float32 of x's batch (mean, 1/std, unbiased variance, scale (weight /
+    std), bias, anchor, mean less the anchor) in one read of x and two launches; with
+    ``tile_sums`` ([tiles, C] float32) each tile's sum of ``x - anchor`` per channel too."""
     stats = torch.empty((STATS, x.shape[1]), device=x.device, dtype=torch.float32)
     if not _launches(x):
-        return y, stats
+        return stats
     N, C, S, block_c, block_s, nsb, cb, tiles = _geometry(x)
     G = _reduction_programs(x, cb, tiles)
     partial = torch.empty((3, G, C), device=x.device, dtype=torch.float32)
-    sN, sC, sS = _strides(x)
-    _stats_partial[(G, cb)](x, stats[5], partial[0], partial[1], partial[2], partial[0], C, S, tiles, nsb, G,
-                            anchor_images(N, S, block_s), sN, sC, sS,
-                            BLOCK_C=block_c, BLOCK_S=block_s, TILE_SUMS=False, num_warps=4)
+    _stats_partial[(G, cb)](x, stats[5], partial[0], partial[1], partial[2],
+                            partial[0] if tile_sums is None else tile_sums, C, S, tiles, nsb, G,
+                            anchor_images(N, S, block_s), *_strides(x),
+                            BLOCK_C=block_c, BLOCK_S=block_s, TILE_SUMS=tile_sums is not None, num_warps=4)
     fin_g, fin_c = finalize_blocks(C, G)
     _stats_finalize[(triton.cdiv(C, fin_c),)](partial[0], partial[1], partial[2], weight, bias, *stats, C, G,
                                               float(eps), BLOCK_G=fin_g, BLOCK_C=fin_c, num_warps=4)
-    _relu_apply[(tiles, cb)](x, y, stats[5], stats[6], stats[3], stats[4], C, S, nsb, sN, sC, sS,
+    return stats
+
+
+def bn_relu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """(y, stats): y = relu(batch_norm(x)) with x's batch statistics, in x's dtype and layout;
+    stats as :func:`batch_stats` returns them."""
+    y = torch.empty_like(x)
+    stats = batch_stats(x, weight, bias, eps)
+    if not _launches(x):
+        return y, stats
+    N, C, S, block_c, block_s, nsb, cb, tiles = _geometry(x)
+    _relu_apply[(tiles, cb)](x, y, stats[5], stats[6], stats[3], stats[4], C, S, nsb, *_strides(x),
                              BLOCK_C=block_c, BLOCK_S=block_s, INTERPRETED=triton_interpreted(), num_warps=4)
     return y, stats
 

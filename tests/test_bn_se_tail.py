@@ -39,6 +39,9 @@ SHAPES = [(3, 20, 7, 9), (1, 6, 3, 5), (4, 130, 3, 5), (2, 17, 40, 30), (9, 4, 1
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAMES = ("out", "grad_y", "grad_shortcut", "grad_weight", "grad_bias", "grad_fc1", "grad_fc2", "grad_fc2_bias",
          "running_mean", "running_var")
+# with a normalised shortcut (``shortcut_norm``): its BatchNorm's gradients and statistics too
+NORM_NAMES = NAMES[:8] + ("grad_shortcut_weight", "grad_shortcut_bias") + NAMES[8:] + \
+    ("shortcut_running_mean", "shortcut_running_var")
 
 
 def _layout(t, layout):
@@ -69,8 +72,8 @@ def _inputs(shape, seed=0, offset=0.5, spread=2.0):
     return y, shortcut, weight, bias, running, grad, se
 
 
-def _plain_float32_cpu(yd, rm, rv, w, b, excite, sc, momentum):
-    """Plain in float32 as a GPU computes it: Welford statistics in float32, then the modules."""
+def _bn_float32(yd, rm, rv, w, b, momentum):
+    """A training-mode BatchNorm in float32 as a GPU computes it: Welford statistics in float32."""
     mean, var = _welford_float32(yd)
     x = (yd - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + 1e-5) * w.view(1, -1, 1, 1) \
         + b.view(1, -1, 1, 1)
@@ -78,12 +81,28 @@ def _plain_float32_cpu(yd, rm, rv, w, b, excite, sc, momentum):
     with torch.no_grad():
         rm.lerp_(mean, momentum)
         rv.lerp_(var * (count / (count - 1)), momentum)
+    return x
+
+
+def _plain_float32_cpu(yd, rm, rv, w, b, excite, sc, momentum):
+    """Plain in float32 as a GPU computes it: Welford statistics in float32, then the modules."""
+    x = _bn_float32(yd, rm, rv, w, b, momentum)
     return reference.se_residual_relu(x, excite(x.mean((2, 3), keepdim=True)), sc)
 
 
-def _run(inputs, *, dtype, layout, backend, momentum=0.1):
-    """The results of ``NAMES`` of one call, y and the shortcut in dtype (the BatchNorm's
-    parameters and statistics float32 as under autocast, float64 for float64)."""
+def _shortcut_bn(C, seed):
+    """float64 (weight, bias, (running mean, running var)) of a shortcut's BatchNorm."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    return (torch.randn(C, generator=gen, dtype=torch.float64), 0.5 * torch.randn(C, generator=gen, dtype=torch.float64),
+            (torch.randn(C, generator=gen, dtype=torch.float64),
+             0.5 + torch.rand(C, generator=gen, dtype=torch.float64)))
+
+
+def _run(inputs, *, dtype, layout, backend, momentum=0.1, shortcut_bn=None):
+    """The results of ``NAMES`` (``NORM_NAMES`` with ``shortcut_bn``, float64 as
+    :func:`_shortcut_bn` makes it: the shortcut normalised in the op) of one call, y and the
+    shortcut in dtype (the BatchNorms' parameters and statistics float32 as under autocast,
+    float64 for float64)."""
     y, shortcut, weight, bias, running, grad, se64 = inputs
     param = torch.float64 if dtype == torch.float64 else torch.float32
     yd = _layout(y.to(DEVICE), layout).to(dtype).requires_grad_()
@@ -93,14 +112,20 @@ def _run(inputs, *, dtype, layout, backend, momentum=0.1):
     se = SEModule(y.shape[1], rd_ratio=0.5).to(DEVICE, dtype)
     se.load_state_dict(se64.state_dict())
     excite = se_bottleneck._excitation(se)
+    norm, leaves = None, (yd, sc, w, b, se.fc1.weight, se.fc2.weight, se.fc2.bias)
+    if shortcut_bn is not None:
+        ws, bs = (t.to(DEVICE, param).requires_grad_() for t in shortcut_bn[:2])
+        rms, rvs = (t.to(DEVICE, param).clone() for t in shortcut_bn[2])
+        norm, leaves = ops.ShortcutNorm(rms, rvs, ws, bs, momentum), (*leaves, ws, bs)
     if backend == "plain" and dtype == torch.float32 and not yd.is_cuda:
-        out = _plain_float32_cpu(yd, rm, rv, w, b, excite, sc, momentum)
+        z = sc if norm is None else _bn_float32(sc, rms, rvs, ws, bs, momentum)
+        out = _plain_float32_cpu(yd, rm, rv, w, b, excite, z, momentum)
     else:
         out = ops.bn_se_residual_relu(yd, rm, rv, w, b, excite, sc, training=True, momentum=momentum,
-                                      backend="reference" if backend in ("plain", "exact") else backend)
-    grads = torch.autograd.grad(out, (yd, sc, w, b, se.fc1.weight, se.fc2.weight, se.fc2.bias),
-                                _layout(grad.to(DEVICE), layout).to(out.dtype))
-    return [out, *grads, rm, rv], yd, sc
+                                      backend="reference" if backend in ("plain", "exact") else backend,
+                                      shortcut_norm=norm)
+    grads = torch.autograd.grad(out, leaves, _layout(grad.to(DEVICE), layout).to(out.dtype))
+    return [out, *grads, rm, rv, *(() if norm is None else (rms, rvs))], yd, sc
 
 
 def _rounded(inputs, dtype):
@@ -118,13 +143,15 @@ def _rounded(inputs, dtype):
     return y, shortcut, weight, bias, tuple(t.to(param).double() for t in running), grad, se
 
 
-def _off_the_kink(inputs, dtype):
+def _off_the_kink(inputs, dtype, shortcut_bn=None):
     """``inputs`` with the output gradient zero where the ReLU's input is within a few roundings
     in ``dtype`` of 0 (``|x gate + shortcut| <= 4 eps (|x gate| + |shortcut|)``, float64): there
     plain's, ours' and the float64 mask differ by the rounding of the BatchNorm's output
     alone, and each flip moves a gradient by a whole element of the output gradient."""
     y, shortcut, weight, bias, running, grad, se = inputs
     x = F.batch_norm(y, None, None, weight, bias, True, 0.0, 1e-5)
+    if shortcut_bn is not None:
+        shortcut = F.batch_norm(shortcut, None, None, *shortcut_bn[:2], True, 0.0, 1e-5)
     with torch.no_grad():
         term = x * se_bottleneck._excitation(se)(x.mean((2, 3), keepdim=True))
     pre = term + shortcut
@@ -132,15 +159,24 @@ def _off_the_kink(inputs, dtype):
     return y, shortcut, weight, bias, running, grad.masked_fill(ambiguous, 0.0), se
 
 
-def _assert_within_twice_plain(inputs_of, dtype, layout="contiguous", seeds=None):
+def _assert_within_twice_plain(inputs_of, dtype, layout="contiguous", seeds=None, shortcut_norm=False):
+    """``shortcut_norm``: the shortcut normalised in the op by a BatchNorm of its own
+    (:func:`_shortcut_bn`, its parameters rounded to float32 as under autocast)."""
     seeds = (range(10) if dtype == torch.float32 else range(5)) if seeds is None else seeds
-    errors = {name: ([], [], []) for name in NAMES}
+    names = NORM_NAMES if shortcut_norm else NAMES
+    errors = {name: ([], [], []) for name in names}
     for seed in seeds:
-        inputs = _off_the_kink(_rounded(inputs_of(seed), dtype), dtype)
-        exact, _, _ = _run(inputs, dtype=torch.float64, layout=layout, backend="exact")
-        plain, _, _ = _run(inputs, dtype=dtype, layout=layout, backend="plain")
-        got, yd, sc = _run(inputs, dtype=dtype, layout=layout, backend="triton")
-        for name, e, lo, g in zip(NAMES, exact, plain, got):
+        inputs = _rounded(inputs_of(seed), dtype)
+        sc_bn = None
+        if shortcut_norm:
+            w_s, b_s, running_s = _shortcut_bn(inputs[0].shape[1], seed)
+            sc_bn = (*(t.float().double() for t in (w_s, b_s)), tuple(t.float().double() for t in running_s))
+        inputs = _off_the_kink(inputs, dtype, sc_bn)
+        exact, _, _ = _run(inputs, dtype=torch.float64, layout=layout, backend="exact", shortcut_bn=sc_bn)
+        plain, _, _ = _run(inputs, dtype=dtype, layout=layout, backend="plain", shortcut_bn=sc_bn)
+        got, yd, sc = _run(inputs, dtype=dtype, layout=layout, backend="triton", shortcut_bn=sc_bn)
+        assert len(got) == len(names)
+        for name, e, lo, g in zip(names, exact, plain, got):
             assert g.dtype == lo.dtype and g.shape == e.shape, name
             ours, theirs, magnitude = errors[name]
             ours.append((g.double().cpu() - e.cpu()).abs().max().item())
@@ -161,6 +197,68 @@ def test_matches_float64_within_twice_plain(shape, dtype):
         pytest.skip("five seeds of the largest map: in test_large_map_float32 (slow)")
     got, yd, _ = _assert_within_twice_plain(lambda seed: _inputs(shape, seed), dtype)
     assert got[0].dtype == dtype and got[1].dtype == dtype
+
+
+# a downsampling bottleneck's shortcut: its BatchNorm applied in the tail (``shortcut_norm``)
+NORM_SHAPES = [(3, 20, 7, 9), (1, 6, 3, 5), (4, 130, 3, 5), (9, 4, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_normalised_shortcut_matches_float64_within_twice_plain(shape, dtype):
+    """relu(se(bn3(y)) + bn_s(z)): the output, every gradient (z's and bn_s's weight and bias
+    included) and both BatchNorms' running statistics within twice plain's error, the shortcut
+    off-centre and wide as a convolution's output."""
+    def inputs_of(seed):
+        y, z, *rest = _inputs(shape, seed)
+        return (y, 0.3 + 1.5 * z, *rest)
+
+    got, _, sc = _assert_within_twice_plain(inputs_of, dtype, shortcut_norm=True,
+                                            seeds=range(5) if dtype == torch.float32 else range(3))
+    assert got[2].dtype == dtype and got[2].shape == sc.shape
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_a_normalised_shortcut_in_other_layouts(layout):
+    _assert_within_twice_plain(lambda seed: _inputs((3, 20, 7, 9), seed), torch.bfloat16, layout,
+                               seeds=range(3), shortcut_norm=True)
+
+
+def test_a_normalised_shortcut_of_other_strides_than_y():
+    """y channels-last, the shortcut contiguous: the op reads the shortcut in y's layout (a
+    copy) and gives z's gradient as autograd wants it; the results those of matching layouts."""
+    y, z, weight, bias, running, grad, se = _inputs((2, 20, 5, 3), 0)
+    w_s, b_s, running_s = _shortcut_bn(20, 0)
+    outs = []
+    for sc_layout in ("channels_last", "contiguous"):
+        yd = y.float().contiguous(memory_format=torch.channels_last).requires_grad_()
+        zd = _layout(z.float(), sc_layout).requires_grad_()
+        ws, bs = (t.float().requires_grad_() for t in (w_s, b_s))
+        se32 = copy.deepcopy(se).float()
+        norm = ops.ShortcutNorm(*(t.float().clone() for t in running_s), ws, bs)
+        out = ops.bn_se_residual_relu(yd, None, None, weight.float(), bias.float(), se_bottleneck._excitation(se32),
+                                      zd, training=True, backend="triton", shortcut_norm=norm)
+        grads = torch.autograd.grad(out, (zd, ws, bs), grad.float())
+        outs.append([out, *grads, *norm[:2]])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_normalised_shortcut_refuses_what_it_cannot_do():
+    y, z, weight, bias, _running, _grad, se = _inputs((2, 6, 3, 5), 0)
+    y, z, weight, bias = y.float(), z.float(), weight.float(), bias.float()
+    excite = se_bottleneck._excitation(copy.deepcopy(se).float())
+    norm = ops.ShortcutNorm(None, None, torch.ones(6), torch.zeros(6))
+    with pytest.raises(TypeError, match="ShortcutNorm"):
+        ops.bn_se_residual_relu(y, None, None, weight, bias, excite, z, training=True, shortcut_norm=(1, 2))
+    with pytest.raises(ValueError, match="shortcut_norm is a training-mode BatchNorm"):
+        ops.bn_se_residual_relu(y, None, None, weight, bias, excite, z, training=False, shortcut_norm=norm)
+    with pytest.raises(ValueError, match=r"weight must have shape \[C\] = \[6\] \(shortcut's channels\)"):
+        ops.bn_se_residual_relu(y, None, None, weight, bias, excite, z, training=True,
+                                shortcut_norm=norm._replace(weight=torch.ones(5)))
+    with pytest.raises(ValueError, match="affine weight and bias"):
+        ops.bn_se_residual_relu(y, None, None, weight, bias, excite, z, training=True, backend="triton",
+                                shortcut_norm=norm._replace(bias=None))
 
 
 @pytest.mark.slow
@@ -348,9 +446,11 @@ def test_the_block_compiles_in_one_graph_with_the_plain_tail(monkeypatch):
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_a_checkpointed_block_matches_the_plain_one_and_counts_its_batch_once(monkeypatch):
+@pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsampling"])
+def test_a_checkpointed_block_matches_the_plain_one_and_counts_its_batch_once(monkeypatch, downsample):
     # as the model checkpoints each block (non-reentrant, the recomputation leaving the running
-    # statistics alone): the recomputed saved tensors refill the fused end's two Functions
+    # statistics alone): the recomputed saved tensors refill the fused end's two Functions (and,
+    # downsampling, the shortcut's BatchNorm in the end's op)
     from timm.models.resnet import Bottleneck
     from torch.utils.checkpoint import checkpoint
 
@@ -358,7 +458,9 @@ def test_a_checkpointed_block_matches_the_plain_one_and_counts_its_batch_once(mo
 
     monkeypatch.setattr(ops, "batch_norm_relu_backend", lambda *a: "triton")
     torch.manual_seed(0)
-    block = Bottleneck(16, 4, attn_layer="se").to(DEVICE).train()
+    shortcut = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32)) if downsample else None
+    block = Bottleneck(16, 8 if downsample else 4, stride=2 if downsample else 1, downsample=shortcut,
+                       attn_layer="se").to(DEVICE).train()
     plain = copy.deepcopy(block)
     assert se_bottleneck.fuse_se_tails(block) == 1
     x = torch.randn(2, 16, 6, 4, device=DEVICE)
@@ -458,3 +560,30 @@ def test_statistics_pass_pools_and_squeezes_over_many_images_and_channel_blocks(
         err = (got.double().cpu() - exact).abs().max()
         assert err <= bound, (name, float(err), float(bound))
     assert torch.allclose(stats[0].double().cpu(), mean, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck_the_normalised_shortcut_ops():
+    """The ops a normalised shortcut adds or extends (``bn_stats``; ``se_tail``,
+    ``se_tail_bwd_partial`` with the shortcut's statistics; ``se_tail_bwd_coefs`` without a
+    gate): schemas, fake kernels and dispatch as ``torch.library.opcheck`` checks them."""
+    from fastnl.ops import _load_triton_kernels
+
+    _load_triton_kernels()
+    lib = torch.ops.fastnl
+    y, z, weight, bias, _running, grad, _se = _inputs((2, 6, 3, 5), 0)
+    y, z, grad, weight, bias = (t.float().to(DEVICE) for t in (y, z, grad, weight, bias))
+    stats = lib.bn_stats.default(y, weight, bias, 1e-5)
+    z_stats = lib.bn_stats.default(z, bias.abs() + 0.5, weight, 1e-5)
+    gate = torch.rand(2, 6, device=DEVICE)
+    out = lib.se_tail.default(y, stats, gate, z, z_stats)
+    g, sums, _dgate = lib.se_tail_bwd_partial.default(grad, out, y, stats, torch.float32, z, z_stats)
+    assert sums.shape == (3, 2, 6)
+    for op, args in ((lib.bn_stats.default, (z, weight, bias, 1e-5)),
+                     (lib.se_tail.default, (y, stats, gate, z, z_stats)),
+                     (lib.se_tail_bwd_partial.default, (grad, out, y, stats, torch.float32, z, z_stats)),
+                     (lib.se_tail_bwd_coefs.default, (None, sums, None, None, z_stats, 15, 2))):
+        torch.library.opcheck(op, args)
+    # the statistics are the BatchNorm's: mean, 1/std and the unbiased variance of z per channel
+    z64 = z.double()
+    torch.testing.assert_close(z_stats[0].double(), z64.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z_stats[2].double(), z64.var((0, 2, 3)), rtol=1e-5, atol=1e-6)

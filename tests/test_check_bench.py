@@ -30,7 +30,8 @@ def test_check_passes_on_tiny_shapes(tmp_path):
     ops_seen = {r["op"].split(" ")[0] for r in rows}
     assert ops_seen == {"nl_attention[triton]", "nl_attention[chunked]", "nl_attention[torch]",
                         "channel_attention[extension]", "se_residual_relu[extension]", "batch_norm_relu[triton]",
-                        "bn_se_residual_relu[triton]", "NLAM[fused]", "model[fused]"}
+                        "bn_se_residual_relu[triton]",
+                        "bn_se_residual_relu[triton,shortcut_norm]", "NLAM[fused]", "model[fused]"}
     assert all(r["status"] == "PASS" for r in rows), text
     assert all(0 <= r["max_abs"] <= r["tol"] and 0 <= r["norm_rel"] <= r["norm_tol"] < 0.1 for r in rows)
     assert "norm rel err" in text.splitlines()[3] and "max rel err" not in text

@@ -1,5 +1,6 @@
 """The fused model's SE bottleneck: the lean SE squeeze (``spatial_mean``) and what it saves."""
 import collections
+import copy
 
 import pytest
 import torch
@@ -160,3 +161,49 @@ def test_meeting_conv_rejects_other_convolutions():
         meeting_conv(torch.nn.Conv2d(4, 8, 1, stride=3, bias=False), x, GradMeeting(2))
     with pytest.raises(ValueError, match=r"expected x \[N, 8, H, W\]"):
         meeting_conv(torch.nn.Conv2d(8, 8, 1, bias=False), x, GradMeeting(2))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("index", [3, 0], ids=["layer2-stride2", "layer1-stride1"])
+def test_downsampling_block_applies_its_shortcut_batch_norm_in_the_end_op(monkeypatch, index):
+    """With the Triton BatchNorm kernels (interpreted here, as on CUDA), a downsampling block's
+    shortcut BatchNorm runs inside the bottleneck end's op (``shortcut_norm``), not as a module:
+    no torch BatchNorm runs, its batch is counted once; in float32 the output, the input
+    gradient, every parameter's gradient and the running statistics within twice the timm
+    block's float32 error against float64 (one float32 ulp of the magnitude as a floor)."""
+    from fastnl import ops
+
+    fb64, pb64 = _downsampling_pair(index)
+    fb, pb = (copy.deepcopy(b).float() for b in (fb64, pb64))
+    x64 = torch.randn(2, fb.conv1.in_channels, 9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        shape = copy.deepcopy(pb64)(x64).shape
+    g64 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def run(block, x, g, triton):
+        xx = x.clone().requires_grad_()
+        seen = collections.Counter()
+        if triton:
+            monkeypatch.setattr(ops, "batch_norm_relu_backend", lambda *a: "triton")
+        original = ops.bn_se_residual_relu
+        monkeypatch.setattr(ops, "bn_se_residual_relu",
+                            lambda *a, **k: seen.update(norm=k.get("shortcut_norm") is not None) or original(*a, **k))
+        out = block(xx)
+        out.backward(g)
+        monkeypatch.undo()
+        return [out, xx.grad, *(p.grad for p in block.parameters()), *block.buffers()], seen
+
+    exact, _ = run(pb64, x64, g64, False)
+    plain, _ = run(pb, x64.float(), g64.float(), False)
+    ours, seen = run(fb, x64.float(), g64.float(), True)
+    assert seen["norm"] == 1
+    assert int(fb.downsample[1].num_batches_tracked) == int(pb.downsample[1].num_batches_tracked) == 1
+    names = ["out", "grad_x", *(f"grad {n}" for n, _ in fb.named_parameters()), *(n for n, _ in fb.named_buffers())]
+    for name, e, lo, o in zip(names, exact, plain, ours, strict=True):
+        if not e.is_floating_point():
+            assert torch.equal(o, lo), name
+            continue
+        ours_err = (o.double() - e).abs().max().item()
+        plain_err = (lo.double() - e).abs().max().item()
+        floor = torch.finfo(torch.float32).eps * e.abs().max().item()
+        assert ours_err <= max(2 * plain_err, floor), f"{name}: {ours_err:.3g} vs plain {plain_err:.3g}"

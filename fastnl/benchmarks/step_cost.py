@@ -125,11 +125,12 @@ SECOND_READS = {("aten", "native_batch_norm"): (0,), ("aten", "native_batch_norm
 # least the GPU's launch_us (launch and the gap to the next kernel): an op costs
 # max(its roofline, launches - tiny floors) + tiny floors. The Triton ops launch what
 # fastnl.kernels.batch_norm / bn_se_tail do (a statistics pass, a finalize over [G, C]
-# partials, an apply pass; bn_pool a statistics pass, the finalize and one kernel on [N, C]); the
+# partials, an apply pass; bn_pool a statistics pass, the finalize and one kernel on [N, C];
+# bn_stats the statistics pass and the finalize); the
 # extension's channel attention its two passes over x and the MLP's ops on [B, N, C] (counted
 # in csrc/channel_attention.cpp). Ops not listed launch one kernel.
 OWN_OP_LAUNCHES = {("fastnl", "bn_relu"): (3, 1), ("fastnl", "bn_relu_backward"): (3, 1),
-                   ("fastnl", "bn_pool"): (3, 2),
+                   ("fastnl", "bn_pool"): (3, 2), ("fastnl", "bn_stats"): (2, 1),
                    ("fastnl", "channel_attention"): (17, 15), ("fastnl", "channel_attention_backward"): (40, 38)}
 
 

@@ -82,19 +82,31 @@ def _triton_end(bn: nn.Module, y: torch.Tensor, shortcut: torch.Tensor) -> bool:
 
 
 def bn_se_residual_relu(bn: nn.Module, se: SEModule, y: torch.Tensor, shortcut: torch.Tensor,
-                        shortcut_sink: ShortcutSink | None = None) -> torch.Tensor:
+                        shortcut_sink: ShortcutSink | None = None,
+                        shortcut_bn: nn.Module | None = None) -> torch.Tensor:
     """``relu(se(bn(y)) + shortcut)``, a bottleneck's end from its last convolution's output, where
     ``bn`` is a training-mode ``nn.BatchNorm2d`` that the Triton kernels run (the normalised map
     never written: :func:`fastnl.ops.bn_se_residual_relu`), with the module's rules as in
     :func:`bn_relu`; otherwise ``bn``, the SE module and the one-pass tail op
     (:func:`fastnl.ops.se_residual_relu`), as also under ``torch.compile`` (the op's autograd
     spans the SE module through Python state that a traced graph cannot hold). With the Triton
-    op, ``shortcut_sink`` takes the shortcut's gradient (see :func:`fastnl.ops.bn_se_residual_relu`)."""
+    op, ``shortcut_sink`` takes the shortcut's gradient (see :func:`fastnl.ops.bn_se_residual_relu`).
+    ``shortcut_bn``: the shortcut's own BatchNorm module (a downsampling bottleneck's, the shortcut
+    then its convolution's output), applied in the Triton op as it reads the shortcut where that
+    BatchNorm is one the kernels run too (:class:`fastnl.ops.ShortcutNorm`), else before it."""
+    norm = None
+    if shortcut_bn is not None:
+        if _triton_end(bn, y, shortcut) and _triton_bn(shortcut_bn, shortcut):
+            running_mean, running_var, factor = _count_batch(shortcut_bn)
+            norm = ops.ShortcutNorm(running_mean, running_var, shortcut_bn.weight, shortcut_bn.bias, factor,
+                                    shortcut_bn.eps)
+        else:
+            shortcut = shortcut_bn(shortcut)
     if _triton_end(bn, y, shortcut):
         running_mean, running_var, factor = _count_batch(bn)
         return ops.bn_se_residual_relu(y, running_mean, running_var, bn.weight, bn.bias, _excitation(se), shortcut,
                                        training=True, momentum=factor, eps=bn.eps, backend="triton",
-                                       shortcut_sink=shortcut_sink)
+                                       shortcut_sink=shortcut_sink, shortcut_norm=norm)
     x = bn(y)
     return ops.se_residual_relu(x, _excitation(se)(spatial_mean(x)), shortcut)
 
@@ -122,13 +134,18 @@ class FusedSEBottleneck(Bottleneck):
     shortcut's gradient to the first convolution, whose backward GEMM adds it in
     (:mod:`fastnl._residual_conv`). The same modules and parameters, so the same state_dict."""
 
+    def _conv_then_bn(self) -> bool:
+        """Whether the shortcut is timm's downsampling, a 1x1 convolution and its BatchNorm."""
+        ds = self.downsample
+        return (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
+                and isinstance(ds[1], nn.BatchNorm2d))
+
     def _meeting(self, x: torch.Tensor) -> GradMeeting | None:
         """A :class:`GradMeeting` for x's two gradients where the shortcut is a strided 1x1
         convolution and its BatchNorm (timm's downsampling), in training with autograd."""
         ds = self.downsample
-        if (isinstance(ds, nn.Sequential) and len(ds) == 2 and strided_1x1(ds[0]) and isinstance(ds[1], nn.BatchNorm2d)
-                and plain_1x1(self.conv1) and x.requires_grad and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+        if (self._conv_then_bn() and strided_1x1(ds[0]) and plain_1x1(self.conv1) and x.requires_grad
+                and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
             return GradMeeting(ds[0].stride[0])
         return None
 
@@ -155,11 +172,14 @@ class FusedSEBottleneck(Bottleneck):
         else:
             x = self.aa(self.act2(self.drop_block(self.bn2(x))))
         x = self.conv3(x)
-        if meeting is not None:
-            shortcut = self.downsample[1](meeting_conv(self.downsample[0], shortcut, meeting))
+        shortcut_bn = None
+        if self._conv_then_bn():  # the BatchNorm is applied in the end's op where it can be
+            shortcut_bn = self.downsample[1]
+            conv = self.downsample[0]
+            shortcut = meeting_conv(conv, shortcut, meeting) if meeting is not None else conv(shortcut)
         elif self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        return bn_se_residual_relu(self.bn3, self.se, x, shortcut, sink)
+        return bn_se_residual_relu(self.bn3, self.se, x, shortcut, sink, shortcut_bn)
 
 
 def fusable(block: nn.Module) -> bool:
