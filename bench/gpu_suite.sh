@@ -404,7 +404,10 @@ for layout in ("contiguous", "channels_last"):
     excite = lambda s: se.gate(se.fc2(se.act(se.bn(se.fc1(s)))))
     for op, call in (("batch_norm_relu", lambda be: ops.batch_norm_relu(y, None, None, w, b, training=True, backend=be)),
                      ("bn_se_residual_relu", lambda be: ops.bn_se_residual_relu(y, None, None, w, b, excite, r,
-                                                                                training=True, backend=be))):
+                                                                                training=True, backend=be)),
+                     ("bn_se_residual_relu[shortcut_norm]", lambda be: ops.bn_se_residual_relu(
+                         y, None, None, w, b, excite, r, training=True, backend=be,
+                         shortcut_norm=ops.ShortcutNorm(None, None, b, w)))):
         out, ref = call("triton"), call("reference")
         grads = torch.autograd.grad(out.float().square().sum(), (y, w, b))
         torch.cuda.synchronize()

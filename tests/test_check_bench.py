@@ -545,12 +545,18 @@ def test_batch_norm_rows_time_triton_against_plain(monkeypatch):
         clock[0] += 0.05 if backend == "triton" else 0.1
         return x + 0 * (weight.sum() + bias.sum())
 
-    def bn_se_op(y, running_mean, running_var, weight, bias, excite, shortcut, *, training, backend):
+    def bn_se_op(y, running_mean, running_var, weight, bias, excite, shortcut, *, training, backend,
+                 shortcut_norm=None):
         assert training and running_mean.shape == weight.shape == (y.shape[1],) and shortcut.shape == y.shape
         gate = excite(y.mean((2, 3), keepdim=True))
         assert gate.shape == (*y.shape[:2], 1, 1) and gate.dtype == y.dtype
+        extra = 0
+        if shortcut_norm is not None:  # the shortcut's BatchNorm: its own running statistics
+            assert shortcut_norm.running_mean is not running_mean and shortcut_norm.weight.shape == weight.shape
+            extra = 0 * (shortcut_norm.weight.sum() + shortcut_norm.bias.sum())
+            clock[0] += 0.01 if backend == "triton" else 0.04
         clock[0] += 0.04 if backend == "triton" else 0.12
-        return y * gate + shortcut + 0 * (weight.sum() + bias.sum())
+        return y * gate + shortcut + 0 * (weight.sum() + bias.sum()) + extra
 
     monkeypatch.setattr(channel.ops, "batch_norm_relu", bn_op)
     monkeypatch.setattr(channel.ops, "bn_se_residual_relu", bn_se_op)
@@ -559,15 +565,17 @@ def test_batch_norm_rows_time_triton_against_plain(monkeypatch):
     assert channel.run("cpu", quick=True) == []  # not on a CPU unless asked
     records = channel.run("cpu", quick=True, batch_norm=True)
     assert [(r["op"], r["pass"], r["backend"]) for r in records] == \
-        [(op, p, b) for op in ("batch_norm_relu", "bn_se_residual_relu") for b in ("triton", "reference")
-         for p in ("fwd", "fwd+bwd")]
+        [(op, p, b) for op in ("batch_norm_relu", "bn_se_residual_relu", "bn_se_residual_relu[shortcut_norm]")
+         for b in ("triton", "reference") for p in ("fwd", "fwd+bwd")]
     numel = math.prod(channel.BN_QUICK_SHAPES[0])
     assert [r["floor_bytes"] for r in records[:2]] == [2 * 4 * numel, 5 * 4 * numel]
     assert [r["speedup_vs_reference"] for r in records[:4]] == pytest.approx([2.0, 2.0, 1.0, 1.0])
     assert [r["ms"] for r in records[:4]] == pytest.approx([50, 50, 100, 100])
     numel = math.prod(channel.BN_SE_QUICK_SHAPES[0])
     assert [r["floor_bytes"] for r in records[4:6]] == [3 * 4 * numel, 8 * 4 * numel]
-    assert [r["speedup_vs_reference"] for r in records[4:]] == pytest.approx([3.0, 3.0, 1.0, 1.0])
+    assert [r["speedup_vs_reference"] for r in records[4:8]] == pytest.approx([3.0, 3.0, 1.0, 1.0])
+    assert [r["floor_bytes"] for r in records[8:10]] == [3 * 4 * numel, 9 * 4 * numel]
+    assert [r["speedup_vs_reference"] for r in records[8:]] == pytest.approx([3.2, 3.2, 1.0, 1.0])  # 160 / 50 ms
 
 
 def test_attention_speedups_follow_known_times(monkeypatch):

@@ -164,8 +164,9 @@ def test_meeting_conv_rejects_other_convolutions():
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("index", [3, 0], ids=["layer2-stride2", "layer1-stride1"])
-def test_downsampling_block_applies_its_shortcut_batch_norm_in_the_end_op(monkeypatch, index):
+def test_downsampling_block_applies_its_shortcut_batch_norm_in_the_end_op(monkeypatch, index, device):
     """With the Triton BatchNorm kernels (interpreted here, as on CUDA), a downsampling block's
     shortcut BatchNorm runs inside the bottleneck end's op (``shortcut_norm``), not as a module:
     no torch BatchNorm runs, its batch is counted once; in float32 the output, the input
@@ -173,12 +174,13 @@ def test_downsampling_block_applies_its_shortcut_batch_norm_in_the_end_op(monkey
     block's float32 error against float64 (one float32 ulp of the magnitude as a floor)."""
     from fastnl import ops
 
-    fb64, pb64 = _downsampling_pair(index)
+    fb64, pb64 = (b.to(device) for b in _downsampling_pair(index))
     fb, pb = (copy.deepcopy(b).float() for b in (fb64, pb64))
-    x64 = torch.randn(2, fb.conv1.in_channels, 9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x64 = torch.randn(2, fb.conv1.in_channels, 9, 5, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(5)).to(device)
     with torch.no_grad():
         shape = copy.deepcopy(pb64)(x64).shape
-    g64 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    g64 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).to(device)
 
     def run(block, x, g, triton):
         xx = x.clone().requires_grad_()

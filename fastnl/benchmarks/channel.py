@@ -16,7 +16,10 @@ grad_y and x, write grad_x (the kernels read x once more in each direction). And
 ``fastnl.ops.bn_se_residual_relu`` (a bottleneck's end from its last BatchNorm on; gradients of
 y, the shortcut, the BatchNorm's and the SE module's parameters) with backend "triton" and
 "reference" (BatchNorm, SE module, sum and ReLU as timm runs them) at the bottleneck outputs of
-layer1 and layer4; its floor is the SE tail's (the kernels read y once more in each direction).
+layer1 and layer4; its floor is the SE tail's (the kernels read y once more in each direction);
+and the same with the shortcut's BatchNorm in the op (``shortcut_norm``, a downsampling block's
+end: layer1's first; plain runs cuDNN's BatchNorm on the shortcut first), floor 3 passes
+forward and 9 in all.
 
 Each record gives the median time and its 20th/80th percentiles, the achieved bandwidth over the memory-traffic floor (forward:
 read x, write out; backward: read grad_out and x, write grad_x) and the floor ratio: the time
@@ -43,6 +46,8 @@ BN_QUICK_SHAPES = [(16, 64, 16, 8)]
 # the bottleneck end: (frames, C, H, W) after layer1 and layer4 at 256x128
 BN_SE_REAL_SHAPES = [(256, 256, 64, 32), (256, 2048, 8, 4)]
 BN_SE_QUICK_SHAPES = [(16, 256, 16, 8)]
+# a downsampling bottleneck's end, its shortcut's BatchNorm in the op: layer1's first block
+BN_SE_NORM_REAL_SHAPES = [(256, 256, 64, 32)]
 REDUCTION = 16
 
 
@@ -106,6 +111,25 @@ def _bn_se_call(args, backend, running):
     excite = reference.se_excitation(*se_params)  # the SE convolutions in the maps' dtype, as under autocast
     return ops.bn_se_residual_relu(y, running[0], running[1], weight, bias, excite, shortcut, training=True,
                                    backend=backend)
+
+
+def _bn_se_norm_inputs(shape, dtype, device, requires_grad):
+    """:func:`_bn_se_inputs`, the shortcut the output of the downsampling convolution, and its
+    BatchNorm's weight and bias (float32)."""
+    gen = torch.Generator().manual_seed(1)
+    shortcut_bn = [(torch.rand(shape[1], generator=gen) + 0.5).to(device),
+                   (0.1 * torch.randn(shape[1], generator=gen)).to(device)]
+    return _bn_se_inputs(shape, dtype, device, requires_grad) + [t.requires_grad_(requires_grad) for t in shortcut_bn]
+
+
+def _bn_se_norm_call(args, backend, running):
+    """The end with its shortcut's BatchNorm (``shortcut_norm``: in the op with "triton", before
+    the plain end with "reference"), both BatchNorms updating running statistics."""
+    *end, shortcut_weight, shortcut_bias = args
+    y, shortcut, weight, bias, *se_params = end
+    norm = ops.ShortcutNorm(running[2], running[3], shortcut_weight, shortcut_bias)
+    return ops.bn_se_residual_relu(y, running[0], running[1], weight, bias, reference.se_excitation(*se_params),
+                                   shortcut, training=True, backend=backend, shortcut_norm=norm)
 
 
 def _time_op(records, op, shape, dtype, device, measure, floor_passes, make, call,
@@ -181,9 +205,14 @@ def run(device, quick: bool = False, batch_norm: bool | None = None) -> list[dic
         for op, shapes, floors, make, call in (
                 ("batch_norm_relu", BN_QUICK_SHAPES if quick else BN_REAL_SHAPES, (2, 5), _bn_inputs, _bn_call),
                 ("bn_se_residual_relu", BN_SE_QUICK_SHAPES if quick else BN_SE_REAL_SHAPES, (3, 8), _bn_se_inputs,
-                 _bn_se_call)):
+                 _bn_se_call),
+                # its floor: forward read y and the shortcut, write out; backward read the
+                # output's gradient, out, y and the shortcut, write both gradients
+                ("bn_se_residual_relu[shortcut_norm]", BN_SE_QUICK_SHAPES if quick else BN_SE_NORM_REAL_SHAPES,
+                 (3, 9), _bn_se_norm_inputs, _bn_se_norm_call)):
             for shape in shapes:
-                running = (torch.zeros(shape[1], device=device), torch.ones(shape[1], device=device))
+                # running (mean, var) of the BatchNorm, and of the shortcut's where there is one
+                running = tuple(f(shape[1], device=device) for f in (torch.zeros, torch.ones) * 2)
                 for dtype in dtypes:
                     _time_op(records, op, shape, dtype, device, measure, floor_passes=floors,
                              make=lambda requires_grad, shape=shape, dtype=dtype, make=make: make(
