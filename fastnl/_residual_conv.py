@@ -256,7 +256,8 @@ class GradMeeting:
     whichever of the two backwards runs second adds it into the dense gradient's grid
     positions in place (the dense one is a fresh tensor) and returns the sum; the first
     returns none. A quarter of a pass at s = 2 instead of four passes; the same sums, rounded
-    once."""
+    once. With s = 1 (layer1's first block: both gradients dense) the second backward's GEMM
+    accumulates into the first's gradient (:func:`input_grad_plus`): no pass at all."""
 
     __slots__ = ("stride", "dense", "grid")
 
@@ -277,6 +278,12 @@ class GradMeeting:
         return total
 
 
+    def take(self) -> torch.Tensor | None:
+        """(s = 1) The gradient the first backward left, or None (this is the first)."""
+        dense, self.dense = self.dense, None
+        return dense
+
+
 class _MeetingConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, meeting, stride):
@@ -292,7 +299,16 @@ class _MeetingConv(torch.autograd.Function):
         s = ctx.stride
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = dweight = None
-        if s == 1:
+        if s == 1 and ctx.meeting.stride == 1:
+            if want_w:
+                dweight = _conv1x1_backward(dh, xc, wc, [False, True, False])[1]
+            if want_x:
+                first = ctx.meeting.take()
+                if first is None:  # the first of the two: leave the gradient to the second
+                    ctx.meeting.dense = _conv1x1_backward(dh, xc, wc, [True, False, False])[0]
+                else:  # the second: its GEMM adds into the first's (a fresh tensor)
+                    dx = input_grad_plus(dh, wc, first.to(dh.dtype), overwrite=True)
+        elif s == 1:
             dx, dweight, _ = _conv1x1_backward(dh, xc, wc, [want_x, want_w, False])
             if want_x:
                 dx = ctx.meeting.meet(dense=dx)
@@ -317,7 +333,7 @@ def strided_1x1(conv: torch.nn.Module) -> bool:
 def meeting_conv(conv: torch.nn.Module, x: torch.Tensor, meeting: GradMeeting) -> torch.Tensor:
     """``conv(x)`` for a :func:`plain_1x1` or :func:`strided_1x1` convolution whose backward
     meets the other convolution of the same x in ``meeting`` (one of each, the strided one's
-    stride the meeting's). x: [N, Cin, H, W]."""
+    stride the meeting's; with a stride-1 meeting two :func:`plain_1x1` ones). x: [N, Cin, H, W]."""
     if x.dim() != 4 or x.shape[1] != conv.in_channels:
         raise ValueError(f"meeting_conv: expected x [N, {conv.in_channels}, H, W], got {tuple(x.shape)}")
     if plain_1x1(conv):

@@ -79,7 +79,8 @@ def test_every_kernel_takes_at_least_the_launch_floor():
 @pytest.mark.parametrize("input_grad,weight_grad", [(True, True), (True, False), (False, True)])
 def test_convolution_backward_launches_a_kernel_per_gradient(input_grad, weight_grad):
     """cuDNN makes a convolution's input and weight gradients in separate kernels: a tiny
-    convolution's backward costs one launch floor per gradient asked for."""
+    convolution's backward costs one launch floor per gradient asked for, and reads the output
+    gradient in each."""
     floor = HOPPER.launch_us * 1e-6
     with FakeTensorMode(allow_non_fake_inputs=True):
         conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
@@ -92,6 +93,11 @@ def test_convolution_backward_launches_a_kernel_per_gradient(input_grad, weight_
     kernels = int(input_grad) + int(weight_grad)
     assert roof.per_op["convolution_backward"] == (pytest.approx(kernels * floor), 1)
     assert roof.launches == kernels, roof.per_op
+    # each kernel reads grad_output; the input gradient's the weight, the weight gradient's the
+    # input; each writes its gradient
+    dy, xb, wb = (t.numel() * 4 for t in (y, x, conv.weight))
+    expected = kernels * dy + (wb + xb if input_grad else 0) + (xb + wb if weight_grad else 0)
+    assert roof.bytes == expected
 
 
 @pytest.mark.parametrize("B,L,D", [(8, 1024, 512), (32, 1024, 512), (8, 8192, 512), (8, 2048, 1024)])

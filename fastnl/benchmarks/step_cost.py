@@ -101,11 +101,12 @@ def _channel_attention_backward_bytes(args, out) -> int:
 # The extension's ops, priced by the passes their CUDA kernels make (not one read per argument)
 def _convolution_backward_bytes(args, out) -> int:
     # grad_output, input, weight, ..., output_mask: the input gradient reads the weight, the
-    # weight gradient the input (the input gradient needs only the input's shape); both and
-    # the bias gradient read grad_output
+    # weight gradient the input (the input gradient needs only the input's shape); each of
+    # them and the bias gradient reads grad_output, in kernels of their own (cuDNN's data- and
+    # weight-gradient kernels: see LAUNCH_COUNTERS)
     mask = args[10]
-    reads = _tensor_bytes(args[0]) + (_tensor_bytes(args[1]) if mask[1] else 0) + \
-        (_tensor_bytes(args[2]) if mask[0] else 0)
+    reads = _tensor_bytes(args[0]) * max(1, sum(bool(m) for m in mask)) + \
+        (_tensor_bytes(args[1]) if mask[1] else 0) + (_tensor_bytes(args[2]) if mask[0] else 0)
     return reads + sum(_tensor_bytes(t) for t in out if t is not None)
 
 

@@ -141,11 +141,12 @@ class FusedSEBottleneck(Bottleneck):
                 and isinstance(ds[1], nn.BatchNorm2d))
 
     def _meeting(self, x: torch.Tensor) -> GradMeeting | None:
-        """A :class:`GradMeeting` for x's two gradients where the shortcut is a strided 1x1
-        convolution and its BatchNorm (timm's downsampling), in training with autograd."""
+        """A :class:`GradMeeting` for x's two gradients where the shortcut is a 1x1 convolution
+        (strided, or layer1's of stride 1) and its BatchNorm (timm's downsampling), in training
+        with autograd."""
         ds = self.downsample
-        if (self._conv_then_bn() and strided_1x1(ds[0]) and plain_1x1(self.conv1) and x.requires_grad
-                and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        if (self._conv_then_bn() and (strided_1x1(ds[0]) or plain_1x1(ds[0])) and plain_1x1(self.conv1)
+                and x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
             return GradMeeting(ds[0].stride[0])
         return None
 
