@@ -137,6 +137,17 @@ def current_rss_mb() -> float:
         return peak_rss_mb()
 
 
+def _malloc_trim() -> None:
+    """glibc's ``malloc_trim(0)`` where there is one (Linux): free heap pages back to the system."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def reset_peak_rss_mb() -> float:
     """Start a measurement: reset the peak-RSS mark to the current size (Linux, via
     /proc/self/clear_refs) so transient peaks before it (imports, set-up) do not count, and
@@ -144,9 +155,16 @@ def reset_peak_rss_mb() -> float:
 
     It first imports torch._dynamo: the first call of any ``torch.library`` op in a process
     imports it (about 150 MB of resident modules and 2 s on a CPU), which would otherwise land
-    in the first measured peak instead of the op's own memory."""
+    in the first measured peak instead of the op's own memory. It also collects garbage and
+    hands the allocator's free memory back to the system (glibc's ``malloc_trim``) first: memory
+    freed before the measurement but still resident would otherwise be counted in the start and
+    could be returned during it, making the measured peak smaller than the variant's own."""
+    import gc
+
     import torch._dynamo  # noqa: F401
 
+    gc.collect()
+    _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
