@@ -414,6 +414,15 @@ for layout in ("contiguous", "channels_last"):
         err = (out.float() - ref.float()).abs().max().item()
         print(f"{op} (3, 130, 23, 29) bf16 {layout}: max |triton - reference| {err:.3g}")
         assert all(torch.isfinite(g).all() for g in grads)
+# the SE excitation's kernels (17 images: a partial block of 16; 130 channels, R = 8 < 16)
+from fastnl import _se_excite
+se = SEModule(130, rd_ratio=1 / 16).to("cuda", torch.bfloat16)
+s = torch.randn(17, 130, 1, 1, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+gate, ref = _se_excite.excite(se, s), se.gate(se.fc2(se.act(se.fc1(s))))
+grads = torch.autograd.grad(gate.float().square().sum(), (s, *se.parameters()))
+torch.cuda.synchronize()
+print(f"se_excitation (17, 130) R=8 bf16: max |triton - reference| {(gate.float() - ref.float()).abs().max().item():.3g}")
+assert all(torch.isfinite(g).all() for g in grads)
 print("memcheck workload done")
 EOF
 SANITIZER=${FASTNL_SUITE_SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2> /dev/null | head -n 1)}

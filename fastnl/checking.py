@@ -367,6 +367,34 @@ def bn_se_check(batch: int, channels: int, height: int, width: int, device: str,
     return Check(name, f"y=[{batch},{channels},{height},{width}] R={hidden}", run, lambda: _triton_reason(device))
 
 
+def se_excite_check(batch: int, channels: int, device: str) -> Check:
+    """The SE module's excitation on the Triton kernels, sigmoid(fc2(relu(fc1(s)))) on an
+    [N, C] squeeze, R = C / 16 (half precision only: float32 runs the module's layers)."""
+    from timm.layers import SEModule
+
+    from fastnl import _se_excite
+
+    hidden = max(1, channels // 16)
+
+    def run(variant, dtype, seed):
+        torch.manual_seed(seed)
+        se = SEModule(channels, rd_channels=hidden).to(device)
+        with torch.no_grad():
+            se.fc1.bias.add_(0.2)  # most reduced units on
+        se = se.to(torch.float64 if variant == "ref64" else dtype)
+        squeeze = _randn((batch, channels, 1, 1), seed + 1, device).to(dtype)
+        squeeze = squeeze.to(torch.float64 if variant == "ref64" else dtype).requires_grad_(True)
+        if variant == "fused":
+            gate = _se_excite.excite(se, squeeze)
+        else:
+            gate = se.gate(se.fc2(se.act(se.fc1(squeeze))))
+        outs = {"gate": gate}
+        return outs, _grads(outs, {"squeeze": squeeze, **{f"se.{n}": p for n, p in se.named_parameters()}}, seed)
+
+    return Check("se_excitation[triton]", f"s=[{batch},{channels}] R={hidden}", run, lambda: _triton_reason(device),
+                 dtypes=(torch.float16, torch.bfloat16))
+
+
 def _randomise_zero_init(module: torch.nn.Module, seed: int) -> None:
     """Give the zero-initialised BatchNorms after W0 (NLAM) and W (NLTP) random affine weights,
     so the non-local branches contribute to the output under test."""
@@ -518,6 +546,9 @@ def build_checks(device: str, size: str, ops: tuple = OPS) -> list[Check]:
                 "tiny": [(3, 20, 5, 3)]}[size]
         checks += [bn_se_check(*d, device) for d in dims]
         checks.append(bn_se_check(*dims[0], device, shortcut_norm=True))  # a downsampling block's end
+        # the SE excitation of layer1's and layer4's ends (N = 16 frames, or scaled down)
+        se_dims = {"real": [(16, 256), (16, 2048)], "small": [(8, 256)], "tiny": [(3, 40)]}[size]
+        checks += [se_excite_check(*d, device) for d in se_dims]
     if "nlam" in ops:
         dims = {"real": [(2, 8, 1024, 16, 8), (2, 8, 2048, 8, 4)], "small": [(2, 4, 128, 8, 4)],
                 "tiny": [(2, 2, 32, 4, 2)]}[size]

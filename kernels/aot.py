@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 
 from fastnl.vocabulary import triton_interpreted
 
-from . import batch_norm, bn_se_tail, softmax_rows
+from . import batch_norm, bn_se_tail, se_excite, softmax_rows
 from .nl_attention import (KERNELS, PREPROCESS_BLOCK_M, candidate_configs, default_config, dk_block,
                            executed_flops, fuses_dq, keeps_q_on_chip)
 
@@ -242,6 +242,45 @@ def compile_batch_norm(dtype: str = "bf16", arch: int = 90) -> list[dict]:
     return out
 
 
+# the SE excitation's pointers in the maps' dtype (the others float32) and its integer sizes
+_SE_DATA_POINTERS = {"SQ", "W1", "B1", "W2", "B2", "GATE", "DGATE", "DSQ", "DW1", "DB1", "DW2", "DB2"}
+_SE_SIZES = {"N", "C", "R"}
+# SE-ResNet50's reduced units (C / 16 at C = 256 .. 2048): the tiles the kernels take for them
+SE_BLOCK_RS = (16, 32, 64, 128)
+
+
+def compile_se_excite(dtype: str = "bf16", arch: int = 90) -> list[dict]:
+    """Compile the SE excitation's kernels (``se_excite``) for ``sm_<arch>`` at every reduced
+    width SE-ResNet50 has, the squeeze and the weights in ``dtype`` (a half-precision one)."""
+    out = []
+    for kernel, fn in se_excite.KERNELS.items():
+        for block_r in SE_BLOCK_RS:
+            block_c, _ = se_excite.blocks(block_r)
+            constants = {"BLOCK_N": se_excite.BLOCK_N, "BLOCK_C": block_c, "BLOCK_R": block_r}
+            if "INTERPRETED" in fn.arg_names:
+                constants["INTERPRETED"] = False
+            signature, attrs = {}, {}
+            for i, name in enumerate(fn.arg_names):
+                if name in constants:
+                    signature[name] = "constexpr"
+                elif name in _SE_SIZES:
+                    signature[name] = "i32"
+                else:
+                    signature[name] = "*" + _TYPES[dtype] if name in _SE_DATA_POINTERS else "*fp32"
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+            target = GPUTarget("cuda", arch, 32)
+            options = triton.compiler.make_backend(target).parse_options({"num_warps": 4, "num_stages": 1})
+            start = time.perf_counter()
+            compiled = triton.compile(triton.compiler.ASTSource(fn, signature, constants, attrs), target=target,
+                                      options=options.__dict__)
+            cubin = compiled.asm["cubin"]
+            out.append({"kernel": kernel, "dtype": dtype, "BLOCK_C": block_c, "BLOCK_R": block_r, "num_warps": 4,
+                        "arch": arch,
+                        "shared": compiled.metadata.shared, **res_usage(cubin), "hgmma": uses_hgmma(cubin),
+                        "compile_s": round(time.perf_counter() - start, 2)})
+    return out
+
+
 def configurations(head_dim: int, dtype: str = "bf16") -> list[tuple[str, dict, int, int]]:
     """(kernel, meta, num_warps, num_stages) for every configuration the autotuner may pick at
     ``head_dim`` for ``dtype`` inputs, and the defaults, without duplicates."""
@@ -271,6 +310,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, nargs="*", default=[], metavar="L",
                         help="also the chunked engine's row kernels at these sequence lengths")
     parser.add_argument("--batch-norm", action="store_true", help="also the BatchNorm kernels (BatchNorm + ReLU, the bottleneck end)")
+    parser.add_argument("--se-excite", action="store_true", help="also the SE excitation's kernels")
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args(argv)
     for result in compile_all(args.head_dims, args.dtypes, args.arch):
@@ -282,6 +322,10 @@ def main(argv=None) -> None:
     if args.batch_norm:
         for dtype in args.dtypes:
             for result in compile_batch_norm(dtype, args.arch):
+                print(json.dumps(result), flush=True)
+    if args.se_excite:
+        for dtype in args.dtypes:
+            for result in compile_se_excite(dtype, args.arch):
                 print(json.dumps(result), flush=True)
 
 

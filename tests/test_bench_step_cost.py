@@ -319,8 +319,8 @@ def test_cli_refuses_a_negative_launch_time(capsys):
 def test_fused_bottleneck_prices_its_batch_norm_ops_as_cuda_runs_them(as_on_cuda):
     """A fused bottleneck's step as the pricer sees it: on CUDA (``cuda_like``) bn1 + act1 and
     bn2 + act2 are the Triton op and bn3 with the SE module, the sum and the ReLU the bottleneck
-    end's four ops, forward and backward, by the passes their kernels make, and no BatchNorm of
-    torch's runs; on a CPU the modules run as they are, torch's BatchNorm priced with its second
+    end's four ops, forward and backward, by the passes their kernels make (the SE module's
+    layers the excitation's two), and no BatchNorm of torch's runs; on a CPU the modules run as they are, torch's BatchNorm priced with its second
     read of the map."""
     import contextlib
 
@@ -341,7 +341,9 @@ def test_fused_bottleneck_prices_its_batch_norm_ops_as_cuda_runs_them(as_on_cuda
         assert counts["bn_relu"] == counts["bn_relu_backward"] == 2
         assert all(counts[op] == 1 for op in ("bn_pool", "se_tail", "se_tail_bwd_partial", "se_tail_bwd_apply"))
         assert "native_batch_norm" not in counts and "native_batch_norm_backward" not in counts
-        assert counts["relu_"] == counts["threshold_backward"] == 1  # the SE module's own ReLU
+        # the SE module's layers as the excitation's ops: one forward, one backward (two kernels)
+        assert counts["se_excite"] == counts["se_excite_bwd"] == 1
+        assert "relu_" not in counts and "threshold_backward" not in counts and "sigmoid" not in counts
         # each forward: x read twice and y written (bf16), weight and bias read and the [7, C]
         # float32 statistics written; bn1 and bn2 have the same [4, 64, 16, 8] maps here
         per_call = 3 * 2 * (4 * 64 * 16 * 8) + 4 * 64 * (2 + 7)

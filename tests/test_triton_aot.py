@@ -24,11 +24,12 @@ importlib.import_module("fastnl.kernels.aot").main(sys.argv[1:])
 """
 
 
-def compile_ahead_of_time(head_dim, dtype: str, rows=(), batch_norm=False) -> list[dict]:
+def compile_ahead_of_time(head_dim, dtype: str, rows=(), batch_norm=False, se_excite=False) -> list[dict]:
     env = dict(os.environ, TRITON_INTERPRET="0")
     dims = [] if head_dim is None else [str(head_dim)]
     proc = subprocess.run([sys.executable, "-c", SCRIPT, "--head-dims", *dims, "--dtypes", dtype,
-                           "--rows", *map(str, rows), *(["--batch-norm"] if batch_norm else [])],
+                           "--rows", *map(str, rows), *(["--batch-norm"] if batch_norm else []),
+                           *(["--se-excite"] if se_excite else [])],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -87,6 +88,23 @@ def test_row_kernels_of_the_chunked_engine_compile_without_spills(dtype):
         assert r["shared"] <= H100_SHARED_BYTES and 0 < r["reg"] <= 255 and not r["hgmma"], r
         if r["kernel"] == "rows_fwd":
             assert r["ONE_PASS"] == (r["seq_len"] <= rows.ONE_PASS_MAX), r
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_se_excitation_kernels_compile_without_spills(dtype):
+    """The SE excitation's three kernels at every reduced width of SE-ResNet50 (16 to 128), in
+    both half precisions: no spill, at most 128 registers a thread, weight tiles of
+    ``WEIGHT_TILE`` elements (16-image tiles: the products run as mma.sync, not warpgroup MMA)."""
+    from fastnl._paths import import_kernels
+
+    kernels = import_kernels()
+    results = compile_ahead_of_time(None, dtype, se_excite=True)
+    assert [(r["kernel"], r["BLOCK_R"]) for r in results] == \
+        [(k, r) for k in kernels.se_excite.KERNELS for r in (16, 32, 64, 128)]
+    for r in results:
+        assert r["stack"] == 0 and r["local"] == 0, f"spills: {r}"
+        assert r["shared"] <= H100_SHARED_BYTES and 0 < r["reg"] <= 128, r
+        assert r["BLOCK_C"] * r["BLOCK_R"] == kernels.se_excite.WEIGHT_TILE or r["BLOCK_C"] == 16, r
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

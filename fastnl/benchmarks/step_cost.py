@@ -127,11 +127,11 @@ SECOND_READS = {("aten", "native_batch_norm"): (0,), ("aten", "native_batch_norm
 # max(its roofline, launches - tiny floors) + tiny floors. The Triton ops launch what
 # fastnl.kernels.batch_norm / bn_se_tail do (a statistics pass, a finalize over [G, C]
 # partials, an apply pass; bn_pool a statistics pass, the finalize and one kernel on [N, C];
-# bn_stats the statistics pass and the finalize); the
+# bn_stats the statistics pass and the finalize; se_excite_bwd its rows' and weights' kernels); the
 # extension's channel attention its two passes over x and the MLP's ops on [B, N, C] (counted
 # in csrc/channel_attention.cpp). Ops not listed launch one kernel.
 OWN_OP_LAUNCHES = {("fastnl", "bn_relu"): (3, 1), ("fastnl", "bn_relu_backward"): (3, 1),
-                   ("fastnl", "bn_pool"): (3, 2), ("fastnl", "bn_stats"): (2, 1),
+                   ("fastnl", "bn_pool"): (3, 2), ("fastnl", "bn_stats"): (2, 1), ("fastnl", "se_excite_bwd"): (2, 1),
                    ("fastnl", "channel_attention"): (17, 15), ("fastnl", "channel_attention_backward"): (40, 38)}
 
 
@@ -141,6 +141,18 @@ def _convolution_backward_launches(args) -> int:
     (``output_mask``)."""
     return max(1, sum(bool(m) for m in args[10]))
 
+
+def _se_excite_flops(args, products: int) -> int:
+    # squeeze [N, C], w1 [R, C] (the forward's and the backward's argument 3 and 4): each
+    # product an N x C x R GEMM
+    squeeze, w1 = (args[0], args[1]) if len(args) == 5 else (args[3], args[4])
+    return 2 * products * squeeze.shape[0] * squeeze.shape[1] * w1.shape[0]
+
+
+# The project's ops that multiply on tensor cores, by their GEMMs (torch's formulas know the
+# aten ops only): the SE excitation two products forward (fc1, fc2), four backward
+OWN_OP_FLOPS = {("fastnl", "se_excite"): lambda args: _se_excite_flops(args, 2),
+                ("fastnl", "se_excite_bwd"): lambda args: _se_excite_flops(args, 4)}
 
 # Ops whose kernel count depends on their arguments: name -> function of the arguments
 LAUNCH_COUNTERS = {("aten", "convolution_backward"): _convolution_backward_launches}
@@ -230,6 +242,8 @@ class Roofline:
                     formula = flop_registry.get(getattr(torch.ops.aten, name[:-1], None))
                 if formula is not None:
                     flops = int(formula(*args, **kwargs, out_val=out))
+                elif (func.namespace, name) in OWN_OP_FLOPS:
+                    flops = int(OWN_OP_FLOPS[(func.namespace, name)](args))
                 own = OWN_OP_BYTES.get((func.namespace, name))
                 nbytes = own(args, out) if own is not None else roofline.op_bytes(func, args, kwargs, out)
                 nbytes += sum(_tensor_bytes(args[i]) for i in SECOND_READS.get((func.namespace, name), ()))

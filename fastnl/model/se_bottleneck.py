@@ -76,6 +76,18 @@ def _excitation(se: SEModule):
     return lambda squeeze: se.gate(se.fc2(se.act(se.bn(se.fc1(squeeze)))))
 
 
+def _kernel_excitation(se: SEModule):
+    """:func:`_excitation` on the Triton kernels (:mod:`fastnl._se_excite`: one kernel forward and
+    two backward for the module's two convolutions and two activations) where the module is
+    timm's SE-ResNet one and the squeeze in half precision, else the module's layers."""
+    from fastnl import _se_excite
+
+    plain = _excitation(se)
+    if not _se_excite.fusable_excitation(se):
+        return plain
+    return lambda squeeze: _se_excite.excite(se, squeeze) if squeeze.dtype in _se_excite.HALF else plain(squeeze)
+
+
 def _triton_end(bn: nn.Module, y: torch.Tensor, shortcut: torch.Tensor) -> bool:
     """Whether :func:`bn_se_residual_relu` runs the bottleneck end's Triton op."""
     return _triton_bn(bn, y) and shortcut.dtype == y.dtype and not torch.compiler.is_compiling()
@@ -104,8 +116,8 @@ def bn_se_residual_relu(bn: nn.Module, se: SEModule, y: torch.Tensor, shortcut: 
             shortcut = shortcut_bn(shortcut)
     if _triton_end(bn, y, shortcut):
         running_mean, running_var, factor = _count_batch(bn)
-        return ops.bn_se_residual_relu(y, running_mean, running_var, bn.weight, bn.bias, _excitation(se), shortcut,
-                                       training=True, momentum=factor, eps=bn.eps, backend="triton",
+        return ops.bn_se_residual_relu(y, running_mean, running_var, bn.weight, bn.bias, _kernel_excitation(se),
+                                       shortcut, training=True, momentum=factor, eps=bn.eps, backend="triton",
                                        shortcut_sink=shortcut_sink, shortcut_norm=norm)
     x = bn(y)
     return ops.se_residual_relu(x, _excitation(se)(spatial_mean(x)), shortcut)
