@@ -246,7 +246,7 @@ COLUMNS = {
     "nlam": ["case", "shape", "L", "amp", "reference_ms", "fused_ms", "speedup", "reference_peak_mb",
              "fused_peak_mb", "memory_ratio"],
     "model": ["case", "shape", "L", "amp", "grad_checkpoint", "reference_ms", "fused_ms", "speedup",
-              "reference_peak_mb", "fused_peak_mb", "fused_clips_per_s"],
+              "reference_peak_mb", "fused_peak_mb", "fused_clips_per_s", "reference_format", "fused_format"],
     "configs": ["kernel", "L", "D", "BLOCK_M", "BLOCK_N", "BLOCK_DV", "warps", "stages", "default", "ms",
                 "p20_ms", "p80_ms", "vs_default", "refused"],
     "capacity": ["impl", "grad_checkpoint", "max_frames", "max_frames_failed", "max_frames_exact", "max_batch",

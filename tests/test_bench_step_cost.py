@@ -275,7 +275,7 @@ def test_cli_prices_with_a_given_launch_time_beside_a_measured_step(tmp_path, ca
     measured = tmp_path / "bench-model.json"
     measured.write_text(json.dumps({"environment": {"device_name": "NVIDIA H200"}, "suites": {"model": [
         {"case": "paper setting", "shape": "2x4x3x64x32", "grad_checkpoint": False, "reference_ms": 30.0,
-         "fused_ms": 24.0},
+         "fused_ms": 24.0, "reference_format": "channels_last", "fused_format": "contiguous"},
         {"case": "other", "shape": "2x4x3x64x32", "grad_checkpoint": True, "reference_ms": 1.0, "fused_ms": 1.0}]}}))
     out = tmp_path / "sc.json"
     assert cli.main(["bench", "step-cost", "--quick", "--device", "cpu", "--launch-us", "8", "--measured",
@@ -291,6 +291,7 @@ def test_cli_prices_with_a_given_launch_time_beside_a_measured_step(tmp_path, ca
     assert first["measured_speedup"] == pytest.approx(30.0 / 24.0)
     assert first["reference_measured_over_predicted"] == pytest.approx(30.0 / first["reference_ms"])
     assert first["fused_measured_over_predicted"] == pytest.approx(24.0 / first["fused_ms"])
+    assert first["measured_formats"] == "channels_last / contiguous"  # the fastest format of each model
     assert "measured_reference_ms" not in second  # 1 x 16 frames: nothing measured there
     printed = capsys.readouterr().out
     assert "each kernel at least 8 us" in printed and "measured on NVIDIA H200" in printed

@@ -473,6 +473,80 @@ def _model_rows_known_workloads():
     print("ok")
 
 
+def test_model_rows_compare_the_fastest_memory_format_of_each_model(monkeypatch):
+    """A row over both memory formats: stand-in steps on a virtual clock, the reference faster
+    channels_last (30 against 60 ms), the fused model faster contiguous (20 against 25 ms):
+    the speed-up is the fastest against the fastest (30 / 20), each format's time is kept, and
+    the table says which format each model ran in. A format that fails leaves the other's."""
+    from fastnl.benchmarks import model
+
+    clock = _virtual_clock(monkeypatch)
+    seconds = {("reference", "contiguous"): 0.06, ("reference", "channels_last"): 0.03,
+               ("fused", "contiguous"): 0.02, ("fused", "channels_last"): 0.025}
+
+    def builder(case, impl, device):
+        if (impl, case.memory_format) == ("fused", "broken"):
+            raise RuntimeError("no such format")
+
+        def step():
+            clock[0] += seconds[impl, case.memory_format]
+        return step
+
+    monkeypatch.setitem(model.BUILDERS, "model", builder)
+    monkeypatch.setattr(model, "measure_isolated", lambda case, impl, device, timeout=None:
+                        model.measure(case, impl, device))
+    case = model.Case("model", "formats", 2, 2, 64, 32, formats=model.BOTH_FORMATS, repeat=1)
+    row = model.compare(case, "cpu")
+    assert row["speedup"] == pytest.approx(0.03 / 0.02)
+    assert (row["reference_format"], row["fused_format"]) == ("channels_last", "contiguous")
+    assert row["reference_ms"] == pytest.approx(30.0) and row["fused_ms"] == pytest.approx(20.0)
+    assert row["reference_contiguous_ms"] == pytest.approx(60.0)
+    assert row["fused_channels_last_ms"] == pytest.approx(25.0)
+    assert row["fused_clips_per_s"] == pytest.approx(2 / 0.02)
+    from fastnl.commands.bench import format_rows
+
+    header, line = format_rows("model", [row]).splitlines()
+    assert header.split()[-2:] == ["reference_format", "fused_format"]
+    assert line.split()[-2:] == ["channels_last", "contiguous"]
+
+    def failing(variant, impl, device):
+        if (impl, variant.memory_format) == ("fused", "channels_last"):
+            return {"ok": False, "error": "OutOfMemoryError: x"}
+        return model.measure(variant, impl, device)
+
+    monkeypatch.setattr(model, "measure_isolated", lambda case, impl, device, timeout=None: failing(case, impl, device))
+    row = model.compare(case, "cpu")
+    assert row["fused_format"] == "contiguous" and row["fused_channels_last_ms"] is None
+    assert row["speedup"] == pytest.approx(1.5) and "fused_error" not in row
+    assert model.compare(model.Case("model", "one", 2, 2, 64, 32, repeat=1), "cpu").keys().isdisjoint(
+        {"fused_format", "reference_contiguous_ms"})  # one format: the row as before
+
+
+def test_model_step_runs_in_the_memory_format_it_is_given():
+    """The step's model is channels_last where the case says so (its 3x3 convolutions' weights,
+    and so their outputs), and its step trains it (Adam moves the weights)."""
+    import unittest.mock as mock
+
+    import torch.nn as nn
+
+    import fastnl.model
+    from fastnl.benchmarks import model
+
+    build = fastnl.model.build_model
+    for fmt, layout in model.MEMORY_FORMATS.items():
+        built = []
+        case = model.Case("model", "tiny", 2, 1, 64, 32, memory_format=fmt, repeat=1)
+        with mock.patch("fastnl.model.build_model", lambda *a, **k: built.append(build(*a, **k)) or built[-1]):
+            step = model.model_step(case, "fused", "cpu", num_classes=4)
+        convs = [m.weight for m in built[0].modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-1] > 1]
+        before = convs[0].detach().clone()
+        step()
+        assert convs and all(w.is_contiguous(memory_format=layout()) for w in convs), fmt
+        assert not convs[0].is_contiguous(memory_format=model.MEMORY_FORMATS[
+            "channels_last" if fmt == "contiguous" else "contiguous"]()), fmt
+        assert (convs[0].detach() - before).abs().max() > 0, fmt
+
+
 def _virtual_clock(monkeypatch) -> list:
     """[seconds]: a clock that stand-in ops advance by the time they stand for; ``fastnl bench``'s
     timer, patched, reads it over one call after a warm-up call (1 ms where a call advances

@@ -4,7 +4,10 @@
 maps after layer3 (C=1024, 16x8 at 256x128) and layer4 (C=2048, 8x4), N=8 frames, and on long
 clips (N=32 after layer3, L=4096) where the reference's L x L matrices dominate.
 ``run_model(device, quick)``: one training step (forward, ReIDLoss, backward, Adam) of
-``build_model(impl=...)`` at the paper's setting (32 clips x 8 frames, 256x128) and on long clips.
+``build_model(impl=...)`` at the paper's setting (32 clips x 8 frames, 256x128) and on long clips;
+on CUDA the paper's setting runs each model in both memory formats (contiguous and
+channels_last) and its row compares the fastest of each (``reference_format``,
+``fused_format`` say which; every format's time is in the row's JSON).
 On a CPU both run scaled down (fewer frames and clips, lower resolution), as printed in each row.
 
 Both variants of a row run in the same AMP mode (bf16 autocast on CUDA, none on CPU). A row
@@ -18,7 +21,7 @@ built; both over the untimed steps.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from fastnl.benchmarks import BENCH_IMPLS, emit, generic_table, live_rows, reset_peak_rss_mb, run_subprocess, timer
 
@@ -40,6 +43,10 @@ class Case:
     grad_checkpoint: bool = False
     warmup: int = 1
     repeat: int = 5
+    # model: the memory format of the model's weights (and so of its activations) in a step,
+    # and the formats a row measures each impl in (its time is the fastest of them)
+    memory_format: str = "contiguous"
+    formats: tuple = ("contiguous",)
 
     def shape(self) -> str:
         if self.kind == "nlam":
@@ -91,7 +98,8 @@ def model_step(case: Case, impl: str, device: str, num_classes: int = 625):
     from fastnl.model import build_model
 
     torch.manual_seed(0)
-    model = build_model(num_classes, frames=case.frames, impl=impl, verbose=False).to(device).train()
+    model = build_model(num_classes, frames=case.frames, impl=impl, verbose=False)
+    model = model.to(device, memory_format=MEMORY_FORMATS[case.memory_format]()).train()
     model.set_grad_checkpointing(case.grad_checkpoint)
     on_cuda = device.startswith("cuda")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=on_cuda)
@@ -115,6 +123,10 @@ def model_step(case: Case, impl: str, device: str, num_classes: int = 625):
 
 
 BUILDERS = {"nlam": nlam_step, "model": model_step}
+# Case.memory_format -> the torch memory format (a function: torch is imported late)
+MEMORY_FORMATS = {"contiguous": lambda: __import__("torch").contiguous_format,
+                  "channels_last": lambda: __import__("torch").channels_last}
+BOTH_FORMATS = tuple(MEMORY_FORMATS)
 
 
 def attention_flops(case: Case) -> float:
@@ -151,13 +163,33 @@ def measure_isolated(case: Case, impl: str, device: str, timeout: float | None =
     return run_subprocess("fastnl.benchmarks.model", payload, timeout=timeout)
 
 
+def _fastest(case: Case, impl: str, device: str) -> tuple[dict, dict]:
+    """``impl`` measured in each of ``case.formats``: (the fastest result that ran, with its
+    format, or the last failure; every format's result)."""
+    on_cuda = device.startswith("cuda")
+    per_format = {}
+    for fmt in case.formats:
+        variant = replace(case, memory_format=fmt)
+        per_format[fmt] = (measure(variant, impl, device) if on_cuda
+                           else measure_isolated(variant, impl, device))
+    ran = [(res["ms"], fmt) for fmt, res in per_format.items() if res.get("ok") and res.get("ms")]
+    if not ran:
+        return per_format[case.formats[-1]], per_format
+    _, fmt = min(ran)
+    return {**per_format[fmt], "memory_format": fmt}, per_format
+
+
 def compare(case: Case, device: str) -> dict:
-    """One table row: both impls of ``case``, their speed-up and memory ratio."""
+    """One table row: both impls of ``case``, their speed-up and memory ratio. Where ``case``
+    names several memory formats, each impl runs in each and the row holds its fastest (the
+    speed-up is the fastest reference's time over the fastest fused one's: what a user of
+    either would pick), with every format's time beside it."""
     import torch
 
     on_cuda = device.startswith("cuda")
-    results = {impl: (measure(case, impl, device) if on_cuda else measure_isolated(case, impl, device))
-               for impl in IMPLS}
+    results, per_format = {}, {}
+    for impl in IMPLS:
+        results[impl], per_format[impl] = _fastest(case, impl, device)
     row = {"suite": case.kind, "case": case.label, "shape": case.shape(), "L": case.length(),
            "amp": case.amp, "grad_checkpoint": case.grad_checkpoint, "device": device,
            "device_name": torch.cuda.get_device_name(device) if on_cuda else "cpu",
@@ -168,6 +200,11 @@ def compare(case: Case, device: str) -> dict:
             row[f"{impl}_{key}"] = res.get(key)
         row.setdefault("timer", res.get("timer"))
         row[f"{impl}_peak_mb"] = res.get("peak_mb")
+        if len(case.formats) > 1:
+            row[f"{impl}_format"] = res.get("memory_format")
+            for fmt, one in per_format[impl].items():
+                row[f"{impl}_{fmt}_ms"] = one.get("ms") if one.get("ok") else None
+                row[f"{impl}_{fmt}_peak_mb"] = one.get("peak_mb") if one.get("ok") else None
         if not res.get("ok"):
             row[f"{impl}_error"] = res.get("error", "failed")
         flops = attention_flops(case)
@@ -177,8 +214,8 @@ def compare(case: Case, device: str) -> dict:
             row[f"{impl}_clips_per_s"] = case.batch / (res["ms"] * 1e-3)
     ok = all(results[i].get("ok") for i in IMPLS)
     row["speedup"] = results["reference"]["ms"] / results["fused"]["ms"] if ok else None
-    row["memory_ratio"] = (results["reference"]["peak_mb"] / results["fused"]["peak_mb"]
-                           if ok and results["fused"]["peak_mb"] > 0 else None)
+    peaks = [results[i].get("peak_mb") for i in ("reference", "fused")]
+    row["memory_ratio"] = peaks[0] / peaks[1] if ok and peaks[0] is not None and (peaks[1] or 0) > 0 else None
     return row
 
 
@@ -200,7 +237,9 @@ def nlam_cases(device: str, quick: bool) -> list[Case]:
 def model_cases(device: str, quick: bool) -> list[Case]:
     if device.startswith("cuda"):
         reps = dict(warmup=1, repeat=5) if quick else dict(warmup=1, repeat=10)
-        cases = [Case("model", "paper setting", 32, 8, 256, 128, amp="bf16", **reps),
+        # channels_last at the paper's setting: cuDNN's half-precision convolutions run NHWC,
+        # so a user of either model may well train in it (``fastnl train --channels-last``)
+        cases = [Case("model", "paper setting", 32, 8, 256, 128, amp="bf16", formats=BOTH_FORMATS, **reps),
                  Case("model", "paper setting, grad checkpoint", 32, 8, 256, 128, amp="bf16",
                       grad_checkpoint=True, **reps),
                  Case("model", "long clips", 8, 64, 256, 128, amp="bf16", **reps)]
@@ -228,7 +267,7 @@ def run_model(device, quick: bool = False) -> list[dict]:
 COLUMNS = ["case", "shape", "L", "amp", "grad_checkpoint", "reference_ms", "fused_ms", "fused_p20_ms", "fused_p80_ms",
            "speedup", "reference_peak_mb", "fused_peak_mb", "memory_ratio"]
 EXTRA_COLUMNS = {"nlam": ["reference_attention_tflops", "fused_attention_tflops"],
-                 "model": ["reference_clips_per_s", "fused_clips_per_s"]}
+                 "model": ["reference_clips_per_s", "fused_clips_per_s", "reference_format", "fused_format"]}
 
 
 def format_table(rows: list[dict]) -> str:

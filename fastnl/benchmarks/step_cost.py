@@ -515,13 +515,16 @@ def read_measured(path: str) -> list[dict]:
 def beside_measured(row: dict, measured: list[dict]) -> dict:
     """``row`` (a :func:`compare` row) with the measured step of the same batch, clip length and
     checkpointing, where ``measured`` has one: both times, the measured speed-up and each
-    measurement over its prediction."""
+    measurement over its prediction (and, where the measured row compared memory formats, the
+    format each model's time is of: the prediction knows none)."""
     for m in measured:
         if (m["batch"], m["frames"], bool(m.get("grad_checkpoint"))) != \
                 (row["batch"], row["frames"], bool(row["grad_checkpoint"])):
             continue
         ref, fused = m.get("reference_ms"), m.get("fused_ms")
         row = {**row, "measured_on": m.get("device_name"), "measured_reference_ms": ref, "measured_fused_ms": fused}
+        if m.get("reference_format") or m.get("fused_format"):
+            row["measured_formats"] = f"{m.get('reference_format', '-')} / {m.get('fused_format', '-')}"
         if ref and fused:
             row.update(measured_speedup=ref / fused, reference_measured_over_predicted=ref / row["reference_ms"],
                        fused_measured_over_predicted=fused / row["fused_ms"])
@@ -557,7 +560,7 @@ COLUMNS = ["case", "batch", "frames", "L_layer3", "grad_checkpoint", "reference_
            "speedup_if_attention_free", "reference_launches", "fused_launches", "fused_floor_ms", "engines"]
 MEASURED_COLUMNS = ["case", "batch", "frames", "grad_checkpoint", "reference_ms", "measured_reference_ms",
                     "reference_measured_over_predicted", "fused_ms", "measured_fused_ms",
-                    "fused_measured_over_predicted", "predicted_speedup", "measured_speedup"]
+                    "fused_measured_over_predicted", "predicted_speedup", "measured_speedup", "measured_formats"]
 
 
 def format_table(rows: list[dict]) -> str:
